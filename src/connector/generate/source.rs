@@ -1,0 +1,103 @@
+//! The GENERATE table provider: one partition stream per slice of the row range.
+
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use async_trait::async_trait;
+use datafusion::catalog::streaming::StreamingTable;
+use datafusion::catalog::{Session, TableProvider, TableProviderFactory};
+use datafusion::error::Result;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::CreateExternalTable;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::streaming::PartitionStream;
+use futures::StreamExt;
+
+use crate::connector::options::{OptionSpec, TableOptions};
+use crate::error::Error;
+use crate::datagen::{Dataset, GenSpec, Nested};
+
+const OPTIONS: &[OptionSpec] = &[
+    OptionSpec::new("rows", "rows in the table (10k, 10M, ...); default 1M"),
+    OptionSpec::new("seed", "seed of the generator; default 42"),
+    OptionSpec::new("users", "distinct user ids referenced by orders and events; default 1M"),
+    OptionSpec::new("nested", "events payload as 'struct' (default) or 'json' text"),
+    OptionSpec::new("partitions", "parallel partitions; default the session's target_partitions"),
+    OptionSpec::new("batch_rows", "rows per batch; default 8192"),
+];
+
+/// Builds GENERATE tables from `CREATE EXTERNAL TABLE`.
+#[derive(Debug, Default)]
+pub struct GenerateFactory;
+
+#[async_trait]
+impl TableProviderFactory for GenerateFactory {
+    async fn create(&self, state: &dyn Session, cmd: &CreateExternalTable) -> Result<Arc<dyn TableProvider>> {
+        let table = cmd.name.to_string();
+        let opts = TableOptions::parse("GENERATE", &table, &cmd.options, OPTIONS)?;
+        let location = cmd.locations.first().map(String::as_str).unwrap_or_default();
+        let dataset = Dataset::parse(location).map_err(|_| {
+            Error::Option(format!(
+                "table {table}: GENERATE LOCATION '{location}' is not a data set; use one of {}",
+                Dataset::NAMES.join(", ")
+            ))
+        })?;
+        let mut spec = GenSpec::new(dataset, opts.count_or("rows", 1_000_000)?);
+        spec.seed = opts.parse_or("seed", spec.seed)?;
+        spec.users = opts.count_or("users", spec.users)?;
+        spec.nested = match opts.choice_or("nested", &["struct", "json"], "struct")? {
+            "json" => Nested::JsonText,
+            _ => Nested::Struct,
+        };
+        spec.batch_rows = opts.count_or("batch_rows", spec.batch_rows as u64)?.clamp(1, 1 << 20) as usize;
+        let partitions = opts
+            .count_or("partitions", state.config().target_partitions() as u64)?
+            .clamp(1, 1024);
+        if !cmd.schema.fields().is_empty() {
+            return Err(Error::Option(format!(
+                "table {table}: GENERATE tables have a fixed schema; remove the column list"
+            ))
+            .into());
+        }
+        let spec = Arc::new(spec);
+        let schema = spec.schema();
+        let per = spec.rows.div_ceil(partitions);
+        let parts: Vec<Arc<dyn PartitionStream>> = (0..partitions)
+            .map(|p| {
+                Arc::new(Slice {
+                    spec: Arc::clone(&spec),
+                    schema: Arc::clone(&schema),
+                    start: (p * per).min(spec.rows),
+                    end: ((p + 1) * per).min(spec.rows),
+                }) as _
+            })
+            .collect();
+        Ok(Arc::new(StreamingTable::try_new(schema, parts)?))
+    }
+}
+
+/// Rows `start..end` of a data set.
+#[derive(Debug)]
+struct Slice {
+    spec: Arc<GenSpec>,
+    schema: SchemaRef,
+    start: u64,
+    end: u64,
+}
+
+impl PartitionStream for Slice {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let spec = Arc::clone(&self.spec);
+        let step = spec.batch_rows as u64;
+        let end = self.end;
+        let batches = futures::stream::iter((self.start..end).step_by(step as usize)).map(move |s| {
+            let len = step.min(end - s) as usize;
+            spec.batch(s, len).map_err(Into::into)
+        });
+        Box::pin(RecordBatchStreamAdapter::new(Arc::clone(&self.schema), batches))
+    }
+}

@@ -1,0 +1,264 @@
+//! The engine: one DataFusion session, scripts split into statements, `${VAR}` substitution,
+//! memory limits and spilling, and statement planning and execution.
+
+mod copy;
+mod redact;
+mod run;
+pub mod script;
+mod stores;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use datafusion::datasource::MemTable;
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool};
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::session_state::SessionStateBuilder;
+use datafusion::logical_expr::{DdlStatement, LogicalPlan};
+use datafusion::physical_plan::{ExecutionPlan, SendableRecordBatchStream, execute_stream};
+use datafusion::prelude::{SessionConfig, SessionContext};
+
+pub use redact::{MASK, Redactor};
+pub use run::{Mode, RunOptions};
+pub use script::{Statement, Variables};
+pub use stores::LazyStoreRegistry;
+
+use crate::connector::Registry;
+use crate::error::{Error, Result};
+
+/// How a [`Flumen`] engine is set up.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    /// Memory the query engine may use, in bytes; operators spill to disk beyond it.
+    /// Default: [`default_memory_limit`].
+    pub memory_limit: Option<u64>,
+    /// Where operators spill; default: the system temporary directory.
+    pub spill_dir: Option<PathBuf>,
+    /// Parallel partitions per query; default: the number of cores.
+    pub target_partitions: Option<usize>,
+    /// Rows per record batch; default: DataFusion's 8192.
+    pub batch_size: Option<usize>,
+    /// `--set` variables; the environment is consulted after them.
+    pub vars: HashMap<String, String>,
+    /// Connectors; `None` means [`Registry::builtin`].
+    pub registry: Option<Registry>,
+}
+
+/// Half of the machine's memory, read from `/proc/meminfo`; 4 GiB where that is unavailable.
+pub fn default_memory_limit() -> u64 {
+    total_memory().map_or(4 << 30, |t| t / 2)
+}
+
+fn total_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// What kind of statement a plan is; decides how it runs and how its result is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatementKind {
+    /// Returns rows: SELECT, VALUES, SHOW, DESCRIBE, EXPLAIN.
+    Query,
+    /// Writes rows and returns a count: INSERT, COPY.
+    Write,
+    /// Changes the catalog or settings: CREATE, DROP, SET. Runs when planned.
+    Ddl,
+    /// `CREATE TABLE ... AS SELECT`: a query whose rows fill an in-memory table.
+    CreateTableAs,
+}
+
+impl StatementKind {
+    fn of(plan: &LogicalPlan) -> Self {
+        match plan {
+            LogicalPlan::Dml(_) | LogicalPlan::Copy(_) => Self::Write,
+            LogicalPlan::Ddl(DdlStatement::CreateMemoryTable(_)) => Self::CreateTableAs,
+            LogicalPlan::Ddl(_) | LogicalPlan::Statement(_) => Self::Ddl,
+            _ => Self::Query,
+        }
+    }
+}
+
+/// A statement that is executing: its physical plan (for progress) and its output rows.
+pub struct Running {
+    /// What kind of statement.
+    pub kind: StatementKind,
+    /// The physical plan, watched for progress; `None` for DDL.
+    pub plan: Option<Arc<dyn ExecutionPlan>>,
+    /// The rows it returns: a query's result, a write's count, nothing for DDL.
+    pub stream: Option<SendableRecordBatchStream>,
+    /// Work to finish once the stream is drained (a directory COPY's swap into place).
+    commit: Option<copy::DirSwap>,
+}
+
+impl Running {
+    /// Completes the statement after its stream has been drained without error.
+    pub fn commit(&mut self) -> Result<()> {
+        match self.commit.take() {
+            Some(swap) => swap.commit(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The flumen engine: one DataFusion session that runs SQL scripts statement by statement.
+pub struct Flumen {
+    ctx: SessionContext,
+    vars: Variables,
+    redactor: Redactor,
+    registry: Registry,
+    memory_limit: u64,
+}
+
+impl std::fmt::Debug for Flumen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Flumen")
+            .field("memory_limit", &self.memory_limit)
+            .field("connectors", &self.registry.names().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Flumen {
+    /// Builds the session: memory pool with spilling, object stores from the environment,
+    /// file formats and connectors, `SELECT ... FROM 'path'` enabled.
+    pub fn new(config: Config) -> Result<Self> {
+        let memory_limit = config.memory_limit.unwrap_or_else(default_memory_limit);
+        let pool = TrackConsumersPool::new(
+            FairSpillPool::new(memory_limit as usize),
+            std::num::NonZeroUsize::new(5).unwrap_or(std::num::NonZeroUsize::MIN),
+        );
+        let mut disk = DiskManagerBuilder::default();
+        if let Some(dir) = &config.spill_dir {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io(format!("creating spill directory {}", dir.display()), e))?;
+            disk = disk.with_mode(DiskManagerMode::Directories(vec![dir.clone()]));
+        }
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_pool(Arc::new(pool))
+            .with_disk_manager_builder(disk)
+            .with_object_store_registry(Arc::new(LazyStoreRegistry::new()))
+            .build_arc()?;
+        let mut session = SessionConfig::new()
+            .with_information_schema(true)
+            .with_create_default_catalog_and_schema(true);
+        if let Some(n) = config.target_partitions {
+            session = session.with_target_partitions(n.max(1));
+        }
+        if let Some(n) = config.batch_size {
+            session = session.with_batch_size(n.max(1));
+        }
+        let registry = config.registry.unwrap_or_else(Registry::builtin);
+        let builder = SessionStateBuilder::new()
+            .with_config(session)
+            .with_runtime_env(runtime)
+            .with_default_features();
+        let state = registry.install(builder).build();
+        let ctx = SessionContext::new_with_state(state).enable_url_table();
+        Ok(Self {
+            ctx,
+            vars: Variables::new(config.vars),
+            redactor: Redactor::default(),
+            registry,
+            memory_limit,
+        })
+    }
+
+    /// The DataFusion session, to register tables or functions directly.
+    pub fn context(&self) -> &SessionContext {
+        &self.ctx
+    }
+
+    /// The redactor every message shown to the user passes through.
+    pub fn redactor(&self) -> &Redactor {
+        &self.redactor
+    }
+
+    /// The memory limit in force, in bytes.
+    pub fn memory_limit(&self) -> u64 {
+        self.memory_limit
+    }
+
+    /// Sets a variable for the statements that follow.
+    pub fn set_var(&mut self, name: &str, value: &str) {
+        self.vars.insert(name, value);
+    }
+
+    /// Substitutes variables in a statement, learning secret values for redaction.
+    pub fn substitute(&self, stmt: &Statement) -> Result<String> {
+        self.vars
+            .substitute(&stmt.text, stmt.line, |name, value| self.redactor.observe(name, value))
+    }
+
+    /// Rejects plans flumen can tell are wrong before DataFusion does, with a better message.
+    pub fn check_plan(&self, plan: &LogicalPlan) -> Result<()> {
+        if let LogicalPlan::Ddl(DdlStatement::CreateExternalTable(cmd)) = plan {
+            if !self.registry.knows(&cmd.file_type) {
+                return Err(Error::Config(format!(
+                    "unknown STORED AS name '{}'; known: {}",
+                    cmd.file_type,
+                    self.registry.all_names().join(", ")
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts a planned statement. DDL completes here; queries and writes return their stream.
+    pub async fn execute(&self, plan: LogicalPlan) -> Result<Running> {
+        let kind = StatementKind::of(&plan);
+        let (plan, commit) = copy::stage(plan)?;
+        let df = self.ctx.execute_logical_plan(plan).await?;
+        if matches!(kind, StatementKind::Ddl | StatementKind::CreateTableAs) {
+            return Ok(Running {
+                kind,
+                plan: None,
+                stream: None,
+                commit,
+            });
+        }
+        let physical = df.create_physical_plan().await?;
+        let stream = execute_stream(Arc::clone(&physical), self.ctx.task_ctx())?;
+        Ok(Running {
+            kind,
+            plan: Some(physical),
+            stream: Some(stream),
+            commit,
+        })
+    }
+
+    /// Explains a planned statement without writing anything: DDL that only changes the catalog
+    /// runs (so later statements can be planned); a `CREATE TABLE AS` registers an empty table of
+    /// the right schema; queries and writes are planned, not run. Returns the text to show.
+    pub async fn explain(&self, plan: LogicalPlan) -> Result<String> {
+        match (StatementKind::of(&plan), &plan) {
+            (StatementKind::CreateTableAs, LogicalPlan::Ddl(DdlStatement::CreateMemoryTable(cmd))) => {
+                let df = self.ctx.execute_logical_plan((*cmd.input).clone()).await?;
+                let schema = Arc::new(df.schema().as_arrow().clone());
+                let text = explain_text(df).await?;
+                let table = MemTable::try_new(schema, vec![vec![]])?;
+                self.ctx.register_table(cmd.name.clone(), Arc::new(table))?;
+                Ok(format!("creates in-memory table {} from:\n{text}", cmd.name))
+            }
+            (StatementKind::Ddl, _) => {
+                let shown = plan.display_indent().to_string();
+                self.ctx.execute_logical_plan(plan).await?;
+                Ok(shown)
+            }
+            _ => explain_text(self.ctx.execute_logical_plan(plan).await?).await,
+        }
+    }
+}
+
+/// The optimized logical plan and the physical plan of a query, as indented text.
+async fn explain_text(df: datafusion::dataframe::DataFrame) -> Result<String> {
+    let physical = df.clone().create_physical_plan().await?;
+    Ok(format!(
+        "logical plan:\n{}\nphysical plan:\n{}",
+        df.into_optimized_plan()?.display_indent(),
+        datafusion::physical_plan::displayable(physical.as_ref()).indent(true)
+    ))
+}

@@ -1,0 +1,214 @@
+//! Running a whole script: check every statement first, then run them in order.
+
+use std::io::Write;
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::UInt64Type;
+use datafusion::sql::parser::Statement as DfStatement;
+use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
+use futures::StreamExt;
+
+use super::{Flumen, Statement, StatementKind, script};
+use crate::error::{Error, Result};
+use crate::output::{ResultTarget, write_result};
+use crate::progress::{ProgressMode, RunSummary, Tracker, peak_rss};
+
+/// Run the statements, or only show what they would do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Execute every statement.
+    #[default]
+    Run,
+    /// Print each statement's plan; write nothing.
+    Explain,
+}
+
+/// How [`Flumen::run_script`] runs and reports.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Run or explain.
+    pub mode: Mode,
+    /// Where query results go.
+    pub result: ResultTarget,
+    /// How progress is shown.
+    pub progress: ProgressMode,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Run,
+            result: ResultTarget::default(),
+            progress: ProgressMode::Off,
+        }
+    }
+}
+
+/// A statement after substitution and parsing, before planning.
+struct Checked {
+    stmt: Statement,
+    parsed: DfStatement,
+}
+
+impl Checked {
+    fn is_query(&self) -> bool {
+        matches!(&self.parsed, DfStatement::Statement(s) if matches!(**s, SqlStatement::Query(_)))
+    }
+}
+
+impl Flumen {
+    /// Substitutes and parses every statement of a script, so that a typo or an unset variable
+    /// in the last statement stops the script before the first one runs.
+    fn check_script(&self, text: &str) -> Result<Vec<Checked>> {
+        let dialect = self.ctx.state().config_options().sql_parser.dialect;
+        script::split(text)?
+            .into_iter()
+            .map(|stmt| {
+                let sql = self.substitute(&stmt)?;
+                let parsed = self
+                    .ctx
+                    .state()
+                    .sql_to_statement(&sql, &dialect)
+                    .map_err(|e| self.at(&stmt, e.into()))?;
+                Ok(Checked { stmt, parsed })
+            })
+            .collect()
+    }
+
+    /// Wraps an error with the statement's position, secrets removed.
+    fn at(&self, stmt: &Statement, e: Error) -> Error {
+        if matches!(e, Error::Statement { .. } | Error::UnsetVariable { .. } | Error::Syntax { .. }) {
+            return e;
+        }
+        let first = stmt
+            .text
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty() && !l.starts_with("--"))
+            .unwrap_or_default();
+        let mut shown: String = self.redactor.redact(first).chars().take(120).collect();
+        if shown.len() < first.len() || stmt.text.trim().lines().count() > 1 {
+            shown.push_str(" ...");
+        }
+        Error::Statement {
+            script: String::new(),
+            line: stmt.line,
+            statement: shown,
+            source: Box::new(e),
+        }
+    }
+
+    /// Runs (or explains) every statement of a script in order; query results and write counts
+    /// go to `out`. Errors name the script and the statement's line; secrets are redacted.
+    pub async fn run_script(
+        &self,
+        name: &str,
+        text: &str,
+        opts: &RunOptions,
+        out: &mut (dyn Write + Send),
+    ) -> Result<RunSummary> {
+        let started = std::time::Instant::now();
+        let located = |e: Error| match e {
+            Error::Statement { line, statement, source, .. } => Error::Statement {
+                script: name.to_string(),
+                line,
+                statement,
+                source,
+            },
+            other => Error::InScript {
+                script: name.to_string(),
+                source: Box::new(other),
+            },
+        };
+        opts.result.validate().map_err(located)?;
+        let checked = self.check_script(text).map_err(located)?;
+        let queries: Vec<usize> = checked.iter().filter(|c| c.is_query()).map(|c| c.stmt.line).collect();
+        if opts.result.output.is_some() && opts.mode == Mode::Run && queries.len() != 1 {
+            return Err(located(Error::Config(format!(
+                "--output takes the result of exactly one query, but the script has {} (at lines {:?})",
+                queries.len(),
+                queries
+            ))));
+        }
+        let mut summary = RunSummary::default();
+        for c in checked {
+            let stats = self
+                .run_checked(&c, opts, out)
+                .await
+                .map_err(|e| located(self.at(&c.stmt, e)))?;
+            summary.add(stats);
+        }
+        summary.seconds = started.elapsed().as_secs_f64();
+        summary.peak_rss_bytes = peak_rss();
+        Ok(summary)
+    }
+
+    async fn run_checked(
+        &self,
+        c: &Checked,
+        opts: &RunOptions,
+        out: &mut (dyn Write + Send),
+    ) -> Result<crate::progress::StatementStats> {
+        let write_err = |e| Error::io("writing to standard output", e);
+        let plan = self.ctx.state().statement_to_plan(c.parsed.clone()).await?;
+        self.check_plan(&plan)?;
+        if opts.mode == Mode::Explain {
+            let text = self.explain(plan).await?;
+            writeln!(out, "-- statement at line {}\n{}\n", c.stmt.line, self.redactor.redact(&text)).map_err(write_err)?;
+            return Ok(crate::progress::StatementStats { line: c.stmt.line, ..Default::default() });
+        }
+        let mut running = self.execute(plan).await?;
+        let label = format!("line {}", c.stmt.line);
+        let tracker = Tracker::start(opts.progress, c.stmt.line, label, running.plan.clone());
+        let mut returned = 0;
+        let mut written = 0;
+        match (running.kind, running.stream.take()) {
+            (StatementKind::Query, Some(stream)) => returned = write_result(stream, &opts.result, out).await?,
+            (StatementKind::Write, Some(mut stream)) => {
+                while let Some(batch) = stream.next().await {
+                    written += count_of(&batch?);
+                }
+                running.commit()?;
+                writeln!(out, "{written} rows written").map_err(write_err)?;
+            }
+            _ => {}
+        }
+        let mut stats = tracker.finish().await;
+        stats.rows_returned = returned;
+        stats.rows_written = written;
+        Ok(stats)
+    }
+
+    /// Runs every statement of `sql` (variables substituted) and returns the last one's rows:
+    /// a query's result, a write's `count`, nothing for DDL. For embedding and tests.
+    pub async fn sql(&self, sql: &str) -> Result<Vec<RecordBatch>> {
+        let mut last = Vec::new();
+        for c in self.check_script(sql)? {
+            let run = async {
+                let plan = self.ctx.state().statement_to_plan(c.parsed.clone()).await?;
+                self.check_plan(&plan)?;
+                let mut running = self.execute(plan).await?;
+                let mut batches = Vec::new();
+                if let Some(mut s) = running.stream.take() {
+                    while let Some(b) = s.next().await {
+                        batches.push(b?);
+                    }
+                }
+                running.commit()?;
+                Ok::<_, Error>(batches)
+            };
+            last = run.await.map_err(|e| self.at(&c.stmt, e))?;
+        }
+        Ok(last)
+    }
+}
+
+/// The row count a DataFusion write returns (one `count` column).
+fn count_of(batch: &RecordBatch) -> u64 {
+    batch
+        .columns()
+        .first()
+        .and_then(|c| c.as_primitive_opt::<UInt64Type>())
+        .map(|a| (0..a.len()).filter(|i| a.is_valid(*i)).map(|i| a.value(i)).sum())
+        .unwrap_or(0)
+}

@@ -1,0 +1,177 @@
+//! One error type for the whole crate, grouped by who is at fault.
+
+use std::path::PathBuf;
+
+use datafusion::error::DataFusionError;
+
+/// Result alias used across flumen.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in flumen.
+///
+/// Messages are one paragraph, say what is wrong and, where the user can act, what to do.
+/// They never contain secrets: values of secret variables and URL passwords are redacted by the
+/// engine before a message leaves it (see [`crate::engine::Redactor`]).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A `${VAR}` in a script has no value from `--set` or the environment.
+    #[error(
+        "line {line}: variable ${{{name}}} is not set; pass --set {name}=VALUE, export {name}, or write ${{{name}:-default}}"
+    )]
+    UnsetVariable {
+        /// Variable name.
+        name: String,
+        /// 1-based line in the script.
+        line: usize,
+    },
+
+    /// A script could not be split into statements (unterminated string or comment, bad `${`).
+    #[error("line {line}: {message}")]
+    Syntax {
+        /// 1-based line in the script.
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+
+    /// A statement of a script failed; wraps the cause with the script position.
+    #[error("{script}, statement at line {line}: {source}\n  statement: {statement}")]
+    Statement {
+        /// Script name as the user gave it.
+        script: String,
+        /// 1-based line of the statement's first token.
+        line: usize,
+        /// The statement's first line, redacted, shortened.
+        statement: String,
+        /// What went wrong.
+        #[source]
+        source: Box<Error>,
+    },
+
+    /// An error in a script that is not tied to one statement (splitting, substitution).
+    #[error("{script}: {source}")]
+    InScript {
+        /// Script name as the user gave it.
+        script: String,
+        /// What went wrong.
+        #[source]
+        source: Box<Error>,
+    },
+
+    /// A table option is unknown, missing or has a bad value.
+    #[error("{0}")]
+    Option(String),
+
+    /// Invalid command-line or engine configuration.
+    #[error("{0}")]
+    Config(String),
+
+    /// Reading or writing a local file failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What flumen was doing, naming the path.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A script file could not be read.
+    #[error("cannot read script {}: {source}", path.display())]
+    Script {
+        /// The path given.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// Arrow failed (encoding, casting, writing).
+    #[error(transparent)]
+    Arrow(#[from] arrow::error::ArrowError),
+
+    /// Parquet failed.
+    #[error(transparent)]
+    Parquet(#[from] parquet::errors::ParquetError),
+
+    /// An object store (S3, GCS, Azure, HTTP, local) failed.
+    #[error(transparent)]
+    ObjectStore(#[from] object_store::Error),
+
+    /// DataFusion failed: planning, execution, resources.
+    #[error("{}", describe_datafusion(.0))]
+    DataFusion(#[source] Box<DataFusionError>),
+}
+
+impl Error {
+    /// Wraps an IO error with what flumen was doing.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+impl From<DataFusionError> for Error {
+    fn from(e: DataFusionError) -> Self {
+        // A flumen error that travelled through DataFusion comes back as itself.
+        match e {
+            DataFusionError::External(inner) => match inner.downcast::<Error>() {
+                Ok(own) => *own,
+                Err(other) => Error::DataFusion(Box::new(DataFusionError::External(other))),
+            },
+            DataFusionError::Context(ctx, inner) if matches!(*inner, DataFusionError::External(_)) => {
+                match Error::from(*inner) {
+                    Error::DataFusion(df) => Error::DataFusion(Box::new(DataFusionError::Context(ctx, df))),
+                    own => own,
+                }
+            }
+            other => Error::DataFusion(Box::new(other)),
+        }
+    }
+}
+
+impl From<Error> for DataFusionError {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::DataFusion(df) => *df,
+            other => DataFusionError::External(Box::new(other)),
+        }
+    }
+}
+
+/// DataFusion's own messages are good but nest prefixes ("External error: Arrow error: ...");
+/// strip the wrapping so the user reads the cause first, and point at the usual fix.
+fn describe_datafusion(e: &DataFusionError) -> String {
+    let mut msg = e.to_string();
+    if let DataFusionError::ResourcesExhausted(_) = e.find_root() {
+        msg.push_str(
+            "; raise --memory-limit, or check that --spill-dir has free space so operators can spill",
+        );
+    }
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flumen_error_survives_a_trip_through_datafusion() {
+        let e = Error::Option("bad option".into());
+        let df: DataFusionError = e.into();
+        let back = Error::from(df);
+        assert!(matches!(back, Error::Option(ref m) if m == "bad option"), "{back:?}");
+    }
+
+    #[test]
+    fn unset_variable_names_variable_and_line() {
+        let e = Error::UnsetVariable {
+            name: "PG_PASSWORD".into(),
+            line: 7,
+        };
+        let m = e.to_string();
+        assert!(m.contains("line 7") && m.contains("${PG_PASSWORD}") && m.contains("--set PG_PASSWORD="), "{m}");
+    }
+}

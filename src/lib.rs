@@ -1,0 +1,21 @@
+//! flumen: a SQL-first, columnar ETL engine on Apache Arrow and Apache DataFusion.
+//!
+//! A job is a SQL script. Sources are tables (`CREATE EXTERNAL TABLE ... STORED AS ...`), reading
+//! is `SELECT`, writing is `INSERT INTO` or `COPY ... TO`. [`Flumen`] runs such scripts:
+//!
+//! ```no_run
+//! # async fn demo() -> flumen::Result<()> {
+//! let engine = flumen::Flumen::new(flumen::Config::default())?;
+//! let batches = engine.sql("SELECT 1 + 1 AS two").await?;
+//! # Ok(()) }
+//! ```
+
+pub mod connector;
+pub mod engine;
+pub mod error;
+pub mod datagen;
+pub mod output;
+pub mod progress;
+
+pub use engine::{Config, Flumen, Mode, RunOptions};
+pub use error::{Error, Result};

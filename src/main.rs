@@ -1,0 +1,314 @@
+//! The `flumen` command line: run, explain, sql, gen.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use flumen::connector::options::{parse_bytes, parse_count};
+use flumen::datagen::write::{FileFormat, write_path};
+use flumen::datagen::{Dataset, GenSpec, Nested};
+use flumen::output::{ResultFormat, ResultTarget};
+use flumen::progress::{ProgressMode, RunSummary};
+use flumen::{Config, Flumen, Mode, RunOptions};
+
+#[derive(Parser, Debug)]
+#[command(name = "flumen", version, about = "SQL-first columnar ETL: one SQL script does the whole job")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    #[command(flatten)]
+    global: Global,
+}
+
+#[derive(Args, Debug)]
+struct Global {
+    /// Memory the query engine may use before spilling (e.g. 512MiB, 2GiB); default half the RAM.
+    #[arg(long, global = true, value_parser = bytes_arg, env = "FLUMEN_MEMORY_LIMIT")]
+    memory_limit: Option<u64>,
+    /// Directory for spill files; default the system temporary directory.
+    #[arg(long, global = true, env = "FLUMEN_SPILL_DIR")]
+    spill_dir: Option<PathBuf>,
+    /// Parallel partitions per query; default the number of cores.
+    #[arg(long, global = true)]
+    partitions: Option<usize>,
+    /// Set a script variable: --set NAME=VALUE (repeatable); overrides the environment.
+    #[arg(long = "set", global = true, value_parser = kv_arg)]
+    set: Vec<(String, String)>,
+    /// No progress and no summary.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    /// Log line format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Seconds between progress log lines when stderr is not a terminal.
+    #[arg(long, global = true, default_value_t = 10)]
+    progress_interval: u64,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args, Debug)]
+struct ResultArgs {
+    /// Format of query results: table, csv, json (NDJSON) or parquet (needs --output).
+    #[arg(long, default_value = "table")]
+    format: String,
+    /// Write the query result to this file instead of standard output.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Rows a table shows (all rows are still read and counted).
+    #[arg(long, default_value_t = 40)]
+    max_rows: usize,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run every statement of a SQL script in order.
+    Run {
+        /// The script.
+        script: PathBuf,
+        #[command(flatten)]
+        result: ResultArgs,
+    },
+    /// Print each statement's plan; nothing is written.
+    Explain {
+        /// The script.
+        script: PathBuf,
+    },
+    /// Interactive SQL shell with history, or one statement with -e.
+    Sql {
+        /// Run these statements and exit.
+        #[arg(short = 'e', long = "execute")]
+        execute: Option<String>,
+        /// Run this script first, then continue interactively.
+        #[arg(long)]
+        init: Option<PathBuf>,
+        #[command(flatten)]
+        result: ResultArgs,
+    },
+    /// Generate a deterministic data set (users, orders, events) as CSV, NDJSON or Parquet.
+    Gen {
+        /// users, orders or events.
+        dataset: String,
+        /// Rows to generate (10k, 10M, ...).
+        #[arg(long, default_value = "1M", value_parser = count_arg)]
+        rows: u64,
+        /// Seed; the same seed gives the same file.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Distinct user ids that orders and events reference.
+        #[arg(long, default_value = "1M", value_parser = count_arg)]
+        users: u64,
+        /// csv, json or parquet.
+        #[arg(long, default_value = "parquet")]
+        format: String,
+        /// Output file, or - for standard output.
+        #[arg(long, short)]
+        output: PathBuf,
+    },
+}
+
+fn bytes_arg(s: &str) -> Result<u64, String> {
+    parse_bytes(s)
+}
+
+fn count_arg(s: &str) -> Result<u64, String> {
+    parse_count(s)
+}
+
+fn kv_arg(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("'{s}' is not NAME=VALUE"))
+}
+
+fn init_logging(g: &Global) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLUMEN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(if g.quiet { "warn" } else { "info" }));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    match g.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.compact().init(),
+    }
+}
+
+impl ResultArgs {
+    fn target(&self) -> anyhow::Result<ResultTarget> {
+        Ok(ResultTarget {
+            format: ResultFormat::parse(&self.format)?,
+            output: self.output.clone(),
+            max_rows: self.max_rows,
+        })
+    }
+}
+
+fn engine(g: &Global) -> anyhow::Result<Flumen> {
+    let config = Config {
+        memory_limit: g.memory_limit,
+        spill_dir: g.spill_dir.clone(),
+        target_partitions: g.partitions,
+        vars: g.set.iter().cloned().collect::<HashMap<_, _>>(),
+        ..Config::default()
+    };
+    Ok(Flumen::new(config)?)
+}
+
+fn read_script(path: &PathBuf) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).map_err(|source| flumen::Error::Script { path: path.clone(), source }.into())
+}
+
+fn progress_mode(g: &Global) -> ProgressMode {
+    if g.quiet { ProgressMode::Off } else { ProgressMode::auto(Duration::from_secs(g.progress_interval.max(1))) }
+}
+
+fn report(g: &Global, summary: &RunSummary) {
+    if g.quiet {
+        return;
+    }
+    match g.log_format {
+        LogFormat::Json => match serde_json::to_string(summary) {
+            Ok(json) => tracing::info!(target: "flumen::summary", summary = %json, "done"),
+            Err(e) => tracing::warn!("cannot encode the summary: {e}"),
+        },
+        LogFormat::Text => eprintln!("{}", summary.line()),
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let g = &cli.global;
+    let mut stdout = std::io::stdout();
+    match &cli.command {
+        Command::Run { script, result } => {
+            let flumen = engine(g)?;
+            let text = read_script(script)?;
+            let opts = RunOptions { mode: Mode::Run, result: result.target()?, progress: progress_mode(g) };
+            let name = script.display().to_string();
+            let summary = flumen.run_script(&name, &text, &opts, &mut stdout).await.map_err(|e| redacted(&flumen, e))?;
+            report(g, &summary);
+        }
+        Command::Explain { script } => {
+            let flumen = engine(g)?;
+            let text = read_script(script)?;
+            let opts = RunOptions { mode: Mode::Explain, ..RunOptions::default() };
+            let name = script.display().to_string();
+            flumen.run_script(&name, &text, &opts, &mut stdout).await.map_err(|e| redacted(&flumen, e))?;
+        }
+        Command::Sql { execute, init, result } => {
+            let flumen = engine(g)?;
+            let opts = RunOptions { mode: Mode::Run, result: result.target()?, progress: progress_mode(g) };
+            if let Some(path) = init {
+                let text = read_script(path)?;
+                let name = path.display().to_string();
+                flumen.run_script(&name, &text, &opts, &mut stdout).await.map_err(|e| redacted(&flumen, e))?;
+            }
+            match execute {
+                Some(sql) => {
+                    let summary = flumen.run_script("-e", sql, &opts, &mut stdout).await.map_err(|e| redacted(&flumen, e))?;
+                    report(g, &summary);
+                }
+                None => shell(&flumen, &opts).await?,
+            }
+        }
+        Command::Gen { dataset, rows, seed, users, format, output } => {
+            let format = FileFormat::parse(format)?;
+            let mut spec = GenSpec::new(Dataset::parse(dataset)?, *rows);
+            spec.seed = *seed;
+            spec.users = *users;
+            if format == FileFormat::Csv {
+                spec.nested = Nested::JsonText;
+            }
+            let started = std::time::Instant::now();
+            let spec2 = spec.clone();
+            let path = output.clone();
+            let n = tokio::task::spawn_blocking(move || write_path(&spec2, format, &path))
+                .await
+                .context("generator thread failed")??;
+            if !g.quiet && output.as_os_str() != "-" {
+                let secs = started.elapsed().as_secs_f64();
+                eprintln!(
+                    "generated {n} {dataset} rows into {} in {secs:.2}s ({} rows/s)",
+                    output.display(),
+                    flumen::progress::human_count((n as f64 / secs.max(1e-3)) as u64)
+                );
+            }
+        }
+    }
+    stdout.flush().ok();
+    Ok(())
+}
+
+/// The error as the user sees it: secrets masked.
+fn redacted(flumen: &Flumen, e: flumen::Error) -> anyhow::Error {
+    anyhow::anyhow!(flumen.redactor().redact(&e.to_string()))
+}
+
+/// The interactive shell: statements end with `;`, history in `~/.flumen_history`.
+async fn shell(flumen: &Flumen, opts: &RunOptions) -> anyhow::Result<()> {
+    use rustyline::error::ReadlineError;
+    let mut rl = rustyline::DefaultEditor::new()?;
+    let history = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".flumen_history"));
+    if let Some(h) = &history {
+        let _ = rl.load_history(h);
+    }
+    eprintln!("flumen {} — end statements with ';', \\q to quit", env!("CARGO_PKG_VERSION"));
+    let mut buffer = String::new();
+    loop {
+        let prompt = if buffer.is_empty() { "flumen> " } else { "     -> " };
+        match rl.readline(prompt) {
+            Ok(line) => {
+                if buffer.is_empty() && matches!(line.trim(), "\\q" | "quit" | "exit") {
+                    break;
+                }
+                buffer.push_str(&line);
+                buffer.push('\n');
+                if !line.trim_end().ends_with(';') {
+                    continue;
+                }
+                let _ = rl.add_history_entry(buffer.trim_end());
+                let mut stdout = std::io::stdout();
+                match flumen.run_script("shell", &buffer, opts, &mut stdout).await {
+                    Ok(summary) => eprintln!("{:.3}s", summary.seconds),
+                    Err(e) => eprintln!("error: {}", flumen.redactor().redact(&e.to_string())),
+                }
+                buffer.clear();
+            }
+            Err(ReadlineError::Interrupted) => buffer.clear(),
+            Err(ReadlineError::Eof) => break,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if let Some(h) = &history {
+        let _ = rl.save_history(h);
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.global);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
