@@ -35,7 +35,7 @@ pub enum Error {
     },
 
     /// A statement of a script failed; wraps the cause with the script position.
-    #[error("{script}, statement at line {line}: {source}\n  statement: {statement}")]
+    #[error("{}statement at line {line}: {source}\n  statement: {statement}", script_prefix(script))]
     Statement {
         /// Script name as the user gave it.
         script: String,
@@ -139,6 +139,10 @@ impl From<Error> for DataFusionError {
             other => DataFusionError::External(Box::new(other)),
         }
     }
+}
+
+fn script_prefix(script: &str) -> String {
+    if script.is_empty() { String::new() } else { format!("{script}, ") }
 }
 
 /// DataFusion's own messages are good but nest prefixes ("External error: Arrow error: ...");

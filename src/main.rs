@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use flumen::connector::options::{parse_bytes, parse_count};
 use flumen::datagen::write::{FileFormat, write_path};
@@ -214,7 +213,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             match execute {
                 Some(sql) => {
-                    let summary = flumen.run_script("-e", sql, &opts, &mut stdout).await.map_err(|e| redacted(&flumen, e))?;
+                    let summary = flumen.run_script("", sql, &opts, &mut stdout).await.map_err(|e| redacted(&flumen, e))?;
                     report(g, &summary);
                 }
                 None => shell(&flumen, &opts).await?,
@@ -233,7 +232,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let path = output.clone();
             let n = tokio::task::spawn_blocking(move || write_path(&spec2, format, &path))
                 .await
-                .context("generator thread failed")??;
+                .map_err(|e| anyhow::anyhow!("generator thread failed: {e}"))??;
             if !g.quiet && output.as_os_str() != "-" {
                 let secs = started.elapsed().as_secs_f64();
                 eprintln!(
@@ -307,7 +306,8 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // flumen's messages already carry their causes; print each once.
+            eprintln!("error: {e}");
             ExitCode::FAILURE
         }
     }

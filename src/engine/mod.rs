@@ -21,7 +21,7 @@ use datafusion::physical_plan::{ExecutionPlan, SendableRecordBatchStream, execut
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 pub use redact::{MASK, Redactor};
-pub use run::{Mode, RunOptions};
+pub use run::{Mode, RunOptions, SqlOutput};
 pub use script::{Statement, Variables};
 pub use stores::LazyStoreRegistry;
 

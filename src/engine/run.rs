@@ -3,7 +3,9 @@
 use std::io::Write;
 
 use arrow::array::{Array, AsArray, RecordBatch};
-use arrow::datatypes::UInt64Type;
+use std::sync::Arc;
+
+use arrow::datatypes::{Schema, SchemaRef, UInt64Type};
 use datafusion::sql::parser::Statement as DfStatement;
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 use futures::StreamExt;
@@ -179,27 +181,54 @@ impl Flumen {
         Ok(stats)
     }
 
-    /// Runs every statement of `sql` (variables substituted) and returns the last one's rows:
-    /// a query's result, a write's `count`, nothing for DDL. For embedding and tests.
-    pub async fn sql(&self, sql: &str) -> Result<Vec<RecordBatch>> {
-        let mut last = Vec::new();
+    /// Runs every statement of `sql` (variables substituted) and returns the last one's output:
+    /// a query's rows, a write's `count`, nothing for DDL. For embedding and tests.
+    pub async fn sql(&self, sql: &str) -> Result<SqlOutput> {
+        let mut last = SqlOutput {
+            kind: StatementKind::Ddl,
+            schema: Arc::new(Schema::empty()),
+            batches: Vec::new(),
+        };
         for c in self.check_script(sql)? {
             let run = async {
                 let plan = self.ctx.state().statement_to_plan(c.parsed.clone()).await?;
                 self.check_plan(&plan)?;
                 let mut running = self.execute(plan).await?;
-                let mut batches = Vec::new();
+                let mut out = SqlOutput {
+                    kind: running.kind,
+                    schema: Arc::new(Schema::empty()),
+                    batches: Vec::new(),
+                };
                 if let Some(mut s) = running.stream.take() {
+                    out.schema = s.schema();
                     while let Some(b) = s.next().await {
-                        batches.push(b?);
+                        out.batches.push(b?);
                     }
                 }
                 running.commit()?;
-                Ok::<_, Error>(batches)
+                Ok::<_, Error>(out)
             };
             last = run.await.map_err(|e| self.at(&c.stmt, e))?;
         }
         Ok(last)
+    }
+}
+
+/// What [`Flumen::sql`] returns: the last statement's kind, schema and rows.
+#[derive(Debug, Clone)]
+pub struct SqlOutput {
+    /// What the statement was.
+    pub kind: StatementKind,
+    /// Schema of `batches` (empty for DDL).
+    pub schema: SchemaRef,
+    /// The rows.
+    pub batches: Vec<RecordBatch>,
+}
+
+impl SqlOutput {
+    /// Total rows in `batches`.
+    pub fn num_rows(&self) -> usize {
+        self.batches.iter().map(RecordBatch::num_rows).sum()
     }
 }
 
