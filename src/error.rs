@@ -35,7 +35,10 @@ pub enum Error {
     },
 
     /// A statement of a script failed; wraps the cause with the script position.
-    #[error("{}statement at line {line}: {source}\n  statement: {statement}", script_prefix(script))]
+    #[error(
+        "{}statement at line {line}: {source}\n  statement: {statement}",
+        script_prefix(script)
+    )]
     Statement {
         /// Script name as the user gave it.
         script: String,
@@ -142,7 +145,11 @@ impl From<Error> for DataFusionError {
 }
 
 fn script_prefix(script: &str) -> String {
-    if script.is_empty() { String::new() } else { format!("{script}, ") }
+    if script.is_empty() {
+        String::new()
+    } else {
+        format!("{script}, ")
+    }
 }
 
 /// DataFusion's own messages are good but nest prefixes ("External error: Arrow error: ...");
@@ -166,7 +173,10 @@ mod tests {
         let e = Error::Option("bad option".into());
         let df: DataFusionError = e.into();
         let back = Error::from(df);
-        assert!(matches!(back, Error::Option(ref m) if m == "bad option"), "{back:?}");
+        assert!(
+            matches!(back, Error::Option(ref m) if m == "bad option"),
+            "{back:?}"
+        );
     }
 
     #[test]
@@ -176,6 +186,9 @@ mod tests {
             line: 7,
         };
         let m = e.to_string();
-        assert!(m.contains("line 7") && m.contains("${PG_PASSWORD}") && m.contains("--set PG_PASSWORD="), "{m}");
+        assert!(
+            m.contains("line 7") && m.contains("${PG_PASSWORD}") && m.contains("--set PG_PASSWORD="),
+            "{m}"
+        );
     }
 }

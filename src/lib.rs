@@ -11,9 +11,9 @@
 //! ```
 
 pub mod connector;
+pub mod datagen;
 pub mod engine;
 pub mod error;
-pub mod datagen;
 pub mod output;
 pub mod progress;
 

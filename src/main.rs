@@ -15,7 +15,11 @@ use flumen::progress::{ProgressMode, RunSummary};
 use flumen::{Config, Flumen, Mode, RunOptions};
 
 #[derive(Parser, Debug)]
-#[command(name = "flumen", version, about = "SQL-first columnar ETL: one SQL script does the whole job")]
+#[command(
+    name = "flumen",
+    version,
+    about = "SQL-first columnar ETL: one SQL script does the whole job"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -164,11 +168,21 @@ fn engine(g: &Global) -> anyhow::Result<Flumen> {
 }
 
 fn read_script(path: &PathBuf) -> anyhow::Result<String> {
-    std::fs::read_to_string(path).map_err(|source| flumen::Error::Script { path: path.clone(), source }.into())
+    std::fs::read_to_string(path).map_err(|source| {
+        flumen::Error::Script {
+            path: path.clone(),
+            source,
+        }
+        .into()
+    })
 }
 
 fn progress_mode(g: &Global) -> ProgressMode {
-    if g.quiet { ProgressMode::Off } else { ProgressMode::auto(Duration::from_secs(g.progress_interval.max(1))) }
+    if g.quiet {
+        ProgressMode::Off
+    } else {
+        ProgressMode::auto(Duration::from_secs(g.progress_interval.max(1)))
+    }
 }
 
 fn report(g: &Global, summary: &RunSummary) {
@@ -191,35 +205,69 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run { script, result } => {
             let flumen = engine(g)?;
             let text = read_script(script)?;
-            let opts = RunOptions { mode: Mode::Run, result: result.target()?, progress: progress_mode(g) };
+            let opts = RunOptions {
+                mode: Mode::Run,
+                result: result.target()?,
+                progress: progress_mode(g),
+            };
             let name = script.display().to_string();
-            let summary = flumen.run_script(&name, &text, &opts, &mut stdout).await.map_err(|e| redacted(&flumen, e))?;
+            let summary = flumen
+                .run_script(&name, &text, &opts, &mut stdout)
+                .await
+                .map_err(|e| redacted(&flumen, e))?;
             report(g, &summary);
         }
         Command::Explain { script } => {
             let flumen = engine(g)?;
             let text = read_script(script)?;
-            let opts = RunOptions { mode: Mode::Explain, ..RunOptions::default() };
+            let opts = RunOptions {
+                mode: Mode::Explain,
+                ..RunOptions::default()
+            };
             let name = script.display().to_string();
-            flumen.run_script(&name, &text, &opts, &mut stdout).await.map_err(|e| redacted(&flumen, e))?;
+            flumen
+                .run_script(&name, &text, &opts, &mut stdout)
+                .await
+                .map_err(|e| redacted(&flumen, e))?;
         }
-        Command::Sql { execute, init, result } => {
+        Command::Sql {
+            execute,
+            init,
+            result,
+        } => {
             let flumen = engine(g)?;
-            let opts = RunOptions { mode: Mode::Run, result: result.target()?, progress: progress_mode(g) };
+            let opts = RunOptions {
+                mode: Mode::Run,
+                result: result.target()?,
+                progress: progress_mode(g),
+            };
             if let Some(path) = init {
                 let text = read_script(path)?;
                 let name = path.display().to_string();
-                flumen.run_script(&name, &text, &opts, &mut stdout).await.map_err(|e| redacted(&flumen, e))?;
+                flumen
+                    .run_script(&name, &text, &opts, &mut stdout)
+                    .await
+                    .map_err(|e| redacted(&flumen, e))?;
             }
             match execute {
                 Some(sql) => {
-                    let summary = flumen.run_script("", sql, &opts, &mut stdout).await.map_err(|e| redacted(&flumen, e))?;
+                    let summary = flumen
+                        .run_script("", sql, &opts, &mut stdout)
+                        .await
+                        .map_err(|e| redacted(&flumen, e))?;
                     report(g, &summary);
                 }
                 None => shell(&flumen, &opts).await?,
             }
         }
-        Command::Gen { dataset, rows, seed, users, format, output } => {
+        Command::Gen {
+            dataset,
+            rows,
+            seed,
+            users,
+            format,
+            output,
+        } => {
             let format = FileFormat::parse(format)?;
             let mut spec = GenSpec::new(Dataset::parse(dataset)?, *rows);
             spec.seed = *seed;
@@ -260,7 +308,10 @@ async fn shell(flumen: &Flumen, opts: &RunOptions) -> anyhow::Result<()> {
     if let Some(h) = &history {
         let _ = rl.load_history(h);
     }
-    eprintln!("flumen {} — end statements with ';', \\q to quit", env!("CARGO_PKG_VERSION"));
+    eprintln!(
+        "flumen {} — end statements with ';', \\q to quit",
+        env!("CARGO_PKG_VERSION")
+    );
     let mut buffer = String::new();
     loop {
         let prompt = if buffer.is_empty() { "flumen> " } else { "     -> " };

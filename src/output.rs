@@ -73,7 +73,12 @@ impl ResultTarget {
 /// A writer for one result: rows are streamed through, never collected (except the first
 /// `max_rows` of a table).
 enum Writer<'a> {
-    Table { shown: Vec<RecordBatch>, kept: usize, max: usize, out: &'a mut (dyn Write + Send) },
+    Table {
+        shown: Vec<RecordBatch>,
+        kept: usize,
+        max: usize,
+        out: &'a mut (dyn Write + Send),
+    },
     Csv(arrow::csv::Writer<Box<dyn Write + Send + 'a>>),
     Json(arrow::json::LineDelimitedWriter<Box<dyn Write + Send + 'a>>),
     Parquet(Box<ArrowWriter<std::io::BufWriter<std::fs::File>>>),
@@ -81,7 +86,8 @@ enum Writer<'a> {
 
 fn create(path: &Path) -> Result<std::io::BufWriter<std::fs::File>> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(format!("creating {}", parent.display()), e))?;
+        std::fs::create_dir_all(parent)
+            .map_err(|e| Error::io(format!("creating {}", parent.display()), e))?;
     }
     let f = std::fs::File::create(path).map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
     Ok(std::io::BufWriter::with_capacity(1 << 20, f))
@@ -95,13 +101,20 @@ pub async fn write_result(
 ) -> Result<u64> {
     let schema = stream.schema();
     let mut writer = match (target.format, &target.output) {
-        (ResultFormat::Table, _) => Writer::Table { shown: Vec::new(), kept: 0, max: target.max_rows, out },
+        (ResultFormat::Table, _) => Writer::Table {
+            shown: Vec::new(),
+            kept: 0,
+            max: target.max_rows,
+            out,
+        },
         (ResultFormat::Parquet, Some(path)) => Writer::Parquet(Box::new(ArrowWriter::try_new(
             create(path)?,
             schema.clone(),
             None,
         )?)),
-        (ResultFormat::Parquet, None) => return Err(Error::Config("--format parquet needs --output PATH".into())),
+        (ResultFormat::Parquet, None) => {
+            return Err(Error::Config("--format parquet needs --output PATH".into()));
+        }
         (format, output) => {
             let sink: Box<dyn Write + Send + '_> = match output {
                 Some(path) => Box::new(create(path)?),
@@ -142,11 +155,15 @@ pub async fn write_result(
             writeln!(out, "{table}\n{footer}").map_err(|e| Error::io("writing results", e))?;
         }
         Writer::Csv(w) => {
-            w.into_inner().flush().map_err(|e| Error::io("writing CSV results", e))?;
+            w.into_inner()
+                .flush()
+                .map_err(|e| Error::io("writing CSV results", e))?;
         }
         Writer::Json(mut w) => {
             w.finish()?;
-            w.into_inner().flush().map_err(|e| Error::io("writing JSON results", e))?;
+            w.into_inner()
+                .flush()
+                .map_err(|e| Error::io("writing JSON results", e))?;
         }
         Writer::Parquet(w) => {
             w.close()?;

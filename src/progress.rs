@@ -34,7 +34,11 @@ pub enum ProgressMode {
 impl ProgressMode {
     /// A live bar when stderr is a terminal, else log lines every `interval`.
     pub fn auto(interval: Duration) -> Self {
-        if std::io::stderr().is_terminal() { Self::Bar } else { Self::Log(interval) }
+        if std::io::stderr().is_terminal() {
+            Self::Bar
+        } else {
+            Self::Log(interval)
+        }
     }
 }
 
@@ -168,7 +172,12 @@ pub struct Tracker {
 
 impl Tracker {
     /// Starts showing progress of `plan` (if any) for the statement at `line`.
-    pub fn start(mode: ProgressMode, line: usize, label: String, plan: Option<Arc<dyn ExecutionPlan>>) -> Self {
+    pub fn start(
+        mode: ProgressMode,
+        line: usize,
+        label: String,
+        plan: Option<Arc<dyn ExecutionPlan>>,
+    ) -> Self {
         let started = Instant::now();
         let (stop, mut stopped) = oneshot::channel();
         let task = match (&plan, mode) {
@@ -251,7 +260,11 @@ pub fn describe(c: &PlanCounters, input: &PlanInput, elapsed: Duration) -> Strin
         (None, None) => {}
     }
     let rate = c.rows_read as f64 / secs;
-    msg.push_str(&format!(", {} rows/s, {} elapsed", human_count(rate as u64), clock(elapsed)));
+    msg.push_str(&format!(
+        ", {} rows/s, {} elapsed",
+        human_count(rate as u64),
+        clock(elapsed)
+    ));
     if let Some(total) = input.total_rows {
         if c.rows_read > 0 && c.rows_read < total {
             let left = (total - c.rows_read) as f64 / rate;
@@ -336,7 +349,11 @@ pub fn human_bytes(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 fn clock(d: Duration) -> String {
@@ -354,16 +371,31 @@ mod tests {
 
     #[test]
     fn describes_progress_with_eta_when_total_known() {
-        let c = PlanCounters { rows_read: 250, bytes_read: Some(2048) };
-        let input = PlanInput { total_rows: Some(1000), total_bytes: Some(8192) };
+        let c = PlanCounters {
+            rows_read: 250,
+            bytes_read: Some(2048),
+        };
+        let input = PlanInput {
+            total_rows: Some(1000),
+            total_bytes: Some(8192),
+        };
         let msg = describe(&c, &input, Duration::from_secs(5));
-        assert_eq!(msg, "250 rows read of 1000 (25%), 2.0 KiB, 50 rows/s, 00:05 elapsed, ETA 00:15");
+        assert_eq!(
+            msg,
+            "250 rows read of 1000 (25%), 2.0 KiB, 50 rows/s, 00:05 elapsed, ETA 00:15"
+        );
     }
 
     #[test]
     fn describes_progress_without_totals() {
-        let c = PlanCounters { rows_read: 2_500_000, bytes_read: None };
-        let input = PlanInput { total_rows: None, total_bytes: Some(3 << 30) };
+        let c = PlanCounters {
+            rows_read: 2_500_000,
+            bytes_read: None,
+        };
+        let input = PlanInput {
+            total_rows: None,
+            total_bytes: Some(3 << 30),
+        };
         let msg = describe(&c, &input, Duration::from_secs(2));
         assert_eq!(msg, "2.50M rows read, input 3.0 GiB, 1.25M rows/s, 00:02 elapsed");
     }
@@ -378,9 +410,23 @@ mod tests {
     #[test]
     fn summary_adds_statements() {
         let mut s = RunSummary::default();
-        s.add(StatementStats { rows_read: 10, rows_written: 4, ..Default::default() });
-        s.add(StatementStats { rows_read: 5, rows_returned: 2, ..Default::default() });
-        assert_eq!((s.statements, s.rows_read, s.rows_written, s.rows_returned), (2, 15, 4, 2));
-        assert!(s.line().starts_with("done: 2 statements, 15 rows read, 4 rows written"));
+        s.add(StatementStats {
+            rows_read: 10,
+            rows_written: 4,
+            ..Default::default()
+        });
+        s.add(StatementStats {
+            rows_read: 5,
+            rows_returned: 2,
+            ..Default::default()
+        });
+        assert_eq!(
+            (s.statements, s.rows_read, s.rows_written, s.rows_returned),
+            (2, 15, 4, 2)
+        );
+        assert!(
+            s.line()
+                .starts_with("done: 2 statements, 15 rows read, 4 rows written")
+        );
     }
 }

@@ -81,7 +81,12 @@ impl sqllogictest::AsyncDB for FlumenDb {
         if out.kind == StatementKind::Ddl {
             return Ok(DBOutput::StatementComplete(0));
         }
-        let types = out.schema.fields().iter().map(|f| column_type(f.data_type())).collect();
+        let types = out
+            .schema
+            .fields()
+            .iter()
+            .map(|f| column_type(f.data_type()))
+            .collect();
         Ok(DBOutput::Rows {
             types,
             rows: rows_of(&out.batches)?,
@@ -118,11 +123,19 @@ async fn run_file(path: &Path, complete: bool) -> Result<(), String> {
         target_partitions: Some(4),
         ..Config::default()
     };
-    config.vars.insert("DATA".into(), root.join("data").display().to_string());
-    config.vars.insert("SCRATCH".into(), scratch.path().display().to_string());
-    config.vars.insert("SQL".into(), root.join("sql").display().to_string());
+    config
+        .vars
+        .insert("DATA".into(), root.join("data").display().to_string());
+    config
+        .vars
+        .insert("SCRATCH".into(), scratch.path().display().to_string());
+    config
+        .vars
+        .insert("SQL".into(), root.join("sql").display().to_string());
     config.vars.insert("QUOTED".into(), "it's".into());
-    config.vars.insert("DB_PASSWORD".into(), "hunter2-very-secret".into());
+    config
+        .vars
+        .insert("DB_PASSWORD".into(), "hunter2-very-secret".into());
     let engine = Arc::new(Flumen::new(config).map_err(|e| e.to_string())?);
     let mut runner = sqllogictest::Runner::new(move || {
         let engine = Arc::clone(&engine);
@@ -140,7 +153,10 @@ async fn run_file(path: &Path, complete: bool) -> Result<(), String> {
             .await
             .map_err(|e| e.to_string())
     } else {
-        runner.run_file_async(path).await.map_err(|e| e.display(true).to_string())
+        runner
+            .run_file_async(path)
+            .await
+            .map_err(|e| e.display(true).to_string())
     }
 }
 
@@ -152,7 +168,10 @@ async fn main() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/slt");
     let (mut passed, mut failed) = (0, 0);
     for path in slt_files(&dir) {
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         if !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
             continue;
         }

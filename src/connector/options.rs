@@ -33,7 +33,12 @@ pub struct TableOptions {
 impl TableOptions {
     /// Checks `raw` (as DataFusion passes them: lower-cased keys, `format.` prefixed when the user
     /// wrote no namespace) against `specs`; an unknown option is an error listing the valid ones.
-    pub fn parse(connector: &str, table: &str, raw: &HashMap<String, String>, specs: &[OptionSpec]) -> Result<Self> {
+    pub fn parse(
+        connector: &str,
+        table: &str,
+        raw: &HashMap<String, String>,
+        specs: &[OptionSpec],
+    ) -> Result<Self> {
         let mut values = HashMap::new();
         let mut keys: Vec<&String> = raw.keys().collect();
         keys.sort();
@@ -41,7 +46,9 @@ impl TableOptions {
             let name = key.strip_prefix("format.").unwrap_or(key).to_ascii_lowercase();
             if !specs.iter().any(|s| s.name == name) {
                 let valid: Vec<&str> = specs.iter().map(|s| s.name).collect();
-                let hint = closest(&name, &valid).map(|c| format!(" (did you mean '{c}'?)")).unwrap_or_default();
+                let hint = closest(&name, &valid)
+                    .map(|c| format!(" (did you mean '{c}'?)"))
+                    .unwrap_or_default();
                 return Err(Error::Option(format!(
                     "table {table}: unknown {connector} option '{name}'{hint}; valid options: {}",
                     valid.join(", ")
@@ -78,7 +85,10 @@ impl TableOptions {
     {
         match self.get(name) {
             None => Ok(default),
-            Some(v) => v.trim().parse::<T>().map_err(|e| self.bad_value(name, v, &e.to_string())),
+            Some(v) => v
+                .trim()
+                .parse::<T>()
+                .map_err(|e| self.bad_value(name, v, &e.to_string())),
         }
     }
 
@@ -129,7 +139,9 @@ pub fn parse_count(v: &str) -> std::result::Result<u64, String> {
 /// Parses a byte size: `512`, `64KiB`, `64MB`, `1.5GiB`, `1G` (binary multipliers throughout).
 pub fn parse_bytes(v: &str) -> std::result::Result<u64, String> {
     let s = v.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let mul: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
@@ -139,7 +151,9 @@ pub fn parse_bytes(v: &str) -> std::result::Result<u64, String> {
         "t" | "tb" | "tib" => 1 << 40,
         _ => return Err(format!("unknown unit '{unit}' (use B, KiB, MiB, GiB, TiB)")),
     };
-    let n: f64 = num.parse().map_err(|_| format!("'{v}' is not a size such as 512MiB or 2GiB"))?;
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("'{v}' is not a size such as 512MiB or 2GiB"))?;
     if !(n.is_finite() && n >= 0.0) {
         return Err(format!("'{v}' is not a size such as 512MiB or 2GiB"));
     }
@@ -162,7 +176,9 @@ fn levenshtein(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1; b.len() + 1];
         for (j, cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
         }
         prev = cur;
     }
@@ -179,7 +195,10 @@ mod tests {
     ];
 
     fn raw(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -211,7 +230,10 @@ mod tests {
     #[test]
     fn choice_is_case_insensitive() {
         let o = TableOptions::parse("X", "t", &raw(&[("dataset", "Orders")]), SPECS).unwrap();
-        assert_eq!(o.choice_or("dataset", &["users", "orders"], "users").unwrap(), "orders");
+        assert_eq!(
+            o.choice_or("dataset", &["users", "orders"], "users").unwrap(),
+            "orders"
+        );
         assert!(o.choice_or("dataset", &["users"], "users").is_err());
     }
 

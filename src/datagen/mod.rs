@@ -148,7 +148,12 @@ impl GenSpec {
         // Skewed: a quarter of the references go to the first 1% of users.
         let n = self.users.max(1);
         let hot = (n / 100).max(1);
-        (if rng.below(4) == 0 { rng.below(hot) } else { rng.below(n) }) as i64 + 1
+        (if rng.below(4) == 0 {
+            rng.below(hot)
+        } else {
+            rng.below(n)
+        }) as i64
+            + 1
     }
 
     fn users_batch(&self, rows: std::ops::Range<u64>) -> Vec<ArrayRef> {
@@ -176,7 +181,11 @@ impl GenSpec {
             } else {
                 buf.clear();
                 for s in [first, ".", last] {
-                    buf.extend(s.chars().filter(char::is_ascii_alphanumeric).map(|c| c.to_ascii_lowercase()));
+                    buf.extend(
+                        s.chars()
+                            .filter(char::is_ascii_alphanumeric)
+                            .map(|c| c.to_ascii_lowercase()),
+                    );
                 }
                 use std::fmt::Write;
                 let _ = write!(buf, "{}@{}", row + 1, r.pick(DOMAINS));
@@ -222,7 +231,11 @@ impl GenSpec {
             status.append_value(r.pick_weighted(STATUSES));
             city.append_value(r.pick(CITIES));
             // Mostly small baskets, a long tail up to 9,999.99.
-            let cents = if r.below(10) == 0 { 100 + r.below(999_900) } else { 100 + r.below(19_900) };
+            let cents = if r.below(10) == 0 {
+                100 + r.below(999_900)
+            } else {
+                100 + r.below(19_900)
+            };
             amount.append_value(cents as i128);
             let max_qty = if r.below(8) == 0 { 50 } else { 5 };
             qty.append_value(1 + r.below(max_qty) as i32);
@@ -298,7 +311,11 @@ impl GenSpec {
         let payload: ArrayRef = match self.nested {
             Nested::Struct => Arc::new(StructArray::new(
                 payload_fields(),
-                vec![Arc::new(page.finish()), Arc::new(dur.finish()), Arc::new(tags.finish())],
+                vec![
+                    Arc::new(page.finish()),
+                    Arc::new(dur.finish()),
+                    Arc::new(tags.finish()),
+                ],
                 Some(valid.into()),
             )),
             Nested::JsonText => Arc::new(text.finish()),
@@ -317,7 +334,11 @@ fn payload_fields() -> Fields {
     Fields::from(vec![
         Field::new("page", DataType::Utf8, true),
         Field::new("duration_ms", DataType::Int64, true),
-        Field::new("tags", DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))), true),
+        Field::new(
+            "tags",
+            DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
+            true,
+        ),
     ])
 }
 
@@ -328,23 +349,47 @@ const TS_SPAN_6Y: u64 = 6 * 365 * 86_400 * 1_000_000;
 const TS_SPAN_10Y: u64 = 10 * 365 * 86_400 * 1_000_000;
 
 const FIRST_NAMES: &[&str] = &[
-    "Ana", "Ben", "Chloé", "Dmitri", "Emma", "Farid", "Grace", "Hiro", "Inès", "Jonas", "Kofi", "Lena", "Mateo",
-    "Nadia", "Oskar", "Priya", "Quentin", "Rosa", "Sven", "Tomás", "Uma", "Viktor", "Wen", "Yara", "Zoë",
+    "Ana", "Ben", "Chloé", "Dmitri", "Emma", "Farid", "Grace", "Hiro", "Inès", "Jonas", "Kofi", "Lena",
+    "Mateo", "Nadia", "Oskar", "Priya", "Quentin", "Rosa", "Sven", "Tomás", "Uma", "Viktor", "Wen", "Yara",
+    "Zoë",
 ];
 const LAST_NAMES: &[&str] = &[
-    "Smith", "Müller", "García", "Rossi", "Kowalski", "Nguyen", "O'Brien", "Tanaka", "Silva", "Dubois", "Jensen",
-    "Novák", "Ivanova", "Cohen", "Okafor", "Larsen", "Schmidt", "Haddad", "Kim", "Costa",
+    "Smith", "Müller", "García", "Rossi", "Kowalski", "Nguyen", "O'Brien", "Tanaka", "Silva", "Dubois",
+    "Jensen", "Novák", "Ivanova", "Cohen", "Okafor", "Larsen", "Schmidt", "Haddad", "Kim", "Costa",
 ];
 const DOMAINS: &[&str] = &["example.com", "mail.test", "post.example.org", "inbox.test"];
 const COUNTRIES: &[&str] = &[
     "US", "DE", "FR", "GB", "BR", "IN", "JP", "CN", "ES", "IT", "PL", "NL", "SE", "NG", "MX", "CA",
 ];
 const CITIES: &[&str] = &[
-    "New York", "Berlin", "Paris", "London", "São Paulo", "Mumbai", "東京", "Shanghai", "Madrid", "Milano",
-    "Kraków", "Amsterdam", "Zürich", "Lagos", "Ciudad de México", "Toronto", "Chicago", "Lyon", "Osaka",
+    "New York",
+    "Berlin",
+    "Paris",
+    "London",
+    "São Paulo",
+    "Mumbai",
+    "東京",
+    "Shanghai",
+    "Madrid",
+    "Milano",
+    "Kraków",
+    "Amsterdam",
+    "Zürich",
+    "Lagos",
+    "Ciudad de México",
+    "Toronto",
+    "Chicago",
+    "Lyon",
+    "Osaka",
     "Seattle",
 ];
-const STATUSES: &[(&str, u32)] = &[("delivered", 70), ("shipped", 12), ("pending", 8), ("cancelled", 6), ("returned", 4)];
+const STATUSES: &[(&str, u32)] = &[
+    ("delivered", 70),
+    ("shipped", 12),
+    ("pending", 8),
+    ("cancelled", 6),
+    ("returned", 4),
+];
 const NOTES: &[&str] = &[
     "leave at the door",
     "gift wrap, please",
@@ -354,8 +399,22 @@ const NOTES: &[&str] = &[
     "Lieferung an Nachbarn möglich",
     "",
 ];
-const EVENT_KINDS: &[(&str, u32)] = &[("view", 60), ("click", 25), ("add_to_cart", 8), ("purchase", 4), ("error", 3)];
-const PAGES: &[&str] = &["/", "/search", "/product", "/cart", "/checkout", "/account", "/help"];
+const EVENT_KINDS: &[(&str, u32)] = &[
+    ("view", 60),
+    ("click", 25),
+    ("add_to_cart", 8),
+    ("purchase", 4),
+    ("error", 3),
+];
+const PAGES: &[&str] = &[
+    "/",
+    "/search",
+    "/product",
+    "/cart",
+    "/checkout",
+    "/account",
+    "/help",
+];
 const TAGS: &[&str] = &["mobile", "desktop", "promo", "returning", "new", "beta"];
 
 /// SplitMix64: tiny, fast, and stable across versions (unlike `StdRng`), so seeds keep meaning.

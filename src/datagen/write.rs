@@ -104,12 +104,18 @@ pub fn write_path(spec: &GenSpec, format: FileFormat, path: &Path) -> Result<u64
         if format == FileFormat::Parquet {
             return Err(Error::Config("parquet needs a file: pass --output PATH".into()));
         }
-        return write_to(spec, format, std::io::BufWriter::with_capacity(1 << 20, std::io::stdout()));
+        return write_to(
+            spec,
+            format,
+            std::io::BufWriter::with_capacity(1 << 20, std::io::stdout()),
+        );
     }
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(format!("creating {}", parent.display()), e))?;
+        std::fs::create_dir_all(parent)
+            .map_err(|e| Error::io(format!("creating {}", parent.display()), e))?;
     }
-    let file = std::fs::File::create(path).map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+    let file =
+        std::fs::File::create(path).map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
     let out = std::io::BufWriter::with_capacity(1 << 20, file);
     write_to(spec, format, out)
 }
@@ -140,10 +146,11 @@ mod tests {
         let spec = GenSpec::new(Dataset::Orders, 3000);
         let mut buf = Vec::new();
         write_to(&spec, FileFormat::Parquet, &mut buf).unwrap();
-        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(buf))
-            .unwrap()
-            .build()
-            .unwrap();
+        let reader =
+            parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(buf))
+                .unwrap()
+                .build()
+                .unwrap();
         let rows: usize = reader.map(|b| b.unwrap().num_rows()).sum();
         assert_eq!(rows, 3000);
     }
@@ -151,7 +158,9 @@ mod tests {
     #[test]
     fn csv_rejects_struct_columns_clearly() {
         let spec = GenSpec::new(Dataset::Events, 10);
-        let err = write_to(&spec, FileFormat::Csv, Vec::new()).unwrap_err().to_string();
+        let err = write_to(&spec, FileFormat::Csv, Vec::new())
+            .unwrap_err()
+            .to_string();
         assert!(err.to_lowercase().contains("struct"), "{err}");
     }
 }

@@ -59,7 +59,14 @@ pub fn stage(plan: LogicalPlan) -> Result<(LogicalPlan, Option<DirSwap>)> {
         options: copy.options.clone(),
         output_schema: Arc::clone(&copy.output_schema),
     };
-    Ok((LogicalPlan::Copy(staged), Some(DirSwap { target, staging, done: false })))
+    Ok((
+        LogicalPlan::Copy(staged),
+        Some(DirSwap {
+            target,
+            staging,
+            done: false,
+        }),
+    ))
 }
 
 impl DirSwap {

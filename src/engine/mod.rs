@@ -189,8 +189,9 @@ impl Flumen {
 
     /// Substitutes variables in a statement, learning secret values for redaction.
     pub fn substitute(&self, stmt: &Statement) -> Result<String> {
-        self.vars
-            .substitute(&stmt.text, stmt.line, |name, value| self.redactor.observe(name, value))
+        self.vars.substitute(&stmt.text, stmt.line, |name, value| {
+            self.redactor.observe(name, value)
+        })
     }
 
     /// Rejects plans flumen can tell are wrong before DataFusion does, with a better message.

@@ -3,7 +3,15 @@
 use std::sync::{Arc, RwLock};
 
 /// Names that mark a variable's value as secret (matched case-insensitively, as substrings).
-const SECRET_MARKERS: &[&str] = &["PASSWORD", "PASSWD", "SECRET", "TOKEN", "KEY", "CREDENTIAL", "AUTH"];
+const SECRET_MARKERS: &[&str] = &[
+    "PASSWORD",
+    "PASSWD",
+    "SECRET",
+    "TOKEN",
+    "KEY",
+    "CREDENTIAL",
+    "AUTH",
+];
 
 /// What a redacted secret is replaced with.
 pub const MASK: &str = "***";

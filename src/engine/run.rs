@@ -79,7 +79,10 @@ impl Flumen {
 
     /// Wraps an error with the statement's position, secrets removed.
     fn at(&self, stmt: &Statement, e: Error) -> Error {
-        if matches!(e, Error::Statement { .. } | Error::UnsetVariable { .. } | Error::Syntax { .. }) {
+        if matches!(
+            e,
+            Error::Statement { .. } | Error::UnsetVariable { .. } | Error::Syntax { .. }
+        ) {
             return e;
         }
         let first = stmt
@@ -111,7 +114,12 @@ impl Flumen {
     ) -> Result<RunSummary> {
         let started = std::time::Instant::now();
         let located = |e: Error| match e {
-            Error::Statement { line, statement, source, .. } => Error::Statement {
+            Error::Statement {
+                line,
+                statement,
+                source,
+                ..
+            } => Error::Statement {
                 script: name.to_string(),
                 line,
                 statement,
@@ -124,7 +132,11 @@ impl Flumen {
         };
         opts.result.validate().map_err(located)?;
         let checked = self.check_script(text).map_err(located)?;
-        let queries: Vec<usize> = checked.iter().filter(|c| c.is_query()).map(|c| c.stmt.line).collect();
+        let queries: Vec<usize> = checked
+            .iter()
+            .filter(|c| c.is_query())
+            .map(|c| c.stmt.line)
+            .collect();
         if opts.result.output.is_some() && opts.mode == Mode::Run && queries.len() != 1 {
             return Err(located(Error::Config(format!(
                 "--output takes the result of exactly one query, but the script has {} (at lines {:?})",
@@ -156,8 +168,17 @@ impl Flumen {
         self.check_plan(&plan)?;
         if opts.mode == Mode::Explain {
             let text = self.explain(plan).await?;
-            writeln!(out, "-- statement at line {}\n{}\n", c.stmt.line, self.redactor.redact(&text)).map_err(write_err)?;
-            return Ok(crate::progress::StatementStats { line: c.stmt.line, ..Default::default() });
+            writeln!(
+                out,
+                "-- statement at line {}\n{}\n",
+                c.stmt.line,
+                self.redactor.redact(&text)
+            )
+            .map_err(write_err)?;
+            return Ok(crate::progress::StatementStats {
+                line: c.stmt.line,
+                ..Default::default()
+            });
         }
         let mut running = self.execute(plan).await?;
         let label = format!("line {}", c.stmt.line);
@@ -165,7 +186,9 @@ impl Flumen {
         let mut returned = 0;
         let mut written = 0;
         match (running.kind, running.stream.take()) {
-            (StatementKind::Query, Some(stream)) => returned = write_result(stream, &opts.result, out).await?,
+            (StatementKind::Query, Some(stream)) => {
+                returned = write_result(stream, &opts.result, out).await?
+            }
             (StatementKind::Write, Some(mut stream)) => {
                 while let Some(batch) = stream.next().await {
                     written += count_of(&batch?);

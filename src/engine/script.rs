@@ -88,14 +88,22 @@ fn lex(text: &str) -> Result<Vec<Segment>> {
             }
         };
         if code_start < i {
-            out.push(Segment { kind: Kind::Code, start: code_start, end: i });
+            out.push(Segment {
+                kind: Kind::Code,
+                start: code_start,
+                end: i,
+            });
         }
         out.push(Segment { kind, start: i, end });
         i = end;
         code_start = end;
     }
     if code_start < b.len() {
-        out.push(Segment { kind: Kind::Code, start: code_start, end: b.len() });
+        out.push(Segment {
+            kind: Kind::Code,
+            start: code_start,
+            end: b.len(),
+        });
     }
     Ok(out)
 }
@@ -167,10 +175,13 @@ impl Variables {
 
     /// The value of `name`, if set.
     pub fn get(&self, name: &str) -> Option<String> {
-        self.set
-            .get(name)
-            .cloned()
-            .or_else(|| if self.use_env { std::env::var(name).ok() } else { None })
+        self.set.get(name).cloned().or_else(|| {
+            if self.use_env {
+                std::env::var(name).ok()
+            } else {
+                None
+            }
+        })
     }
 
     /// Replaces every `${NAME}` and `${NAME:-default}` outside comments.
@@ -238,7 +249,12 @@ mod tests {
     use super::*;
 
     fn vars(pairs: &[(&str, &str)]) -> Variables {
-        Variables::isolated(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+        Variables::isolated(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
     }
 
     #[test]
@@ -275,7 +291,9 @@ mod tests {
     #[test]
     fn substitutes_set_values_and_defaults() {
         let v = vars(&[("HOST", "db1"), ("N", "3")]);
-        let got = v.substitute("SELECT '${HOST}', ${N}, '${PORT:-5432}'", 1, |_, _| {}).unwrap();
+        let got = v
+            .substitute("SELECT '${HOST}', ${N}, '${PORT:-5432}'", 1, |_, _| {})
+            .unwrap();
         assert_eq!(got, "SELECT 'db1', 3, '5432'");
     }
 
@@ -287,13 +305,20 @@ mod tests {
 
     #[test]
     fn unset_variable_error_names_line() {
-        let e = vars(&[]).substitute("SELECT 1,\n  ${MISSING}", 10, |_, _| {}).unwrap_err();
-        assert!(matches!(e, Error::UnsetVariable { ref name, line: 11 } if name == "MISSING"), "{e:?}");
+        let e = vars(&[])
+            .substitute("SELECT 1,\n  ${MISSING}", 10, |_, _| {})
+            .unwrap_err();
+        assert!(
+            matches!(e, Error::UnsetVariable { ref name, line: 11 } if name == "MISSING"),
+            "{e:?}"
+        );
     }
 
     #[test]
     fn comments_are_not_substituted() {
-        let got = vars(&[]).substitute("-- uses ${UNSET}\nSELECT 1 /* ${ALSO} */", 1, |_, _| {}).unwrap();
+        let got = vars(&[])
+            .substitute("-- uses ${UNSET}\nSELECT 1 /* ${ALSO} */", 1, |_, _| {})
+            .unwrap();
         assert_eq!(got, "-- uses ${UNSET}\nSELECT 1 /* ${ALSO} */");
     }
 

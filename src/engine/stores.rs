@@ -4,11 +4,11 @@ use std::sync::Arc;
 
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::object_store::{DefaultObjectStoreRegistry, ObjectStoreRegistry};
-use object_store::ObjectStore;
 use object_store::aws::AmazonS3Builder;
 use object_store::azure::MicrosoftAzureBuilder;
 use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::http::HttpBuilder;
+use object_store::{ClientOptions, ObjectStore};
 use url::Url;
 
 /// An [`ObjectStoreRegistry`] that builds a store the first time a URL's bucket is used.
@@ -48,7 +48,12 @@ fn build_store(url: &Url) -> Option<Result<Arc<dyn ObjectStore>>> {
             .with_url(base)
             .build()
             .map(|s| Arc::new(s) as _),
-        "http" | "https" => HttpBuilder::new().with_url(base).build().map(|s| Arc::new(s) as _),
+        "http" | "https" => HttpBuilder::new()
+            .with_url(base)
+            // The user wrote http:// explicitly; object_store refuses plain HTTP unless told.
+            .with_client_options(ClientOptions::new().with_allow_http(url.scheme() == "http"))
+            .build()
+            .map(|s| Arc::new(s) as _),
         _ => return None,
     };
     Some(store.map_err(|e| DataFusionError::ObjectStore(Box::new(e))))
@@ -91,20 +96,28 @@ mod tests {
         let reg = LazyStoreRegistry::new();
         let u = Url::parse("http://127.0.0.1:1/data/x.csv").unwrap();
         let a = reg.get_store(&u).unwrap();
-        let b = reg.get_store(&Url::parse("http://127.0.0.1:1/other.csv").unwrap()).unwrap();
+        let b = reg
+            .get_store(&Url::parse("http://127.0.0.1:1/other.csv").unwrap())
+            .unwrap();
         assert!(Arc::ptr_eq(&a, &b));
     }
 
     #[test]
     fn unknown_scheme_names_supported_ones() {
         let reg = LazyStoreRegistry::new();
-        let e = reg.get_store(&Url::parse("ftp://host/x").unwrap()).unwrap_err().to_string();
+        let e = reg
+            .get_store(&Url::parse("ftp://host/x").unwrap())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("ftp") && e.contains("s3://"), "{e}");
     }
 
     #[test]
     fn s3_store_builds_from_url() {
         let reg = LazyStoreRegistry::new();
-        assert!(reg.get_store(&Url::parse("s3://bucket/key.parquet").unwrap()).is_ok());
+        assert!(
+            reg.get_store(&Url::parse("s3://bucket/key.parquet").unwrap())
+                .is_ok()
+        );
     }
 }

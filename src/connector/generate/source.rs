@@ -14,15 +14,21 @@ use datafusion::physical_plan::streaming::PartitionStream;
 use futures::StreamExt;
 
 use crate::connector::options::{OptionSpec, TableOptions};
-use crate::error::Error;
 use crate::datagen::{Dataset, GenSpec, Nested};
+use crate::error::Error;
 
 const OPTIONS: &[OptionSpec] = &[
     OptionSpec::new("rows", "rows in the table (10k, 10M, ...); default 1M"),
     OptionSpec::new("seed", "seed of the generator; default 42"),
-    OptionSpec::new("users", "distinct user ids referenced by orders and events; default 1M"),
+    OptionSpec::new(
+        "users",
+        "distinct user ids referenced by orders and events; default 1M",
+    ),
     OptionSpec::new("nested", "events payload as 'struct' (default) or 'json' text"),
-    OptionSpec::new("partitions", "parallel partitions; default the session's target_partitions"),
+    OptionSpec::new(
+        "partitions",
+        "parallel partitions; default the session's target_partitions",
+    ),
     OptionSpec::new("batch_rows", "rows per batch; default 8192"),
 ];
 
@@ -49,7 +55,9 @@ impl TableProviderFactory for GenerateFactory {
             "json" => Nested::JsonText,
             _ => Nested::Struct,
         };
-        spec.batch_rows = opts.count_or("batch_rows", spec.batch_rows as u64)?.clamp(1, 1 << 20) as usize;
+        spec.batch_rows = opts
+            .count_or("batch_rows", spec.batch_rows as u64)?
+            .clamp(1, 1 << 20) as usize;
         let partitions = opts
             .count_or("partitions", state.config().target_partitions() as u64)?
             .clamp(1, 1024);
