@@ -79,8 +79,8 @@ enum Writer<'a> {
         max: usize,
         out: &'a mut (dyn Write + Send),
     },
-    Csv(arrow::csv::Writer<Box<dyn Write + Send + 'a>>),
-    Json(arrow::json::LineDelimitedWriter<Box<dyn Write + Send + 'a>>),
+    Csv(Box<arrow::csv::Writer<Box<dyn Write + Send + 'a>>>),
+    Json(Box<arrow::json::LineDelimitedWriter<Box<dyn Write + Send + 'a>>>),
     Parquet(Box<ArrowWriter<std::io::BufWriter<std::fs::File>>>),
 }
 
@@ -121,9 +121,11 @@ pub async fn write_result(
                 None => Box::new(out),
             };
             if format == ResultFormat::Csv {
-                Writer::Csv(arrow::csv::WriterBuilder::new().with_header(true).build(sink))
+                Writer::Csv(Box::new(
+                    arrow::csv::WriterBuilder::new().with_header(true).build(sink),
+                ))
             } else {
-                Writer::Json(arrow::json::LineDelimitedWriter::new(sink))
+                Writer::Json(Box::new(arrow::json::LineDelimitedWriter::new(sink)))
             }
         }
     };

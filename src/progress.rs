@@ -265,11 +265,12 @@ pub fn describe(c: &PlanCounters, input: &PlanInput, elapsed: Duration) -> Strin
         human_count(rate as u64),
         clock(elapsed)
     ));
-    if let Some(total) = input.total_rows {
-        if c.rows_read > 0 && c.rows_read < total {
-            let left = (total - c.rows_read) as f64 / rate;
-            msg.push_str(&format!(", ETA {}", clock(Duration::from_secs_f64(left))));
-        }
+    if let Some(total) = input.total_rows
+        && c.rows_read > 0
+        && c.rows_read < total
+    {
+        let left = (total - c.rows_read) as f64 / rate;
+        msg.push_str(&format!(", ETA {}", clock(Duration::from_secs_f64(left))));
     }
     msg
 }

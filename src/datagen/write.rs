@@ -38,8 +38,8 @@ impl FileFormat {
 }
 
 enum Sink<W: Write + Send> {
-    Csv(arrow::csv::Writer<W>),
-    Json(arrow::json::LineDelimitedWriter<W>),
+    Csv(Box<arrow::csv::Writer<W>>),
+    Json(Box<arrow::json::LineDelimitedWriter<W>>),
     Parquet(Box<ArrowWriter<W>>),
 }
 
@@ -68,8 +68,10 @@ impl<W: Write + Send> Sink<W> {
 pub fn write_to<W: Write + Send>(spec: &GenSpec, format: FileFormat, out: W) -> Result<u64> {
     let schema = spec.schema();
     let mut sink = match format {
-        FileFormat::Csv => Sink::Csv(arrow::csv::WriterBuilder::new().with_header(true).build(out)),
-        FileFormat::Json => Sink::Json(arrow::json::LineDelimitedWriter::new(out)),
+        FileFormat::Csv => Sink::Csv(Box::new(
+            arrow::csv::WriterBuilder::new().with_header(true).build(out),
+        )),
+        FileFormat::Json => Sink::Json(Box::new(arrow::json::LineDelimitedWriter::new(out))),
         FileFormat::Parquet => {
             let props = WriterProperties::builder()
                 .set_compression(Compression::ZSTD(ZstdLevel::try_new(1)?))

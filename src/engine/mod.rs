@@ -196,14 +196,14 @@ impl Flumen {
 
     /// Rejects plans flumen can tell are wrong before DataFusion does, with a better message.
     pub fn check_plan(&self, plan: &LogicalPlan) -> Result<()> {
-        if let LogicalPlan::Ddl(DdlStatement::CreateExternalTable(cmd)) = plan {
-            if !self.registry.knows(&cmd.file_type) {
-                return Err(Error::Config(format!(
-                    "unknown STORED AS name '{}'; known: {}",
-                    cmd.file_type,
-                    self.registry.all_names().join(", ")
-                )));
-            }
+        if let LogicalPlan::Ddl(DdlStatement::CreateExternalTable(cmd)) = plan
+            && !self.registry.knows(&cmd.file_type)
+        {
+            return Err(Error::Config(format!(
+                "unknown STORED AS name '{}'; known: {}",
+                cmd.file_type,
+                self.registry.all_names().join(", ")
+            )));
         }
         Ok(())
     }

@@ -39,12 +39,12 @@ impl Redactor {
         if value.len() < 3 || !Self::is_secret_name(name) {
             return;
         }
-        if let Ok(mut s) = self.secrets.write() {
-            if !s.iter().any(|v| v == value) {
-                s.push(value.to_string());
-                // Longest first, so a secret containing another is masked whole.
-                s.sort_by_key(|v| std::cmp::Reverse(v.len()));
-            }
+        if let Ok(mut s) = self.secrets.write()
+            && !s.iter().any(|v| v == value)
+        {
+            s.push(value.to_string());
+            // Longest first, so a secret containing another is masked whole.
+            s.sort_by_key(|v| std::cmp::Reverse(v.len()));
         }
     }
 
