@@ -1,7 +1,7 @@
 //! The `flumen` command line: run, explain, sql, gen.
 
 use std::collections::HashMap;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -139,6 +139,7 @@ fn init_logging(g: &Global) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
     match g.log_format {
         LogFormat::Json => builder.json().init(),

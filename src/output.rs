@@ -77,7 +77,6 @@ enum Writer<'a> {
         shown: Vec<RecordBatch>,
         kept: usize,
         max: usize,
-        out: &'a mut (dyn Write + Send),
     },
     Csv(Box<arrow::csv::Writer<Box<dyn Write + Send + 'a>>>),
     Json(Box<arrow::json::LineDelimitedWriter<Box<dyn Write + Send + 'a>>>),
@@ -93,19 +92,20 @@ fn create(path: &Path) -> Result<std::io::BufWriter<std::fs::File>> {
     Ok(std::io::BufWriter::with_capacity(1 << 20, f))
 }
 
-/// Streams a query's rows to `target` (or `out`), returning how many rows there were.
+/// Streams a query's rows to `target` (or `out`), returning how many rows there were and, for
+/// [`ResultFormat::Table`], the rendered table, which the caller prints once its progress
+/// display is gone.
 pub async fn write_result(
     mut stream: SendableRecordBatchStream,
     target: &ResultTarget,
     out: &mut (dyn Write + Send),
-) -> Result<u64> {
+) -> Result<(u64, Option<String>)> {
     let schema = stream.schema();
     let mut writer = match (target.format, &target.output) {
         (ResultFormat::Table, _) => Writer::Table {
             shown: Vec::new(),
             kept: 0,
             max: target.max_rows,
-            out,
         },
         (ResultFormat::Parquet, Some(path)) => Writer::Parquet(Box::new(ArrowWriter::try_new(
             create(path)?,
@@ -147,14 +147,14 @@ pub async fn write_result(
         }
     }
     match writer {
-        Writer::Table { shown, kept, out, .. } => {
+        Writer::Table { shown, kept, .. } => {
             let table = arrow::util::pretty::pretty_format_batches_with_schema(schema, &shown)?;
             let footer = if (kept as u64) < rows {
                 format!("({rows} rows, first {kept} shown; use --max-rows N or --format csv)")
             } else {
                 format!("({rows} row{})", if rows == 1 { "" } else { "s" })
             };
-            writeln!(out, "{table}\n{footer}").map_err(|e| Error::io("writing results", e))?;
+            return Ok((rows, Some(format!("{table}\n{footer}"))));
         }
         Writer::Csv(w) => {
             w.into_inner()
@@ -171,5 +171,5 @@ pub async fn write_result(
             w.close()?;
         }
     }
-    Ok(rows)
+    Ok((rows, None))
 }

@@ -3,8 +3,9 @@
 //! Progress is read from the running physical plan's own metrics, so it costs nothing on the
 //! data path: rows read are the output rows of the lowest plan nodes that count them (the scans),
 //! bytes read come from scans that report `bytes_scanned` (Parquet), and the input size is the
-//! sum of the scanned files' sizes. An ETA is shown when the sources state their total row count
-//! (Parquet metadata does; CSV and JSON do not, so for them only size, rate and elapsed show).
+//! sum of the scanned files' sizes. An ETA is shown when the total row count is known: Parquet
+//! metadata states it; for uncompressed local CSV and NDJSON it is estimated from the files' sizes
+//! and the line length in the first MiB of the first file (shown with a `~`).
 
 use std::collections::HashSet;
 use std::io::IsTerminal;
@@ -71,8 +72,10 @@ pub struct PlanCounters {
 /// What is known up front about a plan's input.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PlanInput {
-    /// Total source rows, when every source states it.
+    /// Total source rows, when every source states it (or it could be estimated).
     pub total_rows: Option<u64>,
+    /// Whether `total_rows` is an estimate from a sample of lines.
+    pub estimated: bool,
     /// Total size of the scanned files, when the plan scans files.
     pub total_bytes: Option<u64>,
 }
@@ -81,6 +84,7 @@ impl PlanInput {
     /// Reads the input size from the plan's sources (no IO: file sizes come from the listing).
     pub fn of(plan: &Arc<dyn ExecutionPlan>) -> Self {
         let mut total_rows = Some(0u64);
+        let mut estimated = false;
         let mut files = HashSet::new();
         let mut total_bytes = 0u64;
         visit_leaves(plan, &mut |leaf| {
@@ -91,23 +95,58 @@ impl PlanInput {
                     Precision::Exact(n) | Precision::Inexact(n) => Some(n as u64),
                     Precision::Absent => None,
                 });
-            total_rows = total_rows.zip(rows).map(|(a, b)| a + b);
-            if let Some(scan) = leaf
+            let scan = leaf
                 .downcast_ref::<DataSourceExec>()
-                .and_then(|d| d.data_source().downcast_ref::<FileScanConfig>())
-            {
+                .and_then(|d| d.data_source().downcast_ref::<FileScanConfig>());
+            let mut leaf_bytes = 0;
+            if let Some(scan) = scan {
                 for f in scan.file_groups.iter().flat_map(|g| g.files()) {
                     if files.insert(f.object_meta.location.clone()) {
-                        total_bytes += f.object_meta.size;
+                        leaf_bytes += f.object_meta.size;
                     }
                 }
+                total_bytes += leaf_bytes;
             }
+            let rows = rows.or_else(|| {
+                let n = scan.and_then(|s| estimate_rows(s, leaf_bytes))?;
+                estimated = true;
+                Some(n)
+            });
+            total_rows = total_rows.zip(rows).map(|(a, b)| a + b);
         });
         Self {
             total_rows: total_rows.filter(|n| *n > 0),
+            estimated,
             total_bytes: (!files.is_empty()).then_some(total_bytes),
         }
     }
+}
+
+/// Rows in a line-oriented (CSV, NDJSON) local, uncompressed scan: its bytes divided by the mean
+/// line length in the first MiB of its first file. `None` when that cannot be known cheaply.
+fn estimate_rows(scan: &FileScanConfig, bytes: u64) -> Option<u64> {
+    use std::io::Read;
+    if !matches!(scan.file_source().file_type(), "csv" | "json")
+        || scan.object_store_url.as_str() != "file:///"
+    {
+        return None;
+    }
+    let first = scan.file_groups.iter().flat_map(|g| g.files()).next()?;
+    let path = format!("/{}", first.object_meta.location);
+    if [".gz", ".bz2", ".xz", ".zst", ".zstd"]
+        .iter()
+        .any(|ext| path.ends_with(ext))
+    {
+        return None;
+    }
+    let mut sample = Vec::with_capacity(1 << 20);
+    std::fs::File::open(&path)
+        .ok()?
+        .take(1 << 20)
+        .read_to_end(&mut sample)
+        .ok()?;
+    let lines = sample.iter().filter(|b| **b == b'\n').count() as u64;
+    (lines > 0).then(|| bytes * lines / sample.len() as u64)
 }
 
 fn visit_leaves(plan: &Arc<dyn ExecutionPlan>, f: &mut impl FnMut(&Arc<dyn ExecutionPlan>)) {
@@ -185,14 +224,16 @@ impl Tracker {
                 let p = Arc::clone(p);
                 Some(tokio::spawn(async move {
                     let input = PlanInput::of(&p);
-                    let bar = (mode == ProgressMode::Bar).then(|| {
+                    // Created at the first tick, so statements that finish quickly draw nothing.
+                    let mut bar: Option<ProgressBar> = None;
+                    let new_bar = || {
                         let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
                         let style = ProgressStyle::with_template("{spinner} {prefix} {msg}")
                             .unwrap_or_else(|_| ProgressStyle::default_spinner());
                         bar.set_style(style);
                         bar.set_prefix(label.clone());
                         bar
-                    });
+                    };
                     let every = match mode {
                         ProgressMode::Log(d) => d,
                         _ => Duration::from_millis(200),
@@ -203,9 +244,12 @@ impl Tracker {
                             _ = &mut stopped => break,
                             _ = tick.tick() => {
                                 let msg = describe(&PlanCounters::of(&p), &input, started.elapsed());
-                                match &bar {
-                                    Some(b) => { b.set_message(msg); b.tick(); }
-                                    None => tracing::info!(target: "flumen::progress", statement_line = line, "{label}: {msg}"),
+                                if mode == ProgressMode::Bar {
+                                    let b = bar.get_or_insert_with(new_bar);
+                                    b.set_message(msg);
+                                    b.tick();
+                                } else {
+                                    tracing::info!(target: "flumen::progress", statement_line = line, "{label}: {msg}");
                                 }
                             }
                         }
@@ -252,7 +296,8 @@ pub fn describe(c: &PlanCounters, input: &PlanInput, elapsed: Duration) -> Strin
     let mut msg = format!("{} rows read", human_count(c.rows_read));
     if let Some(total) = input.total_rows {
         let pct = (c.rows_read as f64 / total as f64 * 100.0).min(100.0);
-        msg.push_str(&format!(" of {} ({pct:.0}%)", human_count(total)));
+        let approx = if input.estimated { "~" } else { "" };
+        msg.push_str(&format!(" of {approx}{} ({pct:.0}%)", human_count(total)));
     }
     match (c.bytes_read, input.total_bytes) {
         (Some(b), _) => msg.push_str(&format!(", {}", human_bytes(b))),
@@ -378,6 +423,7 @@ mod tests {
         };
         let input = PlanInput {
             total_rows: Some(1000),
+            estimated: false,
             total_bytes: Some(8192),
         };
         let msg = describe(&c, &input, Duration::from_secs(5));
@@ -395,6 +441,7 @@ mod tests {
         };
         let input = PlanInput {
             total_rows: None,
+            estimated: false,
             total_bytes: Some(3 << 30),
         };
         let msg = describe(&c, &input, Duration::from_secs(2));

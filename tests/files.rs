@@ -140,3 +140,33 @@ async fn unreachable_http_host_is_a_clear_error() {
     assert!(err.contains("127.0.0.1:9/nothing.csv"), "{err}");
     assert!(err.contains("statement at line 1"), "{err}");
 }
+
+/// Progress knows how much input there is: Parquet states its rows, CSV rows are estimated.
+#[tokio::test]
+async fn progress_knows_the_input_size() {
+    use flumen::progress::PlanInput;
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("data");
+    let f = engine();
+    let plan = |sql: String| {
+        let ctx = f.context().clone();
+        async move { ctx.sql(&sql).await.unwrap().create_physical_plan().await.unwrap() }
+    };
+    let csv = data.join("orders.csv");
+    let input = PlanInput::of(&plan(format!("SELECT * FROM '{}'", csv.display())).await);
+    assert!(input.estimated);
+    let est = input.total_rows.unwrap();
+    assert!((9_000..=11_000).contains(&est), "estimate {est} for 10000 rows");
+    assert_eq!(input.total_bytes, Some(std::fs::metadata(&csv).unwrap().len()));
+
+    let dir = tempfile::tempdir().unwrap();
+    let pq = dir.path().join("o.parquet");
+    f.sql(&format!(
+        "COPY (SELECT * FROM '{}') TO '{}' STORED AS PARQUET",
+        csv.display(),
+        pq.display()
+    ))
+    .await
+    .unwrap();
+    let input = PlanInput::of(&plan(format!("SELECT * FROM '{}'", pq.display())).await);
+    assert_eq!((input.total_rows, input.estimated), (Some(10_000), false));
+}

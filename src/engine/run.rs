@@ -1,6 +1,6 @@
 //! Running a whole script: check every statement first, then run them in order.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use futures::StreamExt;
 
 use super::{Flumen, Statement, StatementKind, script};
 use crate::error::{Error, Result};
-use crate::output::{ResultTarget, write_result};
+use crate::output::{ResultFormat, ResultTarget, write_result};
 use crate::progress::{ProgressMode, RunSummary, Tracker, peak_rss};
 
 /// Run the statements, or only show what they would do.
@@ -182,23 +182,39 @@ impl Flumen {
         }
         let mut running = self.execute(plan).await?;
         let label = format!("line {}", c.stmt.line);
-        let tracker = Tracker::start(opts.progress, c.stmt.line, label, running.plan.clone());
+        // Rows streaming to the terminal and a live bar on the same terminal would garble
+        // each other: then the bar stays off.
+        let streams_to_terminal = running.kind == StatementKind::Query
+            && opts.result.format != ResultFormat::Table
+            && opts.result.output.is_none()
+            && std::io::stdout().is_terminal();
+        let mode = match opts.progress {
+            ProgressMode::Bar if streams_to_terminal => ProgressMode::Off,
+            m => m,
+        };
+        let tracker = Tracker::start(mode, c.stmt.line, label, running.plan.clone());
         let mut returned = 0;
         let mut written = 0;
+        let mut table = None;
         match (running.kind, running.stream.take()) {
             (StatementKind::Query, Some(stream)) => {
-                returned = write_result(stream, &opts.result, out).await?
+                (returned, table) = write_result(stream, &opts.result, out).await?;
             }
             (StatementKind::Write, Some(mut stream)) => {
                 while let Some(batch) = stream.next().await {
                     written += count_of(&batch?);
                 }
                 running.commit()?;
-                writeln!(out, "{written} rows written").map_err(write_err)?;
             }
             _ => {}
         }
         let mut stats = tracker.finish().await;
+        if let Some(table) = table {
+            writeln!(out, "{table}").map_err(write_err)?;
+        }
+        if running.kind == StatementKind::Write {
+            writeln!(out, "{written} rows written").map_err(write_err)?;
+        }
         stats.rows_returned = returned;
         stats.rows_written = written;
         Ok(stats)

@@ -8,6 +8,7 @@
 //! `LOCATION` names the data set (`users`, `orders`, `events`; see [`crate::datagen`]). The table is
 //! read-only. It is how benchmarks and bounded-memory tests get large inputs without files.
 
+mod exec;
 mod source;
 
 pub use source::GenerateFactory;

@@ -1,17 +1,15 @@
-//! The GENERATE table provider: one partition stream per slice of the row range.
+//! The GENERATE table factory and provider.
 
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
-use datafusion::catalog::streaming::StreamingTable;
 use datafusion::catalog::{Session, TableProvider, TableProviderFactory};
 use datafusion::error::Result;
-use datafusion::execution::{SendableRecordBatchStream, TaskContext};
-use datafusion::logical_expr::CreateExternalTable;
-use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
-use datafusion::physical_plan::streaming::PartitionStream;
-use futures::StreamExt;
+use datafusion::logical_expr::{CreateExternalTable, Expr, TableType};
+use datafusion::physical_plan::ExecutionPlan;
+
+use super::exec::GenerateExec;
 
 use crate::connector::options::{OptionSpec, TableOptions};
 use crate::datagen::{Dataset, GenSpec, Nested};
@@ -67,45 +65,42 @@ impl TableProviderFactory for GenerateFactory {
             ))
             .into());
         }
-        let spec = Arc::new(spec);
-        let schema = spec.schema();
-        let per = spec.rows.div_ceil(partitions);
-        let parts: Vec<Arc<dyn PartitionStream>> = (0..partitions)
-            .map(|p| {
-                Arc::new(Slice {
-                    spec: Arc::clone(&spec),
-                    schema: Arc::clone(&schema),
-                    start: (p * per).min(spec.rows),
-                    end: ((p + 1) * per).min(spec.rows),
-                }) as _
-            })
-            .collect();
-        Ok(Arc::new(StreamingTable::try_new(schema, parts)?))
+        Ok(Arc::new(GenerateTable {
+            spec: Arc::new(spec),
+            partitions: partitions as usize,
+        }))
     }
 }
 
-/// Rows `start..end` of a data set.
+/// A GENERATE table: its data set spec and how many partitions a scan uses.
 #[derive(Debug)]
-struct Slice {
+struct GenerateTable {
     spec: Arc<GenSpec>,
-    schema: SchemaRef,
-    start: u64,
-    end: u64,
+    partitions: usize,
 }
 
-impl PartitionStream for Slice {
-    fn schema(&self) -> &SchemaRef {
-        &self.schema
+#[async_trait]
+impl TableProvider for GenerateTable {
+    fn schema(&self) -> SchemaRef {
+        self.spec.schema()
     }
 
-    fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
-        let spec = Arc::clone(&self.spec);
-        let step = spec.batch_rows as u64;
-        let end = self.end;
-        let batches = futures::stream::iter((self.start..end).step_by(step as usize)).map(move |s| {
-            let len = step.min(end - s) as usize;
-            spec.batch(s, len).map_err(Into::into)
-        });
-        Box::pin(RecordBatchStreamAdapter::new(Arc::clone(&self.schema), batches))
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        Ok(Arc::new(GenerateExec::try_new(
+            Arc::clone(&self.spec),
+            projection.cloned(),
+            self.partitions,
+            limit,
+        )?))
     }
 }
