@@ -35,13 +35,33 @@ struct Segment {
     end: usize,
 }
 
+/// 1-based line numbers of byte offsets, in O(log n) per lookup.
+struct LineIndex(Vec<usize>);
+
+impl LineIndex {
+    fn new(text: &str) -> Self {
+        Self(
+            text.bytes()
+                .enumerate()
+                .filter(|(_, b)| *b == b'\n')
+                .map(|(i, _)| i)
+                .collect(),
+        )
+    }
+
+    fn line(&self, pos: usize) -> usize {
+        self.0.partition_point(|nl| *nl < pos) + 1
+    }
+}
+
 /// Cuts `text` into code, string, identifier and comment segments.
 fn lex(text: &str) -> Result<Vec<Segment>> {
     let b = text.as_bytes();
     let mut out = Vec::new();
     let mut i = 0;
     let mut code_start = 0;
-    let line_at = |pos: usize| text[..pos].matches('\n').count() + 1;
+    let lines = LineIndex::new(text);
+    let line_at = |pos: usize| lines.line(pos);
     while i < b.len() {
         let (kind, end) = match b[i] {
             b'\'' => {
@@ -114,11 +134,12 @@ pub fn split(text: &str) -> Result<Vec<Statement>> {
     let mut stmts = Vec::new();
     let mut start = 0;
     let mut first_code: Option<usize> = None;
+    let lines = LineIndex::new(text);
     let push = |start: usize, end: usize, first: Option<usize>, stmts: &mut Vec<Statement>| {
         if let Some(first) = first {
             stmts.push(Statement {
                 text: text[start..end].trim().to_string(),
-                line: text[..first].matches('\n').count() + 1,
+                line: lines.line(first),
             });
         }
     };
@@ -191,6 +212,7 @@ impl Variables {
     /// variable name and the value used, so the caller can redact secrets.
     pub fn substitute(&self, text: &str, line: usize, mut seen: impl FnMut(&str, &str)) -> Result<String> {
         let mut out = String::with_capacity(text.len());
+        let lines = LineIndex::new(text);
         for seg in lex(text)? {
             let s = &text[seg.start..seg.end];
             if !matches!(seg.kind, Kind::Code | Kind::Str) || !s.contains("${") {
@@ -201,7 +223,7 @@ impl Variables {
             let mut pos = seg.start;
             while let Some(open) = rest.find("${") {
                 out.push_str(&rest[..open]);
-                let at_line = line + text[..pos + open].matches('\n').count();
+                let at_line = line + lines.line(pos + open) - 1;
                 let Some(close) = rest[open..].find('}') else {
                     return Err(Error::Syntax {
                         line: at_line,
