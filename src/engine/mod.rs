@@ -2,6 +2,7 @@
 //! memory limits and spilling, and statement planning and execution.
 
 mod copy;
+mod globs;
 mod redact;
 mod run;
 pub mod script;
@@ -11,7 +12,10 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use datafusion::common::GetExt;
 use datafusion::datasource::MemTable;
+use datafusion::datasource::file_format::json::JsonFormatFactory;
+use datafusion::datasource::file_format::{FileFormat, FileFormatFactory};
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
@@ -56,6 +60,31 @@ fn total_memory() -> Option<u64> {
     let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// Lets `SELECT * FROM 'events.ndjson'` find the JSON reader: DataFusion picks a file's format
+/// by its extension and knows `.json` only.
+#[derive(Debug)]
+struct NdjsonExtension(JsonFormatFactory);
+
+impl GetExt for NdjsonExtension {
+    fn get_ext(&self) -> String {
+        "ndjson".into()
+    }
+}
+
+impl FileFormatFactory for NdjsonExtension {
+    fn create(
+        &self,
+        state: &dyn datafusion::catalog::Session,
+        options: &HashMap<String, String>,
+    ) -> datafusion::error::Result<Arc<dyn FileFormat>> {
+        self.0.create(state, options)
+    }
+
+    fn default(&self) -> Arc<dyn FileFormat> {
+        self.0.default()
+    }
 }
 
 /// What kind of statement a plan is; decides how it runs and how its result is shown.
@@ -156,7 +185,8 @@ impl Flumen {
             .with_config(session)
             .with_runtime_env(runtime)
             .with_default_features();
-        let state = registry.install(builder).build();
+        let mut state = registry.install(builder).build();
+        state.register_file_format(Arc::new(NdjsonExtension(JsonFormatFactory::new())), false)?;
         let ctx = SessionContext::new_with_state(state).enable_url_table();
         Ok(Self {
             ctx,
@@ -194,8 +224,15 @@ impl Flumen {
         })
     }
 
+    /// Checks a planned statement and applies what flumen adds before it runs: a clear error
+    /// for an unknown `STORED AS` name, and globs in object-store locations.
+    pub async fn prepare(&self, plan: LogicalPlan) -> Result<LogicalPlan> {
+        self.check_plan(&plan)?;
+        globs::expand(&self.ctx, plan).await
+    }
+
     /// Rejects plans flumen can tell are wrong before DataFusion does, with a better message.
-    pub fn check_plan(&self, plan: &LogicalPlan) -> Result<()> {
+    fn check_plan(&self, plan: &LogicalPlan) -> Result<()> {
         if let LogicalPlan::Ddl(DdlStatement::CreateExternalTable(cmd)) = plan
             && !self.registry.knows(&cmd.file_type)
         {

@@ -1,10 +1,9 @@
 //! Running a whole script: check every statement first, then run them in order.
 
 use std::io::{IsTerminal, Write};
-
-use arrow::array::{Array, AsArray, RecordBatch};
 use std::sync::Arc;
 
+use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{Schema, SchemaRef, UInt64Type};
 use datafusion::sql::parser::Statement as DfStatement;
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
@@ -165,7 +164,7 @@ impl Flumen {
     ) -> Result<crate::progress::StatementStats> {
         let write_err = |e| Error::io("writing to standard output", e);
         let plan = self.ctx.state().statement_to_plan(c.parsed.clone()).await?;
-        self.check_plan(&plan)?;
+        let plan = self.prepare(plan).await?;
         if opts.mode == Mode::Explain {
             let text = self.explain(plan).await?;
             writeln!(
@@ -222,6 +221,9 @@ impl Flumen {
 
     /// Runs every statement of `sql` (variables substituted) and returns the last one's output:
     /// a query's rows, a write's `count`, nothing for DDL. For embedding and tests.
+    ///
+    /// An error keeps its typed cause; pass its text through [`Flumen::redactor`] before showing
+    /// it, as the CLI does, since a cause may quote a location with a secret in it.
     pub async fn sql(&self, sql: &str) -> Result<SqlOutput> {
         let mut last = SqlOutput {
             kind: StatementKind::Ddl,
@@ -231,7 +233,7 @@ impl Flumen {
         for c in self.check_script(sql)? {
             let run = async {
                 let plan = self.ctx.state().statement_to_plan(c.parsed.clone()).await?;
-                self.check_plan(&plan)?;
+                let plan = self.prepare(plan).await?;
                 let mut running = self.execute(plan).await?;
                 let mut out = SqlOutput {
                     kind: running.kind,
