@@ -394,3 +394,31 @@ fn too_little_memory_is_a_clear_error() {
     assert!(!err.contains("panicked"), "{err}");
     assert!(err.contains("--memory-limit"), "{err}");
 }
+
+#[test]
+fn generate_example_writes_a_partitioned_lake() {
+    let out_dir = tempfile::tempdir().unwrap();
+    let set = format!("OUT={}", out_dir.path().display());
+    let out = flumen(&[
+        "run",
+        "sql/examples/generate_to_parquet.sql",
+        "--set",
+        "ROWS=20k",
+        "--set",
+        &set,
+        "-q",
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(stdout.starts_with("20000 rows written\n"), "{stdout}");
+    assert!(out_dir.path().join("orders/status=delivered").is_dir());
+    let back = flumen(&[
+        "sql",
+        "-e",
+        &format!("SELECT count(*) AS n FROM '{}/orders/'", out_dir.path().display()),
+        "--format",
+        "csv",
+        "-q",
+    ]);
+    assert_eq!(text(&back.stdout), "n\n20000\n");
+}
