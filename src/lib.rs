@@ -16,6 +16,7 @@ pub mod engine;
 pub mod error;
 pub mod output;
 pub mod progress;
+pub mod sink;
 
 pub use engine::{Config, Flumen, Mode, RunOptions};
 pub use error::{Error, Result};

@@ -47,6 +47,13 @@ struct Global {
     /// Log line format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Where runs keep their ledger, staging and dead letters.
+    #[arg(long, global = true, default_value = ".flumen", env = "FLUMEN_STATE_DIR")]
+    state_dir: PathBuf,
+    /// Write the sink counters here at the end: Prometheus text if the name ends in .prom,
+    /// else JSON.
+    #[arg(long, global = true)]
+    metrics: Option<PathBuf>,
     /// Seconds between progress log lines when stderr is not a terminal.
     #[arg(long, global = true, default_value_t = 10)]
     progress_interval: u64,
@@ -96,6 +103,13 @@ enum Command {
         #[command(flatten)]
         result: ResultArgs,
     },
+    /// Deliver what a run staged because a sink was down, then mark it delivered.
+    Resume {
+        /// The run id the failed run printed (see `flumen runs`).
+        run_id: String,
+    },
+    /// List runs with their state and row counts.
+    Runs,
     /// Generate a deterministic data set (users, orders, events) as CSV, NDJSON or Parquet.
     Gen {
         /// users, orders or events.
@@ -158,7 +172,13 @@ impl ResultArgs {
 }
 
 fn engine(g: &Global) -> anyhow::Result<Flumen> {
+    engine_for(g, None)
+}
+
+fn engine_for(g: &Global, resume_run: Option<String>) -> anyhow::Result<Flumen> {
     let config = Config {
+        state_dir: Some(g.state_dir.clone()),
+        resume_run,
         memory_limit: g.memory_limit,
         spill_dir: g.spill_dir.clone(),
         target_partitions: g.partitions,
@@ -184,6 +204,21 @@ fn progress_mode(g: &Global) -> ProgressMode {
     } else {
         ProgressMode::auto(Duration::from_secs(g.progress_interval.max(1)))
     }
+}
+
+/// Writes the sink counters to `--metrics FILE`.
+fn write_metrics(g: &Global, flumen: &Flumen) -> anyhow::Result<()> {
+    let Some(path) = &g.metrics else { return Ok(()) };
+    let sinks = flumen.run_state().sink_snapshots();
+    let text = if path.extension().is_some_and(|e| e == "prom") {
+        flumen::sink::prometheus(sinks.iter().map(|(k, v)| (k.as_str(), v)))
+    } else {
+        serde_json::to_string_pretty(&serde_json::json!({
+            "run_id": flumen.run_state().run_id(),
+            "sinks": sinks,
+        }))?
+    };
+    std::fs::write(path, text).map_err(|e| anyhow::anyhow!("writing --metrics {}: {e}", path.display()))
 }
 
 fn report(g: &Global, summary: &RunSummary) {
@@ -212,11 +247,50 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 progress: progress_mode(g),
             };
             let name = script.display().to_string();
-            let summary = flumen
-                .run_script(&name, &text, &opts, &mut stdout)
-                .await
-                .map_err(|e| redacted(&flumen, e))?;
+            let result = flumen.run_script(&name, &text, &opts, &mut stdout).await;
+            write_metrics(g, &flumen)?;
+            let summary = result.map_err(|e| redacted(&flumen, e))?;
             report(g, &summary);
+        }
+        Command::Resume { run_id } => {
+            let flumen = engine_for(g, Some(run_id.clone()))?;
+            let result = flumen.resume().await;
+            write_metrics(g, &flumen)?;
+            let r = result.map_err(|e| redacted(&flumen, e))?;
+            if r.parts == 0 {
+                println!(
+                    "run {run_id}: nothing to deliver ({} parts were delivered before)",
+                    r.already_delivered
+                );
+            } else {
+                println!(
+                    "run {run_id}: delivered {} staged parts, {} rows",
+                    r.parts, r.rows
+                );
+            }
+        }
+        Command::Runs => {
+            let runs = flumen::sink::list_runs(&g.state_dir)?;
+            if runs.is_empty() {
+                println!("no runs under {}", g.state_dir.display());
+            }
+            for r in runs {
+                let (mut delivered, mut spilled, mut rejected) = (0, 0, 0);
+                for m in r.sinks.values() {
+                    delivered += m.rows;
+                    spilled += m.spilled;
+                    rejected += m.rejected;
+                }
+                println!(
+                    "{}  {:<9}  {:>12} delivered  {:>10} spilled  {:>8} rejected  {}",
+                    r.run_id,
+                    format!("{:?}", r.status).to_lowercase(),
+                    delivered,
+                    spilled,
+                    rejected,
+                    r.script
+                );
+            }
         }
         Command::Explain { script } => {
             let flumen = engine(g)?;

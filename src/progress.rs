@@ -337,6 +337,8 @@ pub struct RunSummary {
     pub peak_rss_bytes: Option<u64>,
     /// Per statement.
     pub per_statement: Vec<StatementStats>,
+    /// Counters of every sink table written.
+    pub sinks: std::collections::BTreeMap<String, crate::sink::SinkMetricsSnapshot>,
 }
 
 impl RunSummary {
@@ -363,6 +365,16 @@ impl RunSummary {
         );
         if let Some(rss) = self.peak_rss_bytes {
             s.push_str(&format!(", peak memory {}", human_bytes(rss)));
+        }
+        for (table, m) in &self.sinks {
+            s.push_str(&format!(
+                "\n  sink {table}: {} rows delivered, {} requests, {} retries, {} rows spilled, {} rows rejected",
+                human_count(m.rows),
+                m.requests,
+                m.retries,
+                human_count(m.spilled),
+                human_count(m.rejected)
+            ));
         }
         s
     }

@@ -21,11 +21,11 @@ fi
 bash tests/services/start.sh
 
 start=$(date +%s)
-cargo test --no-fail-fast
+cargo test --no-fail-fast --features test-backends
 echo "tests took $(( $(date +%s) - start ))s"
 
 if [ "${FLUMEN_SKIP_LINT:-0}" != "1" ]; then
   cargo fmt --all -- --check
-  cargo clippy --all-targets --quiet -- -D warnings
+  cargo clippy --all-targets --features test-backends --quiet -- -D warnings
   echo "fmt and clippy clean"
 fi

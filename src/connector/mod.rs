@@ -4,6 +4,8 @@
 //! `src/connector/`, one line in [`Registry::builtin`], and its tests. Files (CSV, JSON, PARQUET,
 //! AVRO, ARROW) stay DataFusion's own factories and are not listed here.
 
+#[cfg(feature = "test-backends")]
+pub mod faulty;
 pub mod generate;
 pub mod options;
 
@@ -32,6 +34,8 @@ impl Registry {
     pub fn builtin() -> Self {
         let mut r = Self::empty();
         r.register("GENERATE", Arc::new(generate::GenerateFactory));
+        #[cfg(feature = "test-backends")]
+        r.register("FAULTY", Arc::new(faulty::FaultyFactory));
         r
     }
 

@@ -4,6 +4,7 @@
 mod copy;
 mod globs;
 mod redact;
+mod resume;
 mod run;
 pub mod script;
 mod stores;
@@ -25,12 +26,14 @@ use datafusion::physical_plan::{ExecutionPlan, SendableRecordBatchStream, execut
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 pub use redact::{MASK, Redactor};
+pub use resume::ResumeReport;
 pub use run::{Mode, RunOptions, SqlOutput};
 pub use script::{Statement, Variables};
 pub use stores::LazyStoreRegistry;
 
 use crate::connector::Registry;
 use crate::error::{Error, Result};
+use crate::sink::{RunState, new_run_id};
 
 /// How a [`Flumen`] engine is set up.
 #[derive(Debug, Clone, Default)]
@@ -48,6 +51,10 @@ pub struct Config {
     pub vars: HashMap<String, String>,
     /// Connectors; `None` means [`Registry::builtin`].
     pub registry: Option<Registry>,
+    /// Where runs keep their ledger, staging and dead letters; default `.flumen`.
+    pub state_dir: Option<PathBuf>,
+    /// The run to continue (`flumen resume`); default a new run id.
+    pub resume_run: Option<String>,
 }
 
 /// Half of the machine's memory, read from `/proc/meminfo`; 4 GiB where that is unavailable.
@@ -140,6 +147,7 @@ pub struct Flumen {
     redactor: Redactor,
     registry: Registry,
     memory_limit: u64,
+    run: Arc<RunState>,
 }
 
 impl std::fmt::Debug for Flumen {
@@ -171,7 +179,16 @@ impl Flumen {
             .with_disk_manager_builder(disk)
             .with_object_store_registry(Arc::new(LazyStoreRegistry::new()))
             .build_arc()?;
+        let run = Arc::new(RunState::new(
+            config
+                .state_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(".flumen")),
+            config.resume_run.clone().unwrap_or_else(new_run_id),
+            config.resume_run.is_some(),
+        ));
         let mut session = SessionConfig::new()
+            .with_extension(Arc::clone(&run))
             .with_information_schema(true)
             .with_create_default_catalog_and_schema(true);
         if let Some(n) = config.target_partitions {
@@ -194,6 +211,7 @@ impl Flumen {
             redactor: Redactor::default(),
             registry,
             memory_limit,
+            run,
         })
     }
 
@@ -205,6 +223,11 @@ impl Flumen {
     /// The redactor every message shown to the user passes through.
     pub fn redactor(&self) -> &Redactor {
         &self.redactor
+    }
+
+    /// The state of this run: its id, ledger, staging and sink counters.
+    pub fn run_state(&self) -> &Arc<RunState> {
+        &self.run
     }
 
     /// The memory limit in force, in bytes.

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{Schema, SchemaRef, UInt64Type};
+use datafusion::logical_expr::{DdlStatement, LogicalPlan};
 use datafusion::sql::parser::Statement as DfStatement;
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 use futures::StreamExt;
@@ -13,6 +14,7 @@ use super::{Flumen, Statement, StatementKind, script};
 use crate::error::{Error, Result};
 use crate::output::{ResultFormat, ResultTarget, write_result};
 use crate::progress::{ProgressMode, RunSummary, Tracker, peak_rss};
+use crate::sink::RunStatus;
 
 /// Run the statements, or only show what they would do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -74,6 +76,22 @@ impl Flumen {
                 Ok(Checked { stmt, parsed })
             })
             .collect()
+    }
+
+    /// Plans a checked statement; remembers how sink tables were created (for `resume`) and
+    /// scopes the delivery tokens of what the statement writes.
+    async fn plan_checked(&self, c: &Checked) -> Result<LogicalPlan> {
+        let plan = self.ctx.state().statement_to_plan(c.parsed.clone()).await?;
+        let plan = self.prepare(plan).await?;
+        if let LogicalPlan::Ddl(DdlStatement::CreateExternalTable(cmd)) = &plan {
+            // The text before substitution: no secret is ever written to the state directory.
+            self.run.record_template(&cmd.name.to_string(), &c.stmt.text);
+        }
+        if !self.run.resuming() {
+            self.run
+                .set_scope(format!("{}/l{}", self.run.run_id(), c.stmt.line));
+        }
+        Ok(plan)
     }
 
     /// Wraps an error with the statement's position, secrets removed.
@@ -144,15 +162,38 @@ impl Flumen {
             ))));
         }
         let mut summary = RunSummary::default();
+        // Runs that write to a sink get a ledger (the sink writes its first version); plain
+        // queries and file COPYs leave no state behind.
+        let ledger = opts.mode == Mode::Run;
+        if ledger {
+            self.run.set_script(name);
+        }
         for c in checked {
-            let stats = self
-                .run_checked(&c, opts, out)
-                .await
-                .map_err(|e| located(self.at(&c.stmt, e)))?;
-            summary.add(stats);
+            let result = self.run_checked(&c, opts, out).await;
+            match result {
+                Ok(stats) => summary.add(stats),
+                Err(e) => {
+                    let e = located(self.at(&c.stmt, e));
+                    if ledger && !self.run.sink_snapshots().is_empty() {
+                        let spilled = self.run.sink_snapshots().values().any(|m| m.spilled > 0);
+                        let status = if spilled {
+                            RunStatus::Spilled
+                        } else {
+                            RunStatus::Failed
+                        };
+                        self.run
+                            .write_ledger(status, Some(self.redactor.redact(&e.to_string())))?;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        if ledger && !self.run.sink_snapshots().is_empty() {
+            self.run.write_ledger(RunStatus::Succeeded, None)?;
         }
         summary.seconds = started.elapsed().as_secs_f64();
         summary.peak_rss_bytes = peak_rss();
+        summary.sinks = self.run.sink_snapshots();
         Ok(summary)
     }
 
@@ -163,8 +204,7 @@ impl Flumen {
         out: &mut (dyn Write + Send),
     ) -> Result<crate::progress::StatementStats> {
         let write_err = |e| Error::io("writing to standard output", e);
-        let plan = self.ctx.state().statement_to_plan(c.parsed.clone()).await?;
-        let plan = self.prepare(plan).await?;
+        let plan = self.plan_checked(c).await?;
         if opts.mode == Mode::Explain {
             let text = self.explain(plan).await?;
             writeln!(
@@ -232,8 +272,7 @@ impl Flumen {
         };
         for c in self.check_script(sql)? {
             let run = async {
-                let plan = self.ctx.state().statement_to_plan(c.parsed.clone()).await?;
-                let plan = self.prepare(plan).await?;
+                let plan = self.plan_checked(&c).await?;
                 let mut running = self.execute(plan).await?;
                 let mut out = SqlOutput {
                     kind: running.kind,

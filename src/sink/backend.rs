@@ -1,0 +1,61 @@
+//! The small trait a backend implements to get batching, retries, staging and dead letters.
+
+use std::fmt::Debug;
+use std::time::Duration;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use async_trait::async_trait;
+
+use crate::error::Result;
+
+/// How one request went, as the backend classifies it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Every row was accepted.
+    Delivered,
+    /// Some rows were refused and will never be accepted (bad value, per-item 4xx): they go to
+    /// dead letters with the reason; `retry` rows failed transiently (per-item 429/5xx) and are
+    /// sent again; every other row was accepted.
+    Partial {
+        /// Row index in the batch and the reason.
+        rejected: Vec<(usize, String)>,
+        /// Row indexes to send again.
+        retry: Vec<usize>,
+    },
+    /// Nothing was accepted, but trying again may work (network, 5xx, 429, timeouts).
+    Retry {
+        /// Why, for logs and the final error.
+        reason: String,
+        /// How long the server asked us to wait (Retry-After).
+        after: Option<Duration>,
+    },
+    /// Nothing was accepted and retrying cannot help (authentication, unknown table, schema).
+    Fatal {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A destination for record batches.
+///
+/// `encode` turns a batch into a request body once; `send` may be called several times with the
+/// same request (retries), with the same `token`: a backend that can deduplicate by it (an
+/// insert deduplication token, a document id) makes retries and `flumen resume` exactly-once.
+#[async_trait]
+pub trait SinkBackend: Debug + Send + Sync + 'static {
+    /// An encoded request.
+    type Request: Send + Sync + 'static;
+
+    /// The schema of the rows this backend accepts.
+    fn schema(&self) -> SchemaRef;
+
+    /// Encodes a batch (CPU only, no IO).
+    fn encode(&self, batch: &RecordBatch) -> Result<Self::Request>;
+
+    /// The size of an encoded request in bytes, for metrics.
+    fn request_bytes(&self, request: &Self::Request) -> usize;
+
+    /// Sends one request and classifies the response.
+    async fn send(&self, request: &Self::Request, token: &str) -> Outcome;
+}

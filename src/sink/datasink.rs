@@ -1,0 +1,525 @@
+//! [`BatchSink`]: the DataFusion `DataSink` that drives any [`SinkBackend`], and [`SinkTable`],
+//! the table whose `INSERT INTO` uses it.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use arrow::array::{ArrayRef, RecordBatch, StringArray, TimestampMicrosecondArray, UInt32Array, UInt64Array};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use async_trait::async_trait;
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::datasource::sink::{DataSink, DataSinkExec};
+use datafusion::error::Result as DfResult;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::dml::InsertOp;
+use datafusion::logical_expr::{Expr, TableType};
+use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use parquet::arrow::ArrowWriter;
+
+use super::backend::{Outcome, SinkBackend};
+use super::metrics::SinkMetrics;
+use super::options::{OnFailure, SinkOptions};
+use super::retry::Backoff;
+use super::state::{Part, RunState, new_run_id};
+use crate::error::{Error, Result};
+
+/// A table backed by a [`SinkBackend`]: `INSERT INTO` goes through [`BatchSink`].
+#[derive(Debug)]
+pub struct SinkTable<B: SinkBackend> {
+    backend: Arc<B>,
+    table: String,
+    options: SinkOptions,
+}
+
+impl<B: SinkBackend> SinkTable<B> {
+    /// A write-only table named `table` (for messages and state paths).
+    pub fn new(backend: B, table: impl Into<String>, options: SinkOptions) -> Self {
+        Self {
+            backend: Arc::new(backend),
+            table: table.into(),
+            options,
+        }
+    }
+}
+
+#[async_trait]
+impl<B: SinkBackend> TableProvider for SinkTable<B> {
+    fn schema(&self) -> SchemaRef {
+        self.backend.schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        _projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        Err(Error::Config(format!("table {} is write-only: use INSERT INTO it", self.table)).into())
+    }
+
+    async fn insert_into(
+        &self,
+        _state: &dyn Session,
+        input: Arc<dyn ExecutionPlan>,
+        insert_op: InsertOp,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        if insert_op != InsertOp::Append {
+            return Err(Error::Config(format!(
+                "table {}: only INSERT INTO (append) is supported, not {insert_op}",
+                self.table
+            ))
+            .into());
+        }
+        let sink = BatchSink {
+            schema: self.backend.schema(),
+            backend: Arc::clone(&self.backend),
+            table: self.table.clone(),
+            options: self.options.clone(),
+        };
+        Ok(Arc::new(DataSinkExec::new(input, Arc::new(sink), None)))
+    }
+}
+
+/// Batches, sends with retries, stages what cannot be delivered, dead-letters what is refused.
+pub struct BatchSink<B: SinkBackend> {
+    backend: Arc<B>,
+    schema: SchemaRef,
+    table: String,
+    options: SinkOptions,
+}
+
+impl<B: SinkBackend> fmt::Debug for BatchSink<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BatchSink")
+            .field("table", &self.table)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: SinkBackend> DisplayAs for BatchSink<B> {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let o = &self.options;
+        write!(
+            f,
+            "BatchSink: table={}, batch_rows={}, concurrency={}, max_attempts={}, on_failure={:?}",
+            self.table, o.batch_rows, o.concurrency, o.max_attempts, o.on_failure
+        )
+    }
+}
+
+/// What the requests of one `write_all` share.
+struct Shared<B: SinkBackend> {
+    backend: Arc<B>,
+    table: String,
+    options: SinkOptions,
+    state: Arc<RunState>,
+    metrics: Arc<SinkMetrics>,
+    /// Set once a request could not be delivered: later ones go straight to staging.
+    down: AtomicBool,
+    staged_rows: AtomicU64,
+    staged_parts: AtomicU64,
+    rejected_rows: AtomicU64,
+    last_failure: Mutex<Option<String>>,
+}
+
+/// One request's rows and identity.
+struct Chunk {
+    batch: RecordBatch,
+    token: String,
+}
+
+impl<B: SinkBackend> Shared<B> {
+    /// Sends one chunk to the end: delivered, rejected rows dead-lettered, or staged.
+    async fn deliver(self: Arc<Self>, chunk: Chunk) -> Result<u64> {
+        if self.down.load(Ordering::Relaxed) && !self.state.resuming() {
+            return self.stage(&chunk).map(|_| 0);
+        }
+        let mut batch = chunk.batch.clone();
+        let mut token = chunk.token.clone();
+        let mut request = self.backend.encode(&batch)?;
+        let seed = chunk
+            .token
+            .bytes()
+            .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+        let o = &self.options;
+        let mut backoff = Backoff::new(o.retry_initial, o.retry_max, o.max_attempts, o.max_elapsed, seed);
+        let started = Instant::now();
+        let mut attempt = 0u32;
+        let mut delivered = 0u64;
+        loop {
+            attempt += 1;
+            self.metrics.request(attempt > 1);
+            let outcome = match tokio::time::timeout(o.timeout, self.backend.send(&request, &token)).await {
+                Ok(outcome) => outcome,
+                Err(_) => Outcome::Retry {
+                    reason: format!("no answer within {:?}", o.timeout),
+                    after: None,
+                },
+            };
+            let (reason, after) = match outcome {
+                Outcome::Delivered => {
+                    let rows = batch.num_rows() as u64;
+                    self.metrics
+                        .delivered(rows, self.backend.request_bytes(&request) as u64);
+                    return Ok(delivered + rows);
+                }
+                Outcome::Partial { rejected, retry } => {
+                    let n = batch.num_rows();
+                    let bad = |i: &usize| *i >= n;
+                    if rejected.iter().any(|(i, _)| bad(i)) || retry.iter().any(bad) {
+                        return Err(Error::Config(format!(
+                            "table {}: the sink named a row outside the request ({n} rows)",
+                            self.table
+                        )));
+                    }
+                    let ok_rows = (n - rejected.len() - retry.len()) as u64;
+                    self.metrics
+                        .delivered(ok_rows, self.backend.request_bytes(&request) as u64);
+                    delivered += ok_rows;
+                    if !rejected.is_empty() {
+                        self.dead_letter(&batch, &rejected, attempt)?;
+                    }
+                    if retry.is_empty() {
+                        return Ok(delivered);
+                    }
+                    let idx = UInt32Array::from(retry.iter().map(|i| *i as u32).collect::<Vec<_>>());
+                    let cols = batch
+                        .columns()
+                        .iter()
+                        .map(|c| arrow::compute::take(c, &idx, None))
+                        .collect::<std::result::Result<Vec<_>, _>>()?;
+                    batch = RecordBatch::try_new(batch.schema(), cols)?;
+                    request = self.backend.encode(&batch)?;
+                    token = format!("{}/retry{attempt}", chunk.token);
+                    (format!("{} rows to send again", retry.len()), None)
+                }
+                Outcome::Retry { reason, after } => (reason, after),
+                Outcome::Fatal { reason } => {
+                    self.failed(&reason);
+                    self.down.store(true, Ordering::Relaxed);
+                    if self.state.resuming() {
+                        return Err(self.failure_error(&reason));
+                    }
+                    self.stage(&Chunk { batch, token })?;
+                    return Err(self.failure_error(&reason));
+                }
+            };
+            match backoff.next_delay(attempt, started.elapsed(), after) {
+                Some(delay) => {
+                    tracing::debug!(table = %self.table, attempt, ?delay, "retrying: {reason}");
+                    tokio::time::sleep(delay).await;
+                }
+                None => {
+                    self.failed(&format!("{reason} (gave up after {attempt} attempts)"));
+                    self.down.store(true, Ordering::Relaxed);
+                    if self.state.resuming() || o.on_failure == OnFailure::Fail {
+                        return Err(self.failure_error(&reason));
+                    }
+                    self.stage(&Chunk { batch, token })?;
+                    return Ok(delivered);
+                }
+            }
+        }
+    }
+
+    fn failed(&self, reason: &str) {
+        if let Ok(mut f) = self.last_failure.lock() {
+            *f = Some(reason.to_string());
+        }
+    }
+
+    fn failure_error(&self, reason: &str) -> Error {
+        Error::Config(format!(
+            "table {}: the sink refused a request: {reason}",
+            self.table
+        ))
+    }
+
+    /// Writes a chunk to staging and records it in the manifest.
+    fn stage(&self, chunk: &Chunk) -> Result<()> {
+        let dir = self.state.staging_dir(&self.table);
+        let n = self.state.next_part(&format!("staging/{}", self.table));
+        let file = format!("part-{n}.parquet");
+        write_parquet(&dir.join(&file), &chunk.batch)?;
+        let rows = chunk.batch.num_rows() as u64;
+        self.state.add_staged_part(
+            &self.table,
+            Part {
+                file,
+                rows,
+                token: chunk.token.clone(),
+                delivered: false,
+            },
+        )?;
+        self.metrics.spilled(rows);
+        self.staged_rows.fetch_add(rows, Ordering::Relaxed);
+        self.staged_parts.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Writes refused rows with their reasons to the dead-letter directory.
+    fn dead_letter(&self, batch: &RecordBatch, rejected: &[(usize, String)], attempts: u32) -> Result<()> {
+        let idx = UInt64Array::from(rejected.iter().map(|(i, _)| *i as u64).collect::<Vec<_>>());
+        let mut cols: Vec<ArrayRef> = batch
+            .columns()
+            .iter()
+            .map(|c| arrow::compute::take(c, &idx, None))
+            .collect::<std::result::Result<_, _>>()?;
+        let n = rejected.len();
+        let at = chrono::Utc::now().timestamp_micros();
+        cols.push(Arc::new(StringArray::from_iter_values(
+            rejected.iter().map(|(_, r)| r.as_str()),
+        )));
+        cols.push(Arc::new(UInt32Array::from(vec![attempts; n])));
+        cols.push(Arc::new(
+            TimestampMicrosecondArray::from(vec![at; n]).with_timezone("UTC"),
+        ));
+        let mut fields: Vec<Field> = batch
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        fields.push(Field::new("_error", DataType::Utf8, false));
+        fields.push(Field::new("_attempts", DataType::UInt32, false));
+        fields.push(Field::new(
+            "_at",
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            false,
+        ));
+        let out = RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)?;
+        let part = self.state.next_part(&format!("dead/{}", self.table));
+        write_parquet(
+            &self
+                .state
+                .dead_letter_dir(&self.table)
+                .join(format!("part-{part}.parquet")),
+            &out,
+        )?;
+        self.metrics.rejected(n as u64);
+        self.rejected_rows.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Writes one batch as a Parquet file, creating its directory.
+fn write_parquet(path: &std::path::Path, batch: &RecordBatch) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    }
+    let tmp = path.with_extension("parquet.tmp");
+    let file =
+        std::fs::File::create(&tmp).map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
+    let mut w = ArrowWriter::try_new(file, batch.schema(), None)?;
+    w.write(batch)?;
+    w.close()?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(format!("writing {}", path.display()), e))
+}
+
+/// Collects input batches into requests of at most `batch_rows` rows / `batch_bytes` bytes.
+struct Batcher {
+    schema: SchemaRef,
+    buf: Vec<RecordBatch>,
+    rows: usize,
+    bytes: usize,
+    since: Option<Instant>,
+}
+
+impl Batcher {
+    fn push(&mut self, b: RecordBatch) {
+        self.rows += b.num_rows();
+        self.bytes += b.get_array_memory_size();
+        self.since.get_or_insert_with(Instant::now);
+        self.buf.push(b);
+    }
+
+    fn full(&self, o: &SinkOptions) -> bool {
+        self.rows >= o.batch_rows || self.bytes >= o.batch_bytes
+    }
+
+    /// Takes requests of exactly `batch_rows` rows, keeping the rest buffered; with `all`
+    /// (end of input, linger, or the byte limit reached) the rest goes too.
+    fn take(&mut self, o: &SinkOptions, all: bool) -> Result<Vec<RecordBatch>> {
+        if self.rows == 0 {
+            self.buf.clear();
+            self.since = None;
+            return Ok(Vec::new());
+        }
+        let whole = arrow::compute::concat_batches(&self.schema, &self.buf)?;
+        self.buf.clear();
+        let mut out = Vec::new();
+        let mut offset = 0;
+        while whole.num_rows() - offset >= o.batch_rows {
+            out.push(whole.slice(offset, o.batch_rows));
+            offset += o.batch_rows;
+        }
+        let rest = whole.num_rows() - offset;
+        if rest > 0 {
+            let tail = whole.slice(offset, rest);
+            if all || self.bytes >= o.batch_bytes {
+                out.push(tail);
+            } else {
+                self.buf.push(tail);
+            }
+        }
+        self.rows = self.buf.iter().map(RecordBatch::num_rows).sum();
+        self.bytes = self.buf.iter().map(RecordBatch::get_array_memory_size).sum();
+        if self.rows == 0 {
+            self.since = None;
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl<B: SinkBackend> DataSink for BatchSink<B> {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    async fn write_all(
+        &self,
+        mut data: SendableRecordBatchStream,
+        context: &Arc<TaskContext>,
+    ) -> DfResult<u64> {
+        let state = context
+            .session_config()
+            .get_extension::<RunState>()
+            .unwrap_or_else(|| Arc::new(RunState::new(".flumen", new_run_id(), false)));
+        let metrics = state.metrics_for(&self.table);
+        if !state.resuming() {
+            state.write_ledger(super::state::RunStatus::Running, None)?;
+        }
+        let shared = Arc::new(Shared {
+            backend: Arc::clone(&self.backend),
+            table: self.table.clone(),
+            options: self.options.clone(),
+            metrics,
+            state: Arc::clone(&state),
+            down: AtomicBool::new(false),
+            staged_rows: AtomicU64::new(0),
+            staged_parts: AtomicU64::new(0),
+            rejected_rows: AtomicU64::new(0),
+            last_failure: Mutex::new(None),
+        });
+        let o = &self.options;
+        let scope = state.scope();
+        let mut batcher = Batcher {
+            schema: data.schema(),
+            buf: Vec::new(),
+            rows: 0,
+            bytes: 0,
+            since: None,
+        };
+        let mut in_flight = FuturesUnordered::new();
+        let mut seq = 0u64;
+        let mut delivered = 0u64;
+        let mut seen = 0u64;
+        let mut done = false;
+        while !done {
+            // Wait for the next batch, but no longer than the linger time of what is buffered.
+            let next = match batcher.since {
+                None => data.next().await,
+                Some(since) => {
+                    let wait = o.linger.saturating_sub(since.elapsed());
+                    match tokio::time::timeout(wait, data.next()).await {
+                        Ok(next) => next,
+                        // Lingered long enough: an empty batch makes the buffered rows go out now.
+                        Err(_) => Some(Ok(RecordBatch::new_empty(Arc::clone(&batcher.schema)))),
+                    }
+                }
+            };
+            let (flush, all) = match next {
+                Some(batch) => {
+                    let batch = batch?;
+                    let lingered = batcher.since.is_some_and(|s| s.elapsed() >= o.linger);
+                    seen += batch.num_rows() as u64;
+                    if batch.num_rows() > 0 {
+                        batcher.push(batch);
+                    }
+                    (batcher.full(o) || lingered, lingered)
+                }
+                None => {
+                    done = true;
+                    (true, true)
+                }
+            };
+            if !flush {
+                continue;
+            }
+            for batch in batcher.take(o, all)? {
+                while in_flight.len() >= o.concurrency {
+                    if let Some(r) = in_flight.next().await {
+                        delivered += joined(r)?;
+                    }
+                }
+                let token = if state.resuming() && seq == 0 {
+                    scope.clone()
+                } else {
+                    format!("{scope}/{seq}")
+                };
+                seq += 1;
+                let task = tokio::spawn(Arc::clone(&shared).deliver(Chunk { batch, token }));
+                in_flight.push(task);
+                if let super::options::RejectLimit::Count(_) = o.max_rejected {
+                    self.check_rejected(&shared, seen)?;
+                }
+            }
+        }
+        while let Some(r) = in_flight.next().await {
+            delivered += joined(r)?;
+        }
+        self.check_rejected(&shared, seen)?;
+        let staged = shared.staged_rows.load(Ordering::Relaxed);
+        if staged > 0 {
+            let reason = shared
+                .last_failure
+                .lock()
+                .ok()
+                .and_then(|f| f.clone())
+                .unwrap_or_default();
+            return Err(Error::Config(format!(
+                "table {}: {staged} rows in {} parts could not be delivered ({reason}); they are staged in {} — \
+                 run `flumen resume {}` once the sink is back",
+                self.table,
+                shared.staged_parts.load(Ordering::Relaxed),
+                state.staging_dir(&self.table).display(),
+                state.run_id()
+            ))
+            .into());
+        }
+        Ok(delivered)
+    }
+}
+
+impl<B: SinkBackend> BatchSink<B> {
+    fn check_rejected(&self, shared: &Shared<B>, seen: u64) -> Result<()> {
+        let rejected = shared.rejected_rows.load(Ordering::Relaxed);
+        if rejected > 0 && self.options.max_rejected.exceeded(rejected, seen) {
+            return Err(Error::Config(format!(
+                "table {}: {rejected} of {seen} rows were rejected, more than max_rejected ({}); \
+                 the rejected rows and reasons are in {}",
+                self.table,
+                self.options.max_rejected,
+                shared.state.dead_letter_dir(&self.table).display()
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn joined(r: std::result::Result<Result<u64>, tokio::task::JoinError>) -> Result<u64> {
+    match r {
+        Ok(r) => r,
+        Err(e) => Err(Error::Config(format!("a sink request task failed: {e}"))),
+    }
+}

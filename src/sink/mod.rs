@@ -1,0 +1,28 @@
+//! What every sink shares: batching, concurrency, retries with backoff, Parquet staging when a
+//! sink is down, dead letters for rejected rows, per-sink metrics and the run's state on disk.
+//!
+//! A backend implements [`SinkBackend`] (encode a batch, send it, classify the outcome);
+//! [`SinkTable`] turns it into a table whose `INSERT INTO` runs through [`BatchSink`], the one
+//! DataFusion `DataSink` that drives every backend:
+//!
+//! ```text
+//! input batches ─> batcher (batch_rows / batch_bytes / linger) ─> encode ─> send, `concurrency` in flight
+//!     ok ─> delivered          retry ─> backoff (full jitter, Retry-After) ─> send again
+//!     rows rejected ─> dead letters (+ max_rejected)     retries exhausted / fatal ─> staging (on_failure = spill)
+//! ```
+
+mod backend;
+mod datasink;
+mod metrics;
+mod options;
+mod retry;
+mod state;
+
+pub use backend::{Outcome, SinkBackend};
+pub use datasink::{BatchSink, SinkTable};
+pub use metrics::{SinkMetrics, SinkMetricsSnapshot, prometheus};
+pub use options::{OnFailure, RejectLimit, SINK_OPTIONS, SinkOptions, parse_duration};
+pub use retry::Backoff;
+pub use state::{
+    Manifest, Part, RunLedger, RunState, RunStatus, list_runs, mark_delivered, new_run_id, run_manifests,
+};

@@ -1,0 +1,404 @@
+//! A run's state on disk: its ledger, staging manifests, and the paths of staged and
+//! dead-letter files. Everything lives under one state directory (default `.flumen/`):
+//!
+//! ```text
+//! .flumen/runs/<run-id>.json                      the run ledger (status, sink counters, progress)
+//! .flumen/staging/<run-id>/<table>/manifest.json  staged parts and whether each was delivered
+//! .flumen/staging/<run-id>/<table>/part-N.parquet rows that could not be delivered
+//! .flumen/dead_letter/<run-id>/<table>/part-N.parquet  rejected rows + _error, _attempts, _at
+//! ```
+//!
+//! Files are replaced atomically (write to a temporary name, then rename), so a crash leaves
+//! either the old or the new version.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use super::metrics::{SinkMetrics, SinkMetricsSnapshot};
+use crate::error::{Error, Result};
+
+/// Where a run stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    /// Started and not finished (or the process died).
+    Running,
+    /// Every statement succeeded; nothing is staged.
+    Succeeded,
+    /// A statement failed.
+    Failed,
+    /// Rows are staged and wait for `flumen resume`.
+    Spilled,
+}
+
+/// The ledger of one run: `runs/<run-id>.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunLedger {
+    /// The run.
+    pub run_id: String,
+    /// The script that ran, as the user named it.
+    pub script: String,
+    /// Status.
+    pub status: RunStatus,
+    /// When the run started (RFC 3339).
+    pub started_at: String,
+    /// When the ledger was last written (RFC 3339).
+    pub updated_at: String,
+    /// Counters per sink table.
+    pub sinks: BTreeMap<String, SinkMetricsSnapshot>,
+    /// Progress that sources record (a split finished, an offset), by key.
+    pub progress: BTreeMap<String, String>,
+    /// The last error, redacted.
+    pub error: Option<String>,
+}
+
+/// One staged file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Part {
+    /// File name inside the table's staging directory.
+    pub file: String,
+    /// Rows in it.
+    pub rows: u64,
+    /// The delivery token of the request it holds; `resume` sends it with the same token.
+    pub token: String,
+    /// Whether `resume` has delivered it.
+    pub delivered: bool,
+}
+
+/// The staging manifest of one table in one run.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct Manifest {
+    /// The run.
+    pub run_id: String,
+    /// The sink table.
+    pub table: String,
+    /// The `CREATE EXTERNAL TABLE` that made the table, with its `${VAR}`s unsubstituted, so
+    /// `resume` can make it again without any secret having been written to disk.
+    pub create_sql: Option<String>,
+    /// The staged parts.
+    pub parts: Vec<Part>,
+}
+
+/// Writes `value` as JSON to `path` atomically.
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    }
+    let tmp = path.with_extension("json.tmp");
+    let text = serde_json::to_vec_pretty(value)
+        .map_err(|e| Error::Config(format!("encoding {}: {e}", path.display())))?;
+    std::fs::write(&tmp, text).map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(format!("replacing {}", path.display()), e))
+}
+
+/// Reads JSON from `path`.
+pub(crate) fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    let text = std::fs::read(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    serde_json::from_slice(&text)
+        .map_err(|e| Error::Config(format!("{} is not a valid flumen file: {e}", path.display())))
+}
+
+/// The state of the run in progress, shared by the engine and every sink of the session.
+#[derive(Debug)]
+pub struct RunState {
+    run_id: String,
+    dir: PathBuf,
+    script: Mutex<String>,
+    started_at: String,
+    resuming: bool,
+    scope: Mutex<String>,
+    templates: Mutex<HashMap<String, String>>,
+    sinks: Mutex<BTreeMap<String, Arc<SinkMetrics>>>,
+    manifests: Mutex<HashMap<String, Manifest>>,
+    parts: Mutex<HashMap<String, Arc<AtomicU64>>>,
+    progress: Mutex<BTreeMap<String, String>>,
+}
+
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// A new, sortable, unique run id: UTC time and process id.
+pub fn new_run_id() -> String {
+    format!(
+        "{}-{}",
+        chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ"),
+        std::process::id()
+    )
+}
+
+impl RunState {
+    /// State for run `run_id` under `dir`; `resuming` when `flumen resume` drives it.
+    pub fn new(dir: impl Into<PathBuf>, run_id: String, resuming: bool) -> Self {
+        Self {
+            scope: Mutex::new(run_id.clone()),
+            run_id,
+            dir: dir.into(),
+            script: Mutex::new(String::new()),
+            started_at: now(),
+            resuming,
+            templates: Mutex::default(),
+            sinks: Mutex::default(),
+            manifests: Mutex::default(),
+            parts: Mutex::default(),
+            progress: Mutex::default(),
+        }
+    }
+
+    /// The run id.
+    pub fn run_id(&self) -> &str {
+        &self.run_id
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether `flumen resume` is delivering staged parts (failures then do not stage again).
+    pub fn resuming(&self) -> bool {
+        self.resuming
+    }
+
+    /// Names the script, for the ledger.
+    pub fn set_script(&self, script: &str) {
+        if let Ok(mut s) = self.script.lock() {
+            *s = script.to_string();
+        }
+    }
+
+    /// Sets the prefix of delivery tokens for the statement about to run.
+    pub fn set_scope(&self, scope: String) {
+        if let Ok(mut s) = self.scope.lock() {
+            *s = scope;
+        }
+    }
+
+    /// The current token prefix.
+    pub fn scope(&self) -> String {
+        self.scope.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Remembers the unsubstituted `CREATE` statement of a table, for `resume`.
+    pub fn record_template(&self, table: &str, create_sql: &str) {
+        if let Ok(mut t) = self.templates.lock() {
+            t.insert(table.to_string(), create_sql.to_string());
+        }
+    }
+
+    /// The counters of a sink table, created on first use.
+    pub fn metrics_for(&self, table: &str) -> Arc<SinkMetrics> {
+        match self.sinks.lock() {
+            Ok(mut s) => Arc::clone(s.entry(table.to_string()).or_default()),
+            Err(_) => Arc::new(SinkMetrics::default()),
+        }
+    }
+
+    /// Every sink's counters.
+    pub fn sink_snapshots(&self) -> BTreeMap<String, SinkMetricsSnapshot> {
+        self.sinks
+            .lock()
+            .map(|s| s.iter().map(|(k, v)| (k.clone(), v.snapshot())).collect())
+            .unwrap_or_default()
+    }
+
+    /// `staging/<run-id>/<table>/`.
+    pub fn staging_dir(&self, table: &str) -> PathBuf {
+        self.dir.join("staging").join(&self.run_id).join(safe_name(table))
+    }
+
+    /// `dead_letter/<run-id>/<table>/`.
+    pub fn dead_letter_dir(&self, table: &str) -> PathBuf {
+        self.dir
+            .join("dead_letter")
+            .join(&self.run_id)
+            .join(safe_name(table))
+    }
+
+    /// The next part number of a table's staging or dead-letter files.
+    pub fn next_part(&self, key: &str) -> u64 {
+        let counter = match self.parts.lock() {
+            Ok(mut p) => Arc::clone(p.entry(key.to_string()).or_default()),
+            Err(_) => Arc::new(AtomicU64::new(0)),
+        };
+        counter.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Records a staged part in the table's manifest (written to disk before returning).
+    pub fn add_staged_part(&self, table: &str, part: Part) -> Result<()> {
+        let mut manifests = self
+            .manifests
+            .lock()
+            .map_err(|_| Error::Config("staging manifest lock poisoned".into()))?;
+        let m = manifests.entry(table.to_string()).or_insert_with(|| Manifest {
+            run_id: self.run_id.clone(),
+            table: table.to_string(),
+            create_sql: self.templates.lock().ok().and_then(|t| t.get(table).cloned()),
+            parts: Vec::new(),
+        });
+        m.parts.push(part);
+        write_json(&self.staging_dir(table).join("manifest.json"), m)
+    }
+
+    /// Records a source's progress under `key` and writes the ledger at once.
+    pub fn record_progress(&self, key: &str, value: &str) -> Result<()> {
+        if let Ok(mut p) = self.progress.lock() {
+            p.insert(key.to_string(), value.to_string());
+        }
+        self.write_ledger(RunStatus::Running, None)
+    }
+
+    /// The progress a source recorded under `key` in this run.
+    pub fn progress(&self, key: &str) -> Option<String> {
+        self.progress.lock().ok().and_then(|p| p.get(key).cloned())
+    }
+
+    /// The ledger's path.
+    pub fn ledger_path(&self) -> PathBuf {
+        self.dir.join("runs").join(format!("{}.json", self.run_id))
+    }
+
+    /// Writes the ledger with `status` (and the error that ended the run, redacted).
+    pub fn write_ledger(&self, status: RunStatus, error: Option<String>) -> Result<()> {
+        let mut sinks = self.sink_snapshots();
+        let mut script = self.script.lock().map(|s| s.clone()).unwrap_or_default();
+        let mut started_at = self.started_at.clone();
+        // A resumed run adds to the counters the original run recorded and keeps its identity.
+        if self.resuming
+            && let Ok(prev) = read_json::<RunLedger>(&self.ledger_path())
+        {
+            script = prev.script;
+            started_at = prev.started_at;
+            for (t, m) in prev.sinks {
+                let entry = sinks.entry(t).or_default();
+                let mut total = m;
+                total.add(entry);
+                // What resume delivers is no longer spilled.
+                total.spilled = total.spilled.saturating_sub(entry.rows);
+                *entry = total;
+            }
+        }
+        let ledger = RunLedger {
+            run_id: self.run_id.clone(),
+            script,
+            status,
+            started_at,
+            updated_at: now(),
+            sinks,
+            progress: self.progress.lock().map(|p| p.clone()).unwrap_or_default(),
+            error,
+        };
+        write_json(&self.ledger_path(), &ledger)
+    }
+}
+
+/// A table name as a file name: anything but letters, digits, `_`, `-`, `.` becomes `_`.
+fn safe_name(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// All run ledgers under `dir`, oldest first.
+pub fn list_runs(dir: &Path) -> Result<Vec<RunLedger>> {
+    let runs = dir.join("runs");
+    let Ok(entries) = std::fs::read_dir(&runs) else {
+        return Ok(Vec::new());
+    };
+    let mut out: Vec<RunLedger> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .filter_map(|p| read_json(&p).ok())
+        .collect();
+    out.sort_by(|a, b| a.run_id.cmp(&b.run_id));
+    Ok(out)
+}
+
+/// The staging manifests of a run.
+pub fn run_manifests(dir: &Path, run_id: &str) -> Result<Vec<(PathBuf, Manifest)>> {
+    let staging = dir.join("staging").join(run_id);
+    let Ok(entries) = std::fs::read_dir(&staging) else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for e in entries.filter_map(|e| e.ok()) {
+        let path = e.path().join("manifest.json");
+        if path.is_file() {
+            out.push((e.path(), read_json::<Manifest>(&path)?));
+        }
+    }
+    out.sort_by(|a, b| a.1.table.cmp(&b.1.table));
+    Ok(out)
+}
+
+/// Marks one part of a manifest delivered, on disk.
+pub fn mark_delivered(table_dir: &Path, file: &str) -> Result<()> {
+    let path = table_dir.join("manifest.json");
+    let mut m: Manifest = read_json(&path)?;
+    for p in m.parts.iter_mut().filter(|p| p.file == file) {
+        p.delivered = true;
+    }
+    write_json(&path, &m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifest_and_ledger_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RunState::new(dir.path(), "r1".into(), false);
+        s.record_template("t", "CREATE EXTERNAL TABLE t STORED AS X LOCATION '${LOC}'");
+        s.add_staged_part(
+            "t",
+            Part {
+                file: "part-0.parquet".into(),
+                rows: 5,
+                token: "r1/t/0".into(),
+                delivered: false,
+            },
+        )
+        .unwrap();
+        s.metrics_for("t").spilled(5);
+        s.write_ledger(RunStatus::Spilled, None).unwrap();
+        let ms = run_manifests(dir.path(), "r1").unwrap();
+        assert_eq!(ms.len(), 1);
+        assert_eq!(
+            ms[0].1.create_sql.as_deref(),
+            Some("CREATE EXTERNAL TABLE t STORED AS X LOCATION '${LOC}'")
+        );
+        mark_delivered(&ms[0].0, "part-0.parquet").unwrap();
+        assert!(run_manifests(dir.path(), "r1").unwrap()[0].1.parts[0].delivered);
+        let runs = list_runs(dir.path()).unwrap();
+        assert_eq!(runs[0].status, RunStatus::Spilled);
+        assert_eq!(runs[0].sinks["t"].spilled, 5);
+    }
+
+    #[test]
+    fn progress_is_recorded_in_the_ledger() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RunState::new(dir.path(), "r2".into(), false);
+        s.record_progress("files/orders.csv", "done").unwrap();
+        assert_eq!(s.progress("files/orders.csv").as_deref(), Some("done"));
+        assert_eq!(
+            list_runs(dir.path()).unwrap()[0].progress["files/orders.csv"],
+            "done"
+        );
+    }
+
+    #[test]
+    fn table_names_become_safe_file_names() {
+        assert_eq!(safe_name("db.\"we/ird\" t"), "db._we_ird__t");
+    }
+}
