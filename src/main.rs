@@ -254,9 +254,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Resume { run_id } => {
             let flumen = engine_for(g, Some(run_id.clone()))?;
-            let result = flumen.resume().await;
+            let result = flumen.resume(&mut stdout).await;
             write_metrics(g, &flumen)?;
             let r = result.map_err(|e| redacted(&flumen, e))?;
+            if r.replayed {
+                println!(
+                    "run {run_id}: replayed its script, {} rows written",
+                    r.replayed_rows
+                );
+            }
             if r.parts == 0 {
                 println!(
                     "run {run_id}: nothing to deliver ({} parts were delivered before)",

@@ -70,13 +70,8 @@ fn metrics(path: &Path) -> serde_json::Value {
 fn run_id(state: &Path) -> String {
     let mut runs: Vec<String> = std::fs::read_dir(state.join("runs"))
         .unwrap()
-        .map(|e| {
-            e.unwrap()
-                .file_name()
-                .to_string_lossy()
-                .trim_end_matches(".json")
-                .to_string()
-        })
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter_map(|n| n.strip_suffix(".json").map(str::to_string))
         .collect();
     runs.sort();
     runs.pop().expect("a run ledger")
@@ -315,4 +310,63 @@ fn unknown_sink_option_is_rejected_with_the_valid_ones() {
         err.contains("max_rejected") && err.contains("on_failure"),
         "{err}"
     );
+}
+
+#[test]
+fn a_run_killed_half_way_is_completed_by_resume_without_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, sink) = (dir.path().join("state"), dir.path().join("sink"));
+    let script = job(
+        dir.path(),
+        "400k",
+        &sink,
+        ", 'delay' '${DELAY:-150ms}', 'concurrency' '1'",
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flumen"))
+        .args(["run", &script, "-q", "--state-dir"])
+        .arg(&state)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .spawn()
+        .unwrap();
+    // 20 requests of 20k rows, 150 ms each: kill it once about half are delivered.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let files = std::fs::read_dir(&sink)
+            .map(|d| {
+                d.filter(|e| {
+                    e.as_ref()
+                        .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".parquet"))
+                })
+                .count()
+            })
+            .unwrap_or(0);
+        if files >= 10 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the load did not progress");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the load ended before it could be killed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    assert!(!child.wait().unwrap().success());
+    let (before, _) = delivered(&state, &sink);
+    assert!(
+        before > 0 && before < 400_000,
+        "killed half way: {before} rows delivered"
+    );
+
+    let run = run_id(&state);
+    assert!(text(&flumen(&state, &["runs"]).stdout).contains("running"));
+    let out = flumen(&state, &["resume", &run, "--set", "DELAY=1ms"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    assert!(said.contains("replayed its script"), "{said}");
+    assert_eq!(delivered(&state, &sink), (400_000, 400_000), "every row once");
+    // Nothing is left: a second resume delivers nothing.
+    let out = flumen(&state, &["resume", &run]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(delivered(&state, &sink), (400_000, 400_000));
 }

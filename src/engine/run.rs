@@ -88,8 +88,7 @@ impl Flumen {
             self.run.record_template(&cmd.name.to_string(), &c.stmt.text);
         }
         if !self.run.resuming() {
-            self.run
-                .set_scope(format!("{}/l{}", self.run.run_id(), c.stmt.line));
+            self.run.begin_statement(c.stmt.line);
         }
         Ok(plan)
     }
@@ -166,7 +165,7 @@ impl Flumen {
         // queries and file COPYs leave no state behind.
         let ledger = opts.mode == Mode::Run;
         if ledger {
-            self.run.set_script(name);
+            self.run.set_script(name, Some(text));
         }
         for c in checked {
             let result = self.run_checked(&c, opts, out).await;

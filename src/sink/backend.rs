@@ -58,4 +58,10 @@ pub trait SinkBackend: Debug + Send + Sync + 'static {
 
     /// Sends one request and classifies the response.
     async fn send(&self, request: &Self::Request, token: &str) -> Outcome;
+
+    /// Whether a request with this token was applied, for requests that were in flight when a
+    /// run died: `Some` if the backend can tell, `None` if not (they are then sent again).
+    async fn was_delivered(&self, _token: &str) -> Option<bool> {
+        None
+    }
 }

@@ -1,6 +1,7 @@
 //! [`BatchSink`]: the DataFusion `DataSink` that drives any [`SinkBackend`], and [`SinkTable`],
 //! the table whose `INSERT INTO` uses it.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,6 +22,7 @@ use futures::stream::FuturesUnordered;
 use parquet::arrow::ArrowWriter;
 
 use super::backend::{Outcome, SinkBackend};
+use super::journal::{Slice, fingerprint};
 use super::metrics::SinkMetrics;
 use super::options::{OnFailure, SinkOptions};
 use super::retry::Backoff;
@@ -118,6 +120,8 @@ impl<B: SinkBackend> DisplayAs for BatchSink<B> {
 
 /// What the requests of one `write_all` share.
 struct Shared<B: SinkBackend> {
+    /// `table@l<line>`: the journal's name for this sink.
+    key: String,
     backend: Arc<B>,
     table: String,
     options: SinkOptions,
@@ -135,14 +139,27 @@ struct Shared<B: SinkBackend> {
 struct Chunk {
     batch: RecordBatch,
     token: String,
+    /// The input rows it carries, for the journal.
+    slices: Vec<Slice>,
 }
 
 impl<B: SinkBackend> Shared<B> {
     /// Sends one chunk to the end: delivered, rejected rows dead-lettered, or staged.
     async fn deliver(self: Arc<Self>, chunk: Chunk) -> Result<u64> {
+        let journal = self.state.journal();
+        journal.send(&self.key, &chunk.token, &chunk.slices)?;
         if self.down.load(Ordering::Relaxed) && !self.state.resuming() {
-            return self.stage(&chunk).map(|_| 0);
+            self.stage(&chunk)?;
+            journal.staged(&chunk.token)?;
+            return Ok(0);
         }
+        let n = self.deliver_chunk(&chunk).await?;
+        Ok(n)
+    }
+
+    /// The attempts of one chunk; journals how it ended.
+    async fn deliver_chunk(&self, chunk: &Chunk) -> Result<u64> {
+        let journal = self.state.journal();
         let mut batch = chunk.batch.clone();
         let mut token = chunk.token.clone();
         let mut request = self.backend.encode(&batch)?;
@@ -189,6 +206,7 @@ impl<B: SinkBackend> Shared<B> {
                         self.dead_letter(&batch, &rejected, attempt)?;
                     }
                     if retry.is_empty() {
+                        journal.done(&chunk.token)?;
                         return Ok(delivered);
                     }
                     let idx = UInt32Array::from(retry.iter().map(|i| *i as u32).collect::<Vec<_>>());
@@ -209,7 +227,8 @@ impl<B: SinkBackend> Shared<B> {
                     if self.state.resuming() {
                         return Err(self.failure_error(&reason));
                     }
-                    self.stage(&Chunk { batch, token })?;
+                    self.stage_rows(&batch, &token)?;
+                    journal.staged(&chunk.token)?;
                     return Err(self.failure_error(&reason));
                 }
             };
@@ -224,7 +243,8 @@ impl<B: SinkBackend> Shared<B> {
                     if self.state.resuming() || o.on_failure == OnFailure::Fail {
                         return Err(self.failure_error(&reason));
                     }
-                    self.stage(&Chunk { batch, token })?;
+                    self.stage_rows(&batch, &token)?;
+                    journal.staged(&chunk.token)?;
                     return Ok(delivered);
                 }
             }
@@ -246,17 +266,22 @@ impl<B: SinkBackend> Shared<B> {
 
     /// Writes a chunk to staging and records it in the manifest.
     fn stage(&self, chunk: &Chunk) -> Result<()> {
+        self.stage_rows(&chunk.batch, &chunk.token)
+    }
+
+    /// Writes rows to staging under a delivery token and records them in the manifest.
+    fn stage_rows(&self, batch: &RecordBatch, token: &str) -> Result<()> {
         let dir = self.state.staging_dir(&self.table);
         let n = self.state.next_part(&format!("staging/{}", self.table));
         let file = format!("part-{n}.parquet");
-        write_parquet(&dir.join(&file), &chunk.batch)?;
-        let rows = chunk.batch.num_rows() as u64;
+        write_parquet(&dir.join(&file), batch)?;
+        let rows = batch.num_rows() as u64;
         self.state.add_staged_part(
             &self.table,
             Part {
                 file,
                 rows,
-                token: chunk.token.clone(),
+                token: token.to_string(),
                 delivered: false,
             },
         )?;
@@ -325,21 +350,28 @@ fn write_parquet(path: &std::path::Path, batch: &RecordBatch) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| Error::io(format!("writing {}", path.display()), e))
 }
 
-/// Collects input batches into requests of at most `batch_rows` rows / `batch_bytes` bytes.
+/// Rows waiting in the batcher, with where they came from (for the journal).
+struct Piece {
+    batch: RecordBatch,
+    /// Fingerprint and occurrence of the input batch, and the first row's index in it.
+    origin: Option<(u64, u32, u32)>,
+}
+
+/// Collects input rows into requests of `batch_rows` rows (or `batch_bytes` bytes).
 struct Batcher {
     schema: SchemaRef,
-    buf: Vec<RecordBatch>,
+    buf: VecDeque<Piece>,
     rows: usize,
     bytes: usize,
     since: Option<Instant>,
 }
 
 impl Batcher {
-    fn push(&mut self, b: RecordBatch) {
-        self.rows += b.num_rows();
-        self.bytes += b.get_array_memory_size();
+    fn push(&mut self, p: Piece) {
+        self.rows += p.batch.num_rows();
+        self.bytes += p.batch.get_array_memory_size();
         self.since.get_or_insert_with(Instant::now);
-        self.buf.push(b);
+        self.buf.push_back(p);
     }
 
     fn full(&self, o: &SinkOptions) -> bool {
@@ -348,35 +380,52 @@ impl Batcher {
 
     /// Takes requests of exactly `batch_rows` rows, keeping the rest buffered; with `all`
     /// (end of input, linger, or the byte limit reached) the rest goes too.
-    fn take(&mut self, o: &SinkOptions, all: bool) -> Result<Vec<RecordBatch>> {
-        if self.rows == 0 {
-            self.buf.clear();
-            self.since = None;
-            return Ok(Vec::new());
-        }
-        let whole = arrow::compute::concat_batches(&self.schema, &self.buf)?;
-        self.buf.clear();
+    fn take(&mut self, o: &SinkOptions, all: bool) -> Result<Vec<(RecordBatch, Vec<Slice>)>> {
         let mut out = Vec::new();
-        let mut offset = 0;
-        while whole.num_rows() - offset >= o.batch_rows {
-            out.push(whole.slice(offset, o.batch_rows));
-            offset += o.batch_rows;
+        while self.rows >= o.batch_rows {
+            out.push(self.take_rows(o.batch_rows)?);
         }
-        let rest = whole.num_rows() - offset;
-        if rest > 0 {
-            let tail = whole.slice(offset, rest);
-            if all || self.bytes >= o.batch_bytes {
-                out.push(tail);
-            } else {
-                self.buf.push(tail);
-            }
+        if self.rows > 0 && (all || self.bytes >= o.batch_bytes) {
+            out.push(self.take_rows(self.rows)?);
         }
-        self.rows = self.buf.iter().map(RecordBatch::num_rows).sum();
-        self.bytes = self.buf.iter().map(RecordBatch::get_array_memory_size).sum();
         if self.rows == 0 {
             self.since = None;
         }
         Ok(out)
+    }
+
+    fn take_rows(&mut self, n: usize) -> Result<(RecordBatch, Vec<Slice>)> {
+        let mut parts = Vec::new();
+        let mut slices = Vec::new();
+        let mut need = n;
+        while need > 0 {
+            let Some(front) = self.buf.front_mut() else { break };
+            let k = front.batch.num_rows();
+            let take = k.min(need);
+            if let Some((hash, occ, start)) = front.origin {
+                slices.push(Slice {
+                    hash,
+                    occ,
+                    start,
+                    len: take as u32,
+                });
+            }
+            if take == k {
+                if let Some(p) = self.buf.pop_front() {
+                    parts.push(p.batch);
+                }
+            } else {
+                parts.push(front.batch.slice(0, take));
+                front.batch = front.batch.slice(take, k - take);
+                if let Some((_, _, start)) = front.origin.as_mut() {
+                    *start += take as u32;
+                }
+            }
+            need -= take;
+        }
+        self.rows -= n - need;
+        self.bytes = self.buf.iter().map(|p| p.batch.get_array_memory_size()).sum();
+        Ok((arrow::compute::concat_batches(&self.schema, &parts)?, slices))
     }
 }
 
@@ -396,10 +445,23 @@ impl<B: SinkBackend> DataSink for BatchSink<B> {
             .get_extension::<RunState>()
             .unwrap_or_else(|| Arc::new(RunState::new(".flumen", new_run_id(), false)));
         let metrics = state.metrics_for(&self.table);
+        let key = format!("{}@l{}", self.table, state.statement());
+        let mut replay = state.replay_for(&key);
+        if let Some(r) = replay.as_mut() {
+            // Requests that were in flight when the earlier attempt died: delivered if the
+            // backend says so, else sent again.
+            for (token, slices) in std::mem::take(&mut r.in_flight) {
+                if self.backend.was_delivered(&token).await == Some(true) {
+                    r.account(&slices);
+                }
+            }
+        }
+        let mut occurrences: std::collections::HashMap<u64, u32> = std::collections::HashMap::new();
         if !state.resuming() {
             state.write_ledger(super::state::RunStatus::Running, None)?;
         }
         let shared = Arc::new(Shared {
+            key,
             backend: Arc::clone(&self.backend),
             table: self.table.clone(),
             options: self.options.clone(),
@@ -415,7 +477,7 @@ impl<B: SinkBackend> DataSink for BatchSink<B> {
         let scope = state.scope();
         let mut batcher = Batcher {
             schema: data.schema(),
-            buf: Vec::new(),
+            buf: VecDeque::new(),
             rows: 0,
             bytes: 0,
             since: None,
@@ -442,9 +504,27 @@ impl<B: SinkBackend> DataSink for BatchSink<B> {
                 Some(batch) => {
                     let batch = batch?;
                     let lingered = batcher.since.is_some_and(|s| s.elapsed() >= o.linger);
-                    seen += batch.num_rows() as u64;
-                    if batch.num_rows() > 0 {
-                        batcher.push(batch);
+                    let rows = batch.num_rows();
+                    seen += rows as u64;
+                    match fingerprint(&batch).filter(|_| rows > 0) {
+                        Some(hash) => {
+                            let seen_before = occurrences.entry(hash).or_insert(0u32);
+                            let occ = *seen_before;
+                            *seen_before += 1;
+                            // In a replay, only the rows no earlier attempt accounted for.
+                            let ranges = match &replay {
+                                Some(r) => r.remaining(hash, occ, rows as u32),
+                                None => vec![(0, rows as u32)],
+                            };
+                            for (start, len) in ranges {
+                                batcher.push(Piece {
+                                    batch: batch.slice(start as usize, len as usize),
+                                    origin: Some((hash, occ, start)),
+                                });
+                            }
+                        }
+                        None if rows > 0 => batcher.push(Piece { batch, origin: None }),
+                        None => {}
                     }
                     (batcher.full(o) || lingered, lingered)
                 }
@@ -456,7 +536,7 @@ impl<B: SinkBackend> DataSink for BatchSink<B> {
             if !flush {
                 continue;
             }
-            for batch in batcher.take(o, all)? {
+            for (batch, slices) in batcher.take(o, all)? {
                 while in_flight.len() >= o.concurrency {
                     if let Some(r) = in_flight.next().await {
                         delivered += joined(r)?;
@@ -468,7 +548,7 @@ impl<B: SinkBackend> DataSink for BatchSink<B> {
                     format!("{scope}/{seq}")
                 };
                 seq += 1;
-                let task = tokio::spawn(Arc::clone(&shared).deliver(Chunk { batch, token }));
+                let task = tokio::spawn(Arc::clone(&shared).deliver(Chunk { batch, token, slices }));
                 in_flight.push(task);
                 if let super::options::RejectLimit::Count(_) = o.max_rejected {
                     self.check_rejected(&shared, seen)?;

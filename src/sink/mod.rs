@@ -13,6 +13,7 @@
 
 mod backend;
 mod datasink;
+mod journal;
 mod metrics;
 mod options;
 mod retry;
@@ -20,9 +21,11 @@ mod state;
 
 pub use backend::{Outcome, SinkBackend};
 pub use datasink::{BatchSink, SinkTable};
+pub use journal::{Replay, SinkReplay, Slice, fingerprint};
 pub use metrics::{SinkMetrics, SinkMetricsSnapshot, prometheus};
 pub use options::{OnFailure, RejectLimit, SINK_OPTIONS, SinkOptions, parse_duration};
 pub use retry::Backoff;
 pub use state::{
-    Manifest, Part, RunLedger, RunState, RunStatus, list_runs, mark_delivered, new_run_id, run_manifests,
+    Manifest, Part, RunLedger, RunState, RunStatus, list_runs, mark_delivered, new_run_id, read_json,
+    run_manifests,
 };

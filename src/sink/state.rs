@@ -13,11 +13,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
+use super::journal::{Journal, Replay, SinkReplay};
 use super::metrics::{SinkMetrics, SinkMetricsSnapshot};
 use crate::error::{Error, Result};
 
@@ -54,6 +55,18 @@ pub struct RunLedger {
     pub progress: BTreeMap<String, String>,
     /// The last error, redacted.
     pub error: Option<String>,
+    /// The process that last wrote the ledger.
+    #[serde(default)]
+    pub pid: u32,
+}
+
+impl RunLedger {
+    /// Whether the process that wrote a `running` ledger is still alive (Linux: `/proc/<pid>`).
+    pub fn still_running(&self) -> bool {
+        self.status == RunStatus::Running
+            && self.pid != std::process::id()
+            && Path::new(&format!("/proc/{}", self.pid)).exists()
+    }
 }
 
 /// One staged file.
@@ -96,7 +109,7 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
 }
 
 /// Reads JSON from `path`.
-pub(crate) fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
     let text = std::fs::read(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
     serde_json::from_slice(&text)
         .map_err(|e| Error::Config(format!("{} is not a valid flumen file: {e}", path.display())))
@@ -108,9 +121,15 @@ pub struct RunState {
     run_id: String,
     dir: PathBuf,
     script: Mutex<String>,
+    script_text: Mutex<Option<String>>,
     started_at: String,
-    resuming: bool,
+    continued: bool,
+    delivering_staged: AtomicBool,
+    attempt: String,
+    statement: AtomicUsize,
     scope: Mutex<String>,
+    journal: Journal,
+    replay: Mutex<Option<Replay>>,
     templates: Mutex<HashMap<String, String>>,
     sinks: Mutex<BTreeMap<String, Arc<SinkMetrics>>>,
     manifests: Mutex<HashMap<String, Manifest>>,
@@ -132,15 +151,26 @@ pub fn new_run_id() -> String {
 }
 
 impl RunState {
-    /// State for run `run_id` under `dir`; `resuming` when `flumen resume` drives it.
-    pub fn new(dir: impl Into<PathBuf>, run_id: String, resuming: bool) -> Self {
+    /// State for run `run_id` under `dir`; `continued` when `flumen resume` continues it.
+    pub fn new(dir: impl Into<PathBuf>, run_id: String, continued: bool) -> Self {
+        let dir = dir.into();
         Self {
             scope: Mutex::new(run_id.clone()),
+            journal: Journal::new(dir.join("runs").join(format!("{run_id}.journal.jsonl"))),
+            attempt: format!(
+                "a{}-{}",
+                std::process::id(),
+                chrono::Utc::now().timestamp_millis()
+            ),
             run_id,
-            dir: dir.into(),
+            dir,
             script: Mutex::new(String::new()),
+            script_text: Mutex::new(None),
             started_at: now(),
-            resuming,
+            continued,
+            delivering_staged: AtomicBool::new(false),
+            statement: AtomicUsize::new(0),
+            replay: Mutex::new(None),
             templates: Mutex::default(),
             sinks: Mutex::default(),
             manifests: Mutex::default(),
@@ -161,17 +191,68 @@ impl RunState {
 
     /// Whether `flumen resume` is delivering staged parts (failures then do not stage again).
     pub fn resuming(&self) -> bool {
-        self.resuming
+        self.delivering_staged.load(Ordering::Relaxed)
     }
 
-    /// Names the script, for the ledger.
-    pub fn set_script(&self, script: &str) {
+    /// Marks the start or end of delivering staged parts.
+    pub fn set_delivering_staged(&self, on: bool) {
+        self.delivering_staged.store(on, Ordering::Relaxed);
+    }
+
+    /// Names the script (and keeps its text, unsubstituted, for a replay), for the ledger.
+    pub fn set_script(&self, script: &str, text: Option<&str>) {
         if let Ok(mut s) = self.script.lock() {
             *s = script.to_string();
         }
+        if let (Some(t), Ok(mut s)) = (text, self.script_text.lock()) {
+            *s = Some(t.to_string());
+        }
     }
 
-    /// Sets the prefix of delivery tokens for the statement about to run.
+    /// The saved script text of this run (`runs/<run-id>.sql`), if it wrote to a sink.
+    pub fn saved_script(&self) -> Option<String> {
+        std::fs::read_to_string(self.dir.join("runs").join(format!("{}.sql", self.run_id))).ok()
+    }
+
+    /// Starts a statement: delivery tokens get a prefix unique to this statement and process.
+    pub fn begin_statement(&self, line: usize) {
+        self.statement.store(line, Ordering::Relaxed);
+        self.set_scope(format!("{}/{}/l{line}", self.run_id, self.attempt));
+    }
+
+    /// The line of the statement running now.
+    pub fn statement(&self) -> usize {
+        self.statement.load(Ordering::Relaxed)
+    }
+
+    /// The delivery journal of this run.
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    /// Loads the journal of an earlier attempt, so sinks skip what it delivered.
+    pub fn start_replay(&self) -> Result<bool> {
+        let replay = Replay::load(
+            &self
+                .dir
+                .join("runs")
+                .join(format!("{}.journal.jsonl", self.run_id)),
+        )?;
+        let any = !replay.is_empty();
+        if let Ok(mut r) = self.replay.lock() {
+            *r = Some(replay);
+        }
+        Ok(any)
+    }
+
+    /// What an earlier attempt delivered for sink `key` (`table@l<line>`), when replaying.
+    pub fn replay_for(&self, key: &str) -> Option<SinkReplay> {
+        let guard = self.replay.lock().ok()?;
+        let replay = guard.as_ref()?;
+        Some(replay.sink(key).unwrap_or_default())
+    }
+
+    /// Sets the prefix of delivery tokens (resume uses a staged part's own token).
     pub fn set_scope(&self, scope: String) {
         if let Ok(mut s) = self.scope.lock() {
             *s = scope;
@@ -267,8 +348,19 @@ impl RunState {
         let mut sinks = self.sink_snapshots();
         let mut script = self.script.lock().map(|s| s.clone()).unwrap_or_default();
         let mut started_at = self.started_at.clone();
+        if let Ok(Some(text)) = self.script_text.lock().map(|t| t.clone()) {
+            let path = self.dir.join("runs").join(format!("{}.sql", self.run_id));
+            if !path.exists() {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)
+                        .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+                }
+                std::fs::write(&path, text)
+                    .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+            }
+        }
         // A resumed run adds to the counters the original run recorded and keeps its identity.
-        if self.resuming
+        if self.continued
             && let Ok(prev) = read_json::<RunLedger>(&self.ledger_path())
         {
             script = prev.script;
@@ -291,6 +383,7 @@ impl RunState {
             sinks,
             progress: self.progress.lock().map(|p| p.clone()).unwrap_or_default(),
             error,
+            pid: std::process::id(),
         };
         write_json(&self.ledger_path(), &ledger)
     }

@@ -117,7 +117,7 @@ struct FaultyBackend {
 }
 
 impl FaultyBackend {
-    fn store(&self, batch: &RecordBatch, token: &str) -> Result<()> {
+    fn path_of(&self, token: &str) -> (PathBuf, String) {
         let name: String = token
             .chars()
             .map(|c| {
@@ -128,7 +128,11 @@ impl FaultyBackend {
                 }
             })
             .collect();
-        let path = self.dir.join(format!("{name}.parquet"));
+        (self.dir.join(format!("{name}.parquet")), name)
+    }
+
+    fn store(&self, batch: &RecordBatch, token: &str) -> Result<()> {
+        let (path, name) = self.path_of(token);
         let tmp = self.dir.join(format!(".{name}.tmp"));
         let file =
             std::fs::File::create(&tmp).map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
@@ -153,6 +157,10 @@ impl SinkBackend for FaultyBackend {
 
     fn request_bytes(&self, request: &RecordBatch) -> usize {
         request.get_array_memory_size()
+    }
+
+    async fn was_delivered(&self, token: &str) -> Option<bool> {
+        Some(self.path_of(token).0.exists())
     }
 
     async fn send(&self, batch: &RecordBatch, token: &str) -> Outcome {
