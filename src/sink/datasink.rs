@@ -425,7 +425,12 @@ impl Batcher {
         }
         self.rows -= n - need;
         self.bytes = self.buf.iter().map(|p| p.batch.get_array_memory_size()).sum();
-        Ok((arrow::compute::concat_batches(&self.schema, &parts)?, slices))
+        let batch = match parts.len() {
+            // One piece: no copy.
+            1 => parts.swap_remove(0),
+            _ => arrow::compute::concat_batches(&self.schema, &parts)?,
+        };
+        Ok((batch, slices))
     }
 }
 
