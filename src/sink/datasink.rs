@@ -488,81 +488,91 @@ impl<B: SinkBackend> DataSink for BatchSink<B> {
             since: None,
         };
         let mut in_flight = FuturesUnordered::new();
-        let mut seq = 0u64;
-        let mut delivered = 0u64;
         let mut seen = 0u64;
-        let mut done = false;
-        while !done {
-            // Wait for the next batch, but no longer than the linger time of what is buffered.
-            let next = match batcher.since {
-                None => data.next().await,
-                Some(since) => {
-                    let wait = o.linger.saturating_sub(since.elapsed());
-                    match tokio::time::timeout(wait, data.next()).await {
-                        Ok(next) => next,
-                        // Lingered long enough: an empty batch makes the buffered rows go out now.
-                        Err(_) => Some(Ok(RecordBatch::new_empty(Arc::clone(&batcher.schema)))),
-                    }
-                }
-            };
-            let (flush, all) = match next {
-                Some(batch) => {
-                    let batch = batch?;
-                    let lingered = batcher.since.is_some_and(|s| s.elapsed() >= o.linger);
-                    let rows = batch.num_rows();
-                    seen += rows as u64;
-                    match fingerprint(&batch).filter(|_| rows > 0) {
-                        Some(hash) => {
-                            let seen_before = occurrences.entry(hash).or_insert(0u32);
-                            let occ = *seen_before;
-                            *seen_before += 1;
-                            // In a replay, only the rows no earlier attempt accounted for.
-                            let ranges = match &replay {
-                                Some(r) => r.remaining(hash, occ, rows as u32),
-                                None => vec![(0, rows as u32)],
-                            };
-                            for (start, len) in ranges {
-                                batcher.push(Piece {
-                                    batch: batch.slice(start as usize, len as usize),
-                                    origin: Some((hash, occ, start)),
-                                });
-                            }
+        let pipeline = async {
+            let mut seq = 0u64;
+            let mut delivered = 0u64;
+            let mut done = false;
+            while !done {
+                // Wait for the next batch, but no longer than the linger time of what is buffered.
+                let next = match batcher.since {
+                    None => data.next().await,
+                    Some(since) => {
+                        let wait = o.linger.saturating_sub(since.elapsed());
+                        match tokio::time::timeout(wait, data.next()).await {
+                            Ok(next) => next,
+                            // Lingered long enough: an empty batch makes the buffered rows go out now.
+                            Err(_) => Some(Ok(RecordBatch::new_empty(Arc::clone(&batcher.schema)))),
                         }
-                        None if rows > 0 => batcher.push(Piece { batch, origin: None }),
-                        None => {}
                     }
-                    (batcher.full(o) || lingered, lingered)
-                }
-                None => {
-                    done = true;
-                    (true, true)
-                }
-            };
-            if !flush {
-                continue;
-            }
-            for (batch, slices) in batcher.take(o, all)? {
-                while in_flight.len() >= o.concurrency {
-                    if let Some(r) = in_flight.next().await {
-                        delivered += joined(r)?;
-                    }
-                }
-                let token = if state.resuming() && seq == 0 {
-                    scope.clone()
-                } else {
-                    format!("{scope}/{seq}")
                 };
-                seq += 1;
-                let task = tokio::spawn(Arc::clone(&shared).deliver(Chunk { batch, token, slices }));
-                in_flight.push(task);
-                if let super::options::RejectLimit::Count(_) = o.max_rejected {
-                    self.check_rejected(&shared, seen)?;
+                let (flush, all) = match next {
+                    Some(batch) => {
+                        let batch = batch?;
+                        let lingered = batcher.since.is_some_and(|s| s.elapsed() >= o.linger);
+                        let rows = batch.num_rows();
+                        seen += rows as u64;
+                        match fingerprint(&batch).filter(|_| rows > 0) {
+                            Some(hash) => {
+                                let seen_before = occurrences.entry(hash).or_insert(0u32);
+                                let occ = *seen_before;
+                                *seen_before += 1;
+                                // In a replay, only the rows no earlier attempt accounted for.
+                                let ranges = match &replay {
+                                    Some(r) => r.remaining(hash, occ, rows as u32),
+                                    None => vec![(0, rows as u32)],
+                                };
+                                for (start, len) in ranges {
+                                    batcher.push(Piece {
+                                        batch: batch.slice(start as usize, len as usize),
+                                        origin: Some((hash, occ, start)),
+                                    });
+                                }
+                            }
+                            None if rows > 0 => batcher.push(Piece { batch, origin: None }),
+                            None => {}
+                        }
+                        (batcher.full(o) || lingered, lingered)
+                    }
+                    None => {
+                        done = true;
+                        (true, true)
+                    }
+                };
+                if !flush {
+                    continue;
+                }
+                for (batch, slices) in batcher.take(o, all)? {
+                    while in_flight.len() >= o.concurrency {
+                        if let Some(r) = in_flight.next().await {
+                            delivered += joined(r)?;
+                        }
+                    }
+                    let token = if state.resuming() && seq == 0 {
+                        scope.clone()
+                    } else {
+                        format!("{scope}/{seq}")
+                    };
+                    seq += 1;
+                    let task = tokio::spawn(Arc::clone(&shared).deliver(Chunk { batch, token, slices }));
+                    in_flight.push(task);
+                    if let super::options::RejectLimit::Count(_) = o.max_rejected {
+                        self.check_rejected(&shared, seen)?;
+                    }
                 }
             }
+            while let Some(r) = in_flight.next().await {
+                delivered += joined(r)?;
+            }
+            Ok::<u64, Error>(delivered)
         }
-        while let Some(r) = in_flight.next().await {
-            delivered += joined(r)?;
+        .await;
+        // On an error, let the requests already in flight end (delivered or staged) before the
+        // statement fails, so that no request is left half done behind the error.
+        if pipeline.is_err() {
+            while in_flight.next().await.is_some() {}
         }
+        let delivered = pipeline?;
         self.check_rejected(&shared, seen)?;
         let staged = shared.staged_rows.load(Ordering::Relaxed);
         if staged > 0 {
