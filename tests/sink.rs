@@ -370,3 +370,57 @@ fn a_run_killed_half_way_is_completed_by_resume_without_duplicates() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(delivered(&state, &sink), (400_000, 400_000));
 }
+
+/// A replay does not run again what the killed attempt finished: the first load is skipped
+/// (its source is not read again), the second is completed.
+#[test]
+fn a_replay_skips_statements_the_killed_run_finished() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, first, second) = (
+        dir.path().join("state"),
+        dir.path().join("first"),
+        dir.path().join("second"),
+    );
+    let script = format!(
+        "CREATE EXTERNAL TABLE src STORED AS GENERATE LOCATION 'orders' OPTIONS ('rows' '200k');\n\
+         CREATE EXTERNAL TABLE first (order_id BIGINT, city VARCHAR) STORED AS FAULTY LOCATION '{}'\n\
+           OPTIONS ('batch_rows' '50k');\n\
+         CREATE EXTERNAL TABLE second (order_id BIGINT, city VARCHAR) STORED AS FAULTY LOCATION '{}'\n\
+           OPTIONS ('batch_rows' '20k', 'delay' '${{DELAY:-200ms}}', 'concurrency' '1');\n\
+         INSERT INTO first SELECT order_id, city FROM src;\n\
+         INSERT INTO second SELECT order_id, city FROM src;\n",
+        first.display(),
+        second.display()
+    );
+    let path = dir.path().join("two.sql");
+    std::fs::write(&path, script).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flumen"))
+        .args(["run", path.to_str().unwrap(), "-q", "--state-dir"])
+        .arg(&state)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::fs::read_dir(&second).map(|d| d.count()).unwrap_or(0) < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second load did not start"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the job ended before it could be killed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = flumen(&state, &["resume", &run_id(&state), "--set", "DELAY=1ms"]);
+    let said = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        said.contains("statement at line 6 was completed by the earlier attempt: skipped"),
+        "{said}"
+    );
+    assert_eq!(delivered(&state, &first), (200_000, 200_000));
+    assert_eq!(delivered(&state, &second), (200_000, 200_000));
+}

@@ -218,6 +218,22 @@ impl Flumen {
                 ..Default::default()
             });
         }
+        let progress_key = format!("statement/l{}", c.stmt.line);
+        if StatementKind::of(&plan) == StatementKind::Write
+            && self.run.replaying()
+            && self.run.progress(&progress_key).as_deref() == Some("done")
+        {
+            writeln!(
+                out,
+                "statement at line {} was completed by the earlier attempt: skipped",
+                c.stmt.line
+            )
+            .map_err(write_err)?;
+            return Ok(crate::progress::StatementStats {
+                line: c.stmt.line,
+                ..Default::default()
+            });
+        }
         let mut running = self.execute(plan).await?;
         let label = format!("line {}", c.stmt.line);
         // Rows streaming to the terminal and a live bar on the same terminal would garble
@@ -243,6 +259,8 @@ impl Flumen {
                     written += count_of(&batch?);
                 }
                 running.commit()?;
+                // A replay of this run need not run this write again.
+                self.run.record_progress(&progress_key, "done")?;
             }
             _ => {}
         }

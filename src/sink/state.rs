@@ -242,6 +242,10 @@ impl RunState {
         if let Ok(mut r) = self.replay.lock() {
             *r = Some(replay);
         }
+        // What the earlier attempt recorded as done (finished statements, source progress).
+        if let (Ok(prev), Ok(mut p)) = (read_json::<RunLedger>(&self.ledger_path()), self.progress.lock()) {
+            p.extend(prev.progress);
+        }
         Ok(any)
     }
 
@@ -326,11 +330,20 @@ impl RunState {
     }
 
     /// Records a source's progress under `key` and writes the ledger at once.
+    /// Runs without a ledger yet (no sink written so far) keep it in memory until one is written.
     pub fn record_progress(&self, key: &str, value: &str) -> Result<()> {
         if let Ok(mut p) = self.progress.lock() {
             p.insert(key.to_string(), value.to_string());
         }
-        self.write_ledger(RunStatus::Running, None)
+        if self.ledger_path().exists() {
+            self.write_ledger(RunStatus::Running, None)?;
+        }
+        Ok(())
+    }
+
+    /// Whether a replay is running (the run died and `flumen resume` runs its script again).
+    pub fn replaying(&self) -> bool {
+        self.replay.lock().map(|r| r.is_some()).unwrap_or(false)
     }
 
     /// The progress a source recorded under `key` in this run.
@@ -482,6 +495,7 @@ mod tests {
     fn progress_is_recorded_in_the_ledger() {
         let dir = tempfile::tempdir().unwrap();
         let s = RunState::new(dir.path(), "r2".into(), false);
+        s.write_ledger(RunStatus::Running, None).unwrap();
         s.record_progress("files/orders.csv", "done").unwrap();
         assert_eq!(s.progress("files/orders.csv").as_deref(), Some("done"));
         assert_eq!(
