@@ -24,7 +24,7 @@ fn job(dir: &Path, rows: &str, sink: &Path, options: &str) -> String {
     let script = format!(
         "CREATE EXTERNAL TABLE src STORED AS GENERATE LOCATION 'orders' OPTIONS ('rows' '{rows}');\n\
          CREATE EXTERNAL TABLE sink (order_id BIGINT, city VARCHAR, amount DECIMAL(18,2)) STORED AS FAULTY\n\
-           LOCATION '{}' OPTIONS ('batch_rows' '20k', 'retry_initial' '1ms', 'retry_max' '10ms'{options});\n\
+           LOCATION '{}' OPTIONS ('batch_rows' '20k', 'retry_initial' '1ms', 'retry_max' '10ms', 'linger' '10m'{options});\n\
          INSERT INTO sink SELECT order_id, city, amount FROM src;\n",
         sink.display()
     );
@@ -101,6 +101,16 @@ fn transient_failures_are_retried_and_every_row_lands_once() {
         "one first attempt per request of 20k rows: {m}"
     );
     assert_eq!(m["spilled"], 0);
+    // Every request is journaled when sent and again when delivered.
+    let journal = std::fs::read_to_string(
+        state
+            .join("runs")
+            .join(format!("{}.journal.jsonl", run_id(&state))),
+    )
+    .unwrap();
+    let sends = journal.lines().filter(|l| l.contains("\"t\":\"send\"")).count();
+    let dones = journal.lines().filter(|l| l.contains("\"t\":\"done\"")).count();
+    assert_eq!((sends, dones), (50, 50));
 }
 
 #[test]

@@ -187,6 +187,7 @@ impl<B: SinkBackend> Shared<B> {
                     let rows = batch.num_rows() as u64;
                     self.metrics
                         .delivered(rows, self.backend.request_bytes(&request) as u64);
+                    journal.done(&chunk.token)?;
                     return Ok(delivered + rows);
                 }
                 Outcome::Partial { rejected, retry } => {
