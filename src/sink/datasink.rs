@@ -337,12 +337,16 @@ impl<B: SinkBackend> Shared<B> {
     }
 }
 
-/// Writes one batch as a Parquet file, creating its directory.
-fn write_parquet(path: &std::path::Path, batch: &RecordBatch) -> Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-    }
-    let tmp = path.with_extension("parquet.tmp");
+/// Writes one batch as a Parquet file, creating its directory. The file appears whole or not at
+/// all: it is written under a hidden temporary name, then renamed.
+pub(crate) fn write_parquet(path: &std::path::Path, batch: &RecordBatch) -> Result<()> {
+    let dir = path.parent().unwrap_or_else(|| std::path::Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp"));
     let file =
         std::fs::File::create(&tmp).map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
     let mut w = ArrowWriter::try_new(file, batch.schema(), None)?;

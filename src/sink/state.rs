@@ -403,7 +403,7 @@ impl RunState {
 }
 
 /// A table name as a file name: anything but letters, digits, `_`, `-`, `.` becomes `_`.
-fn safe_name(name: &str) -> String {
+pub(crate) fn safe_name(name: &str) -> String {
     name.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.') {

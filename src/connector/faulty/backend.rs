@@ -14,7 +14,9 @@ use datafusion::logical_expr::CreateExternalTable;
 use crate::connector::options::{OptionSpec, TableOptions};
 use crate::datagen::Rng;
 use crate::error::{Error, Result};
-use crate::sink::{Outcome, SINK_OPTIONS, SinkBackend, SinkOptions, SinkTable, parse_duration};
+use crate::sink::{
+    Outcome, SINK_OPTIONS, SinkBackend, SinkOptions, SinkTable, parse_duration, safe_name, write_parquet,
+};
 
 const OPTIONS: &[OptionSpec] = &[
     OptionSpec::new(
@@ -117,29 +119,13 @@ struct FaultyBackend {
 }
 
 impl FaultyBackend {
-    fn path_of(&self, token: &str) -> (PathBuf, String) {
-        let name: String = token
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        (self.dir.join(format!("{name}.parquet")), name)
+    /// Where the request with this token is stored.
+    fn path_of(&self, token: &str) -> PathBuf {
+        self.dir.join(format!("{}.parquet", safe_name(token)))
     }
 
     fn store(&self, batch: &RecordBatch, token: &str) -> Result<()> {
-        let (path, name) = self.path_of(token);
-        let tmp = self.dir.join(format!(".{name}.tmp"));
-        let file =
-            std::fs::File::create(&tmp).map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
-        let mut w = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None)?;
-        w.write(batch)?;
-        w.close()?;
-        std::fs::rename(&tmp, &path).map_err(|e| Error::io(format!("writing {}", path.display()), e))
+        write_parquet(&self.path_of(token), batch)
     }
 }
 
@@ -160,7 +146,7 @@ impl SinkBackend for FaultyBackend {
     }
 
     async fn was_delivered(&self, token: &str) -> Option<bool> {
-        Some(self.path_of(token).0.exists())
+        Some(self.path_of(token).exists())
     }
 
     async fn send(&self, batch: &RecordBatch, token: &str) -> Outcome {
