@@ -4,6 +4,7 @@
 //! `src/connector/`, one line in [`Registry::builtin`], and its tests. Files (CSV, JSON, PARQUET,
 //! AVRO, ARROW) stay DataFusion's own factories and are not listed here.
 
+pub mod clickhouse;
 #[cfg(feature = "test-backends")]
 pub mod faulty;
 pub mod generate;

@@ -5,7 +5,9 @@
 # What runs today:
 #   - an S3-compatible server (moto, PyPI `moto[server]`, pinned) on 127.0.0.1:5055 for the
 #     s3:// object store tests; it is an independent reimplementation of the S3 API, not AWS;
-#   - Python 3 for tests/services/http_server.py, which the HTTP tests start themselves.
+#   - Python 3 for tests/services/http_server.py, which the HTTP tests start themselves;
+#   - chdb (PyPI, the ClickHouse 26.9 engine in-process) in the run folder's venv, which
+#     tests/services/chdb_read.py uses to read the Native files flumen's encoder writes.
 # Connector issues add their servers here (PostgreSQL, MariaDB, Redis, ClickHouse, ...), each as
 # a `start_<name>` function that skips what already answers.
 set -euo pipefail
@@ -41,7 +43,9 @@ pip_install() {
   fi
   local need=()
   for spec in "$@"; do
-    "$VENV/bin/pip" show "${spec%%[*}" 2>/dev/null | grep -q "^Version: ${spec##*==}$" || need+=("$spec")
+    local name="${spec%%==*}" have
+    have=$("$VENV/bin/pip" show "${name%%[*}" 2>/dev/null | sed -n 's/^Version: //p')
+    [ "$have" = "${spec##*==}" ] || need+=("$spec")
   done
   [ ${#need[@]} -eq 0 ] && return 0
   log "pip installing ${need[*]}"
@@ -69,7 +73,14 @@ start_s3() {
   log "s3 (moto): started on 127.0.0.1:$S3_PORT (pid $(cat "$RUN_DIR/s3.pid"))"
 }
 
+# The ClickHouse 26.9 engine in-process (PyPI chdb): reads Native files the encoder writes.
+start_chdb() {
+  pip_install "chdb==4.4.0"
+  log "chdb: $("$VENV/bin/python" -c 'import chdb; print(chdb.query("SELECT version()", "CSV"))' | tr -d '\"')"
+}
+
 command -v curl >/dev/null 2>&1 || apt_install curl
 start_python
 start_s3
+start_chdb
 log "ready (run folder: $RUN_DIR)"

@@ -1,0 +1,484 @@
+//! Arrow → ClickHouse Native format, column by column.
+//!
+//! A Native block is: number of columns and rows (VarUInt), then per column its name and type
+//! (String) and its data. Data is the column's values back to back: fixed-width numbers as
+//! little-endian bytes (copied straight from Arrow's buffers), `String` as VarUInt length +
+//! bytes, `Nullable(T)` as a UInt8 null map then T's data, `Array(T)` as UInt64 end offsets then
+//! the flattened elements, `Tuple` as its elements' columns in order, `Map(K, V)` as
+//! `Array(Tuple(K, V))`. This is the layout of Native over HTTP without
+//! `client_protocol_version`, which every ClickHouse version reads.
+//!
+//! Each Arrow column is first cast (Arrow's own cast kernels) to the Arrow type that matches
+//! the target ClickHouse type; values ClickHouse cannot hold (a date before 1970 in `Date`, a
+//! NULL in a non-Nullable column, a string longer than a `FixedString`) are errors that name
+//! the column and the row.
+
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, FixedSizeBinaryArray, GenericListArray, OffsetSizeTrait,
+    RecordBatch,
+};
+use arrow::compute::{CastOptions, cast_with_options};
+use arrow::datatypes::{
+    DataType, Date32Type, Decimal128Type, Decimal256Type, Field, Float32Type, Float64Type, Int8Type,
+    Int16Type, Int32Type, Int64Type, TimeUnit, TimestampMicrosecondType, TimestampMillisecondType,
+    TimestampNanosecondType, TimestampSecondType, UInt8Type, UInt16Type, UInt32Type, UInt64Type,
+};
+
+use super::types::ChType;
+use crate::error::{Error, Result};
+
+/// Appends `v` as a ClickHouse VarUInt (LEB128).
+pub fn put_varuint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn put_str(out: &mut Vec<u8>, s: &[u8]) {
+    put_varuint(out, s.len() as u64);
+    out.extend_from_slice(s);
+}
+
+/// Encodes a batch as one Native block with the given target types (one per column).
+pub fn encode_block(batch: &RecordBatch, types: &[ChType]) -> Result<Vec<u8>> {
+    if types.len() != batch.num_columns() {
+        return Err(Error::Config(format!(
+            "{} ClickHouse types for {} columns",
+            types.len(),
+            batch.num_columns()
+        )));
+    }
+    let mut out = Vec::with_capacity(batch.get_array_memory_size() + 64);
+    put_varuint(&mut out, batch.num_columns() as u64);
+    put_varuint(&mut out, batch.num_rows() as u64);
+    for ((field, column), ty) in batch.schema().fields().iter().zip(batch.columns()).zip(types) {
+        put_str(&mut out, field.name().as_bytes());
+        put_str(&mut out, ty.to_string().as_bytes());
+        let col = Column { name: field.name() };
+        col.encode(column, ty, &mut out)?;
+    }
+    Ok(out)
+}
+
+/// Which column is being encoded, for error messages.
+struct Column<'a> {
+    name: &'a str,
+}
+
+/// The Arrow type a ClickHouse type is encoded from.
+fn arrow_type(ty: &ChType) -> DataType {
+    match ty {
+        ChType::Int(8) => DataType::Int8,
+        ChType::Int(16) => DataType::Int16,
+        ChType::Int(32) => DataType::Int32,
+        ChType::Int(_) => DataType::Int64,
+        ChType::UInt(8) | ChType::Bool => DataType::UInt8,
+        ChType::UInt(16) => DataType::UInt16,
+        ChType::UInt(32) => DataType::UInt32,
+        ChType::UInt(_) => DataType::UInt64,
+        ChType::Float32 => DataType::Float32,
+        ChType::Float64 => DataType::Float64,
+        ChType::Decimal(p, s) if *p > 38 => DataType::Decimal256(*p, *s),
+        ChType::Decimal(p, s) => DataType::Decimal128(*p, *s),
+        ChType::String => DataType::Binary,
+        ChType::FixedString(_) | ChType::Uuid => DataType::Binary,
+        ChType::Date | ChType::Date32 => DataType::Date32,
+        ChType::DateTime(_) => DataType::Timestamp(TimeUnit::Second, None),
+        ChType::DateTime64(p, _) => DataType::Timestamp(
+            match p {
+                0 => TimeUnit::Second,
+                1..=3 => TimeUnit::Millisecond,
+                4..=6 => TimeUnit::Microsecond,
+                _ => TimeUnit::Nanosecond,
+            },
+            None,
+        ),
+        ChType::Nullable(t) => arrow_type(t),
+        // Containers are handled structurally, element by element.
+        ChType::Array(_) | ChType::Tuple(_) | ChType::Map(..) => DataType::Null,
+    }
+}
+
+impl Column<'_> {
+    fn err(&self, row: usize, what: &str) -> Error {
+        Error::Config(format!("column {} row {}: {what}", self.name, row + 1))
+    }
+
+    fn cast(&self, a: &ArrayRef, to: &DataType) -> Result<ArrayRef> {
+        // Arrow cannot cast timestamps with a zone to one without: drop the zone first (the
+        // instant is the same; ClickHouse keeps the zone in the column type).
+        let a = match a.data_type() {
+            DataType::Timestamp(unit, Some(_)) => arrow::array::make_array(
+                a.to_data()
+                    .into_builder()
+                    .data_type(DataType::Timestamp(*unit, None))
+                    .build()?,
+            ),
+            _ => Arc::clone(a),
+        };
+        if a.data_type() == to {
+            return Ok(a);
+        }
+        let opts = CastOptions {
+            safe: false,
+            ..Default::default()
+        };
+        cast_with_options(&a, to, &opts).map_err(|e| {
+            Error::Config(format!(
+                "column {}: cannot convert {} to ClickHouse's representation ({to}): {e}",
+                self.name,
+                a.data_type()
+            ))
+        })
+    }
+
+    fn encode(&self, a: &ArrayRef, ty: &ChType, out: &mut Vec<u8>) -> Result<()> {
+        match ty {
+            ChType::Nullable(inner) => {
+                out.extend((0..a.len()).map(|i| u8::from(a.is_null(i))));
+                self.values(a, inner, out, true)
+            }
+            _ => {
+                if let Some(row) = (0..a.len()).find(|i| a.is_null(*i))
+                    && !matches!(ty, ChType::Array(_) | ChType::Tuple(_) | ChType::Map(..))
+                {
+                    return Err(self.err(
+                        row,
+                        &format!("NULL in a column of type {ty}, which is not Nullable"),
+                    ));
+                }
+                self.values(a, ty, out, false)
+            }
+        }
+    }
+
+    /// Writes the values of `a` as `ty`; with `nullable`, NULL slots get any value (the null
+    /// map says they are NULL).
+    fn values(&self, a: &ArrayRef, ty: &ChType, out: &mut Vec<u8>, nullable: bool) -> Result<()> {
+        macro_rules! raw {
+            ($t:ty, $a:expr) => {{
+                let arr = self.cast($a, &arrow_type(ty))?;
+                out.extend_from_slice(arr.as_primitive::<$t>().values().inner().as_slice());
+            }};
+        }
+        match ty {
+            ChType::Int(8) => raw!(Int8Type, a),
+            ChType::Int(16) => raw!(Int16Type, a),
+            ChType::Int(32) => raw!(Int32Type, a),
+            ChType::Int(_) => raw!(Int64Type, a),
+            ChType::UInt(8) => raw!(UInt8Type, a),
+            ChType::UInt(16) => raw!(UInt16Type, a),
+            ChType::UInt(32) => raw!(UInt32Type, a),
+            ChType::UInt(_) => raw!(UInt64Type, a),
+            ChType::Float32 => raw!(Float32Type, a),
+            ChType::Float64 => raw!(Float64Type, a),
+            ChType::Bool => {
+                let b = self.cast(a, &DataType::Boolean)?;
+                let b: &BooleanArray = b.as_boolean();
+                out.extend((0..b.len()).map(|i| u8::from(b.value(i))));
+            }
+            ChType::Decimal(p, _) => {
+                let width = match p {
+                    0..=9 => 4,
+                    10..=18 => 8,
+                    19..=38 => 16,
+                    _ => 32,
+                };
+                let arr = self.cast(a, &arrow_type(ty))?;
+                if width == 32 {
+                    for v in arr.as_primitive::<Decimal256Type>().values() {
+                        out.extend_from_slice(&v.to_le_bytes());
+                    }
+                } else {
+                    for v in arr.as_primitive::<Decimal128Type>().values() {
+                        out.extend_from_slice(&v.to_le_bytes()[..width]);
+                    }
+                }
+            }
+            ChType::String => {
+                let arr = self.cast(a, &DataType::Binary)?;
+                let b = arr.as_binary::<i32>();
+                let offsets = b.value_offsets();
+                let data = b.value_data();
+                for w in offsets.windows(2) {
+                    put_str(out, &data[w[0] as usize..w[1] as usize]);
+                }
+            }
+            ChType::FixedString(n) => {
+                let arr = self.cast(a, &DataType::Binary)?;
+                let b = arr.as_binary::<i32>();
+                for i in 0..b.len() {
+                    let v = if b.is_null(i) { &[][..] } else { b.value(i) };
+                    if v.len() > *n {
+                        return Err(self.err(i, &format!("{} bytes do not fit FixedString({n})", v.len())));
+                    }
+                    out.extend_from_slice(v);
+                    out.extend(std::iter::repeat_n(0u8, n - v.len()));
+                }
+            }
+            ChType::Uuid => self.uuid(a, out)?,
+            ChType::Date => {
+                let arr = self.cast(a, &DataType::Date32)?;
+                let d = arr.as_primitive::<Date32Type>();
+                for (i, v) in d.values().iter().enumerate() {
+                    let ok = (0..=i32::from(u16::MAX)).contains(v);
+                    if !(ok || nullable && d.is_null(i)) {
+                        return Err(self.err(
+                            i,
+                            &format!("day {v} is outside Date (1970-01-01 .. 2149-06-06); use Date32"),
+                        ));
+                    }
+                    out.extend_from_slice(&(if ok { *v as u16 } else { 0 }).to_le_bytes());
+                }
+            }
+            ChType::Date32 => raw!(Date32Type, a),
+            ChType::DateTime(_) => {
+                let arr = self.cast(a, &arrow_type(ty))?;
+                let t = arr.as_primitive::<TimestampSecondType>();
+                for (i, v) in t.values().iter().enumerate() {
+                    let ok = (0..=i64::from(u32::MAX)).contains(v);
+                    if !(ok || nullable && t.is_null(i)) {
+                        return Err(self.err(
+                            i,
+                            &format!("{v} s is outside DateTime (1970 .. 2106); use DateTime64"),
+                        ));
+                    }
+                    out.extend_from_slice(&(if ok { *v as u32 } else { 0 }).to_le_bytes());
+                }
+            }
+            ChType::DateTime64(p, _) => {
+                let arr = self.cast(a, &arrow_type(ty))?;
+                // Arrow's units are 10^0, 10^3, 10^6, 10^9; ClickHouse's precision any of 0..9.
+                let (values, unit_digits): (&[i64], u32) = match arr.data_type() {
+                    DataType::Timestamp(TimeUnit::Second, _) => {
+                        (arr.as_primitive::<TimestampSecondType>().values(), 0)
+                    }
+                    DataType::Timestamp(TimeUnit::Millisecond, _) => {
+                        (arr.as_primitive::<TimestampMillisecondType>().values(), 3)
+                    }
+                    DataType::Timestamp(TimeUnit::Microsecond, _) => {
+                        (arr.as_primitive::<TimestampMicrosecondType>().values(), 6)
+                    }
+                    _ => (arr.as_primitive::<TimestampNanosecondType>().values(), 9),
+                };
+                let p = u32::from(*p);
+                if p == unit_digits {
+                    for v in values {
+                        out.extend_from_slice(&v.to_le_bytes());
+                    }
+                } else {
+                    let div = 10i64.pow(unit_digits - p.min(unit_digits));
+                    for v in values {
+                        out.extend_from_slice(&v.div_euclid(div).to_le_bytes());
+                    }
+                }
+            }
+            ChType::Nullable(inner) => self.values(a, inner, out, true)?,
+            ChType::Array(inner) => match a.data_type() {
+                DataType::List(_) => self.list(a.as_list::<i32>(), inner, out)?,
+                DataType::LargeList(_) => self.list(a.as_list::<i64>(), inner, out)?,
+                DataType::FixedSizeList(f, n) => {
+                    let l = a.as_fixed_size_list();
+                    let list = GenericListArray::<i32>::try_new(
+                        Arc::clone(f),
+                        arrow::buffer::OffsetBuffer::from_lengths(std::iter::repeat_n(*n as usize, l.len())),
+                        Arc::clone(l.values()),
+                        None,
+                    )?;
+                    self.list(&list, inner, out)?;
+                }
+                other => {
+                    return Err(Error::Config(format!(
+                        "column {}: {other} cannot become {ty}",
+                        self.name
+                    )));
+                }
+            },
+            ChType::Tuple(items) => {
+                let s = a.as_struct_opt().ok_or_else(|| {
+                    Error::Config(format!(
+                        "column {}: {} cannot become {ty}",
+                        self.name,
+                        a.data_type()
+                    ))
+                })?;
+                if s.num_columns() != items.len() {
+                    return Err(Error::Config(format!(
+                        "column {}: {} fields for {ty}",
+                        self.name,
+                        s.num_columns()
+                    )));
+                }
+                for (child, (_, t)) in s.columns().iter().zip(items) {
+                    self.encode(child, t, out)?;
+                }
+            }
+            ChType::Map(k, v) => {
+                let m = a.as_map_opt().ok_or_else(|| {
+                    Error::Config(format!(
+                        "column {}: {} cannot become {ty}",
+                        self.name,
+                        a.data_type()
+                    ))
+                })?;
+                let offsets = m.value_offsets();
+                let base = offsets.first().copied().unwrap_or(0);
+                for o in &offsets[1..] {
+                    out.extend_from_slice(&((o - base) as u64).to_le_bytes());
+                }
+                let (start, end) = (base as usize, offsets.last().copied().unwrap_or(0) as usize);
+                self.encode(&m.keys().slice(start, end - start), k, out)?;
+                self.encode(&m.values().slice(start, end - start), v, out)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn list<O: OffsetSizeTrait>(
+        &self,
+        l: &GenericListArray<O>,
+        inner: &ChType,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        let offsets = l.value_offsets();
+        let base = offsets.first().map_or(0, |o| o.as_usize());
+        // A NULL list is written as an empty array: ClickHouse arrays cannot be NULL.
+        let mut end = 0u64;
+        let mut kept: Vec<(usize, usize)> = Vec::new();
+        for i in 0..l.len() {
+            let (s, e) = (offsets[i].as_usize(), offsets[i + 1].as_usize());
+            if !l.is_null(i) {
+                end += (e - s) as u64;
+                kept.push((s - base, e - s));
+            }
+            out.extend_from_slice(&end.to_le_bytes());
+        }
+        let values = l
+            .values()
+            .slice(base, offsets.last().map_or(0, |o| o.as_usize()) - base);
+        let values = if l.null_count() == 0 {
+            values
+        } else {
+            let parts: Vec<ArrayRef> = kept.iter().map(|(s, n)| values.slice(*s, *n)).collect();
+            let refs: Vec<&dyn Array> = parts.iter().map(|p| p.as_ref()).collect();
+            if refs.is_empty() {
+                values.slice(0, 0)
+            } else {
+                arrow::compute::concat(&refs)?
+            }
+        };
+        self.encode(&values, inner, out)
+    }
+
+    fn uuid(&self, a: &ArrayRef, out: &mut Vec<u8>) -> Result<()> {
+        let mut put = |bytes: &[u8]| {
+            let (hi, lo) = bytes.split_at(8);
+            out.extend(hi.iter().rev());
+            out.extend(lo.iter().rev());
+        };
+        match a.data_type() {
+            DataType::FixedSizeBinary(16) => {
+                let b: &FixedSizeBinaryArray = a.as_fixed_size_binary();
+                for i in 0..b.len() {
+                    put(if b.is_null(i) { &[0u8; 16] } else { b.value(i) });
+                }
+            }
+            DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => {
+                let s = self.cast(a, &DataType::Utf8)?;
+                let s = s.as_string::<i32>();
+                for i in 0..s.len() {
+                    if s.is_null(i) {
+                        put(&[0u8; 16]);
+                        continue;
+                    }
+                    let hex: String = s.value(i).chars().filter(|c| *c != '-').collect();
+                    let bytes = (0..16)
+                        .map(|k| {
+                            hex.get(2 * k..2 * k + 2)
+                                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                        })
+                        .collect::<Option<Vec<u8>>>()
+                        .filter(|_| hex.len() == 32)
+                        .ok_or_else(|| self.err(i, &format!("'{}' is not a UUID", s.value(i))))?;
+                    put(&bytes);
+                }
+            }
+            other => {
+                return Err(Error::Config(format!(
+                    "column {}: {other} cannot become UUID",
+                    self.name
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The default ClickHouse types for a batch's columns (see [`ChType::from_arrow`]).
+pub fn default_types(fields: &[Arc<Field>]) -> Result<Vec<ChType>> {
+    fields
+        .iter()
+        .map(|f| ChType::from_arrow(f.data_type(), f.is_nullable()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Int32Array, StringArray};
+
+    #[test]
+    fn varuint() {
+        let mut v = Vec::new();
+        put_varuint(&mut v, 300);
+        assert_eq!(v, vec![0xAC, 0x02]);
+    }
+
+    #[test]
+    fn block_layout_of_a_small_batch() {
+        let batch = RecordBatch::try_from_iter([
+            ("id", Arc::new(Int32Array::from(vec![1, -2])) as ArrayRef),
+            (
+                "s",
+                Arc::new(StringArray::from(vec![Some("ab"), None])) as ArrayRef,
+            ),
+        ])
+        .unwrap();
+        let types = vec![ChType::Int(32), ChType::Nullable(Box::new(ChType::String))];
+        let b = encode_block(&batch, &types).unwrap();
+        let mut want = vec![2, 2, 2, b'i', b'd', 5];
+        want.extend_from_slice(b"Int32");
+        want.extend_from_slice(&1i32.to_le_bytes());
+        want.extend_from_slice(&(-2i32).to_le_bytes());
+        want.push(1);
+        want.push(b's');
+        want.push(16);
+        want.extend_from_slice(b"Nullable(String)");
+        want.extend_from_slice(&[0, 1, 2, b'a', b'b', 0]);
+        assert_eq!(b, want);
+    }
+
+    #[test]
+    fn null_in_non_nullable_names_column_and_row() {
+        let batch =
+            RecordBatch::try_from_iter([("n", Arc::new(Int32Array::from(vec![Some(1), None])) as ArrayRef)])
+                .unwrap();
+        let e = encode_block(&batch, &[ChType::Int(32)]).unwrap_err().to_string();
+        assert!(e.contains("column n row 2") && e.contains("not Nullable"), "{e}");
+    }
+
+    #[test]
+    fn out_of_range_dates_are_errors() {
+        let batch = RecordBatch::try_from_iter([(
+            "d",
+            Arc::new(arrow::array::Date32Array::from(vec![-1])) as ArrayRef,
+        )])
+        .unwrap();
+        let e = encode_block(&batch, &[ChType::Date]).unwrap_err().to_string();
+        assert!(e.contains("outside Date") && e.contains("row 1"), "{e}");
+    }
+}

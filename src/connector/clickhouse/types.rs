@@ -1,0 +1,447 @@
+//! ClickHouse column types: parsing the names `system.columns` reports, printing them, and the
+//! default map from Arrow types (used to create tables).
+
+use std::fmt;
+
+use arrow::datatypes::{DataType, TimeUnit};
+
+use crate::error::{Error, Result};
+
+/// A ClickHouse column type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChType {
+    /// Signed integers of 8..64 bits.
+    Int(u8),
+    /// Unsigned integers of 8..64 bits.
+    UInt(u8),
+    /// `Float32`.
+    Float32,
+    /// `Float64`.
+    Float64,
+    /// `Decimal(P, S)`, stored in 32, 64, 128 or 256 bits by precision.
+    Decimal(u8, i8),
+    /// `String`.
+    String,
+    /// `FixedString(N)`.
+    FixedString(usize),
+    /// `Date`: days since 1970 as UInt16.
+    Date,
+    /// `Date32`: days since 1970 as Int32.
+    Date32,
+    /// `DateTime` or `DateTime('tz')`: seconds as UInt32.
+    DateTime(Option<String>),
+    /// `DateTime64(P)` or `DateTime64(P, 'tz')`: ticks of 10^-P s as Int64.
+    DateTime64(u8, Option<String>),
+    /// `Bool`: UInt8 0/1.
+    Bool,
+    /// `UUID`.
+    Uuid,
+    /// `Nullable(T)`.
+    Nullable(Box<ChType>),
+    /// `Array(T)`.
+    Array(Box<ChType>),
+    /// `Tuple(T1, T2, ...)`, optionally with element names.
+    Tuple(Vec<(Option<String>, ChType)>),
+    /// `Map(K, V)`.
+    Map(Box<ChType>, Box<ChType>),
+}
+
+impl fmt::Display for ChType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let tz = |tz: &Option<String>| tz.as_ref().map(|t| format!("'{}'", t.replace('\'', "\\'")));
+        match self {
+            ChType::Int(b) => write!(f, "Int{b}"),
+            ChType::UInt(b) => write!(f, "UInt{b}"),
+            ChType::Float32 => f.write_str("Float32"),
+            ChType::Float64 => f.write_str("Float64"),
+            ChType::Decimal(p, s) => write!(f, "Decimal({p}, {s})"),
+            ChType::String => f.write_str("String"),
+            ChType::FixedString(n) => write!(f, "FixedString({n})"),
+            ChType::Date => f.write_str("Date"),
+            ChType::Date32 => f.write_str("Date32"),
+            ChType::DateTime(t) => match tz(t) {
+                Some(t) => write!(f, "DateTime({t})"),
+                None => f.write_str("DateTime"),
+            },
+            ChType::DateTime64(p, t) => match tz(t) {
+                Some(t) => write!(f, "DateTime64({p}, {t})"),
+                None => write!(f, "DateTime64({p})"),
+            },
+            ChType::Bool => f.write_str("Bool"),
+            ChType::Uuid => f.write_str("UUID"),
+            ChType::Nullable(t) => write!(f, "Nullable({t})"),
+            ChType::Array(t) => write!(f, "Array({t})"),
+            ChType::Tuple(items) => {
+                f.write_str("Tuple(")?;
+                for (i, (name, t)) in items.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    match name {
+                        Some(n) => write!(f, "{n} {t}")?,
+                        None => write!(f, "{t}")?,
+                    }
+                }
+                f.write_str(")")
+            }
+            ChType::Map(k, v) => write!(f, "Map({k}, {v})"),
+        }
+    }
+}
+
+impl ChType {
+    /// The ClickHouse type flumen creates for an Arrow type (documented type map).
+    ///
+    /// | Arrow | ClickHouse |
+    /// |---|---|
+    /// | Int8..Int64, UInt8..UInt64 | Int8..Int64, UInt8..UInt64 |
+    /// | Float16/32, Float64 | Float32, Float64 |
+    /// | Decimal128/256(P, S) | Decimal(P, S) |
+    /// | Utf8, LargeUtf8, Utf8View, Binary, LargeBinary, BinaryView | String |
+    /// | FixedSizeBinary(N) | FixedString(N) |
+    /// | Boolean | Bool |
+    /// | Date32, Date64 | Date32 |
+    /// | Timestamp(s) | DateTime(tz) |
+    /// | Timestamp(ms/µs/ns) | DateTime64(3/6/9, tz) |
+    /// | List, LargeList, FixedSizeList | Array |
+    /// | Struct | Tuple (named) |
+    /// | Map | Map |
+    /// | Dictionary(_, V) | the type of V |
+    ///
+    /// A nullable Arrow field becomes `Nullable(T)` where ClickHouse allows it (not for Array,
+    /// Tuple and Map, whose NULLs become empty values).
+    pub fn from_arrow(t: &DataType, nullable: bool) -> Result<ChType> {
+        let base = match t {
+            DataType::Int8 => ChType::Int(8),
+            DataType::Int16 => ChType::Int(16),
+            DataType::Int32 => ChType::Int(32),
+            DataType::Int64 => ChType::Int(64),
+            DataType::UInt8 => ChType::UInt(8),
+            DataType::UInt16 => ChType::UInt(16),
+            DataType::UInt32 => ChType::UInt(32),
+            DataType::UInt64 => ChType::UInt(64),
+            DataType::Float16 | DataType::Float32 => ChType::Float32,
+            DataType::Float64 => ChType::Float64,
+            DataType::Decimal32(p, s)
+            | DataType::Decimal64(p, s)
+            | DataType::Decimal128(p, s)
+            | DataType::Decimal256(p, s) => ChType::Decimal(*p, *s),
+            DataType::Utf8
+            | DataType::LargeUtf8
+            | DataType::Utf8View
+            | DataType::Binary
+            | DataType::LargeBinary
+            | DataType::BinaryView => ChType::String,
+            DataType::FixedSizeBinary(n) => ChType::FixedString(*n as usize),
+            DataType::Boolean => ChType::Bool,
+            DataType::Date32 | DataType::Date64 => ChType::Date32,
+            DataType::Timestamp(unit, tz) => {
+                let tz = tz.as_ref().map(|t| t.to_string());
+                match unit {
+                    TimeUnit::Second => ChType::DateTime(tz),
+                    TimeUnit::Millisecond => ChType::DateTime64(3, tz),
+                    TimeUnit::Microsecond => ChType::DateTime64(6, tz),
+                    TimeUnit::Nanosecond => ChType::DateTime64(9, tz),
+                }
+            }
+            DataType::List(f) | DataType::LargeList(f) | DataType::FixedSizeList(f, _) => {
+                ChType::Array(Box::new(ChType::from_arrow(f.data_type(), f.is_nullable())?))
+            }
+            DataType::Struct(fields) => ChType::Tuple(
+                fields
+                    .iter()
+                    .map(|f| {
+                        Ok((
+                            Some(f.name().clone()),
+                            ChType::from_arrow(f.data_type(), f.is_nullable())?,
+                        ))
+                    })
+                    .collect::<Result<_>>()?,
+            ),
+            DataType::Map(entries, _) => match entries.data_type() {
+                DataType::Struct(kv) if kv.len() == 2 => ChType::Map(
+                    Box::new(ChType::from_arrow(kv[0].data_type(), false)?),
+                    Box::new(ChType::from_arrow(kv[1].data_type(), kv[1].is_nullable())?),
+                ),
+                other => return Err(Error::Config(format!("unsupported Arrow map entries {other}"))),
+            },
+            DataType::Dictionary(_, v) => return ChType::from_arrow(v, nullable),
+            other => {
+                return Err(Error::Config(format!(
+                    "Arrow type {other} has no ClickHouse equivalent in flumen's type map"
+                )));
+            }
+        };
+        Ok(if nullable && base.can_be_nullable() {
+            ChType::Nullable(Box::new(base))
+        } else {
+            base
+        })
+    }
+
+    /// Whether ClickHouse allows `Nullable(self)`.
+    pub fn can_be_nullable(&self) -> bool {
+        !matches!(
+            self,
+            ChType::Array(_) | ChType::Tuple(_) | ChType::Map(..) | ChType::Nullable(_)
+        )
+    }
+
+    /// Parses a type name as ClickHouse prints it (`Nullable(DateTime64(6, 'UTC'))`, ...).
+    pub fn parse(s: &str) -> Result<ChType> {
+        let mut p = Parser {
+            s: s.as_bytes(),
+            i: 0,
+            text: s,
+        };
+        let t = p.ty()?;
+        p.ws();
+        if p.i != p.s.len() {
+            return Err(p.err("unexpected text after the type"));
+        }
+        Ok(t)
+    }
+}
+
+struct Parser<'a> {
+    s: &'a [u8],
+    i: usize,
+    text: &'a str,
+}
+
+impl Parser<'_> {
+    fn err(&self, what: &str) -> Error {
+        Error::Config(format!(
+            "cannot parse ClickHouse type '{}' at {}: {what}",
+            self.text, self.i
+        ))
+    }
+
+    fn ws(&mut self) {
+        while self.i < self.s.len() && self.s[self.i].is_ascii_whitespace() {
+            self.i += 1;
+        }
+    }
+
+    fn eat(&mut self, c: u8) -> bool {
+        self.ws();
+        if self.s.get(self.i) == Some(&c) {
+            self.i += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn expect(&mut self, c: u8) -> Result<()> {
+        if self.eat(c) {
+            Ok(())
+        } else {
+            Err(self.err(&format!("expected '{}'", c as char)))
+        }
+    }
+
+    fn ident(&mut self) -> String {
+        self.ws();
+        let start = self.i;
+        while self.i < self.s.len() && (self.s[self.i].is_ascii_alphanumeric() || self.s[self.i] == b'_') {
+            self.i += 1;
+        }
+        self.text[start..self.i].to_string()
+    }
+
+    fn number(&mut self) -> Result<i64> {
+        self.ws();
+        let start = self.i;
+        if self.s.get(self.i) == Some(&b'-') {
+            self.i += 1;
+        }
+        while self.i < self.s.len() && self.s[self.i].is_ascii_digit() {
+            self.i += 1;
+        }
+        self.text[start..self.i]
+            .parse()
+            .map_err(|_| self.err("expected a number"))
+    }
+
+    fn quoted(&mut self) -> Result<String> {
+        self.expect(b'\'')?;
+        let mut out = String::new();
+        while let Some(&c) = self.s.get(self.i) {
+            self.i += 1;
+            match c {
+                b'\\' => {
+                    if let Some(&n) = self.s.get(self.i) {
+                        out.push(n as char);
+                        self.i += 1;
+                    }
+                }
+                b'\'' => return Ok(out),
+                _ => out.push(c as char),
+            }
+        }
+        Err(self.err("unterminated quote"))
+    }
+
+    fn ty(&mut self) -> Result<ChType> {
+        let name = self.ident();
+        let t = match name.as_str() {
+            "Int8" | "Int16" | "Int32" | "Int64" => ChType::Int(name[3..].parse().unwrap_or(64)),
+            "UInt8" | "UInt16" | "UInt32" | "UInt64" => ChType::UInt(name[4..].parse().unwrap_or(64)),
+            "Float32" => ChType::Float32,
+            "Float64" => ChType::Float64,
+            "String" => ChType::String,
+            "Bool" | "Boolean" => ChType::Bool,
+            "UUID" => ChType::Uuid,
+            "Date" => ChType::Date,
+            "Date32" => ChType::Date32,
+            "Decimal" => {
+                self.expect(b'(')?;
+                let p = self.number()?;
+                self.expect(b',')?;
+                let s = self.number()?;
+                self.expect(b')')?;
+                ChType::Decimal(p as u8, s as i8)
+            }
+            "Decimal32" | "Decimal64" | "Decimal128" | "Decimal256" => {
+                let p = match name.as_str() {
+                    "Decimal32" => 9,
+                    "Decimal64" => 18,
+                    "Decimal128" => 38,
+                    _ => 76,
+                };
+                self.expect(b'(')?;
+                let s = self.number()?;
+                self.expect(b')')?;
+                ChType::Decimal(p, s as i8)
+            }
+            "FixedString" => {
+                self.expect(b'(')?;
+                let n = self.number()?;
+                self.expect(b')')?;
+                ChType::FixedString(n.max(0) as usize)
+            }
+            "DateTime" => {
+                let tz = if self.eat(b'(') {
+                    let tz = self.quoted()?;
+                    self.expect(b')')?;
+                    Some(tz)
+                } else {
+                    None
+                };
+                ChType::DateTime(tz)
+            }
+            "DateTime64" => {
+                self.expect(b'(')?;
+                let p = self.number()?;
+                let tz = if self.eat(b',') {
+                    Some(self.quoted()?)
+                } else {
+                    None
+                };
+                self.expect(b')')?;
+                ChType::DateTime64(p as u8, tz)
+            }
+            "Nullable" | "Array" | "LowCardinality" => {
+                self.expect(b'(')?;
+                let inner = self.ty()?;
+                self.expect(b')')?;
+                match name.as_str() {
+                    "Nullable" => ChType::Nullable(Box::new(inner)),
+                    "Array" => ChType::Array(Box::new(inner)),
+                    // Written as its plain type; ClickHouse converts on insert.
+                    _ => inner,
+                }
+            }
+            "Map" => {
+                self.expect(b'(')?;
+                let k = self.ty()?;
+                self.expect(b',')?;
+                let v = self.ty()?;
+                self.expect(b')')?;
+                ChType::Map(Box::new(k), Box::new(v))
+            }
+            "Tuple" => {
+                self.expect(b'(')?;
+                let mut items = Vec::new();
+                loop {
+                    // `name Type` or just `Type`.
+                    let save = self.i;
+                    let first = self.ident();
+                    self.ws();
+                    let named =
+                        !first.is_empty() && self.s.get(self.i).is_some_and(|c| c.is_ascii_alphabetic());
+                    self.i = save;
+                    let name = if named { Some(self.ident()) } else { None };
+                    items.push((name, self.ty()?));
+                    if !self.eat(b',') {
+                        break;
+                    }
+                }
+                self.expect(b')')?;
+                ChType::Tuple(items)
+            }
+            "" => return Err(self.err("expected a type name")),
+            other => return Err(self.err(&format!("type {other} is not supported by flumen"))),
+        };
+        Ok(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn parses_and_prints_round_trip() {
+        for name in [
+            "Int8",
+            "UInt64",
+            "Decimal(18, 2)",
+            "Nullable(DateTime64(6, 'UTC'))",
+            "Array(Nullable(String))",
+            "Map(String, Array(Int32))",
+            "Tuple(a Int32, b Nullable(String))",
+            "Tuple(Int32, String)",
+            "FixedString(16)",
+            "DateTime('Europe/Berlin')",
+            "DateTime",
+            "Date32",
+        ] {
+            let t = ChType::parse(name).unwrap();
+            assert_eq!(t.to_string(), name);
+        }
+        assert_eq!(ChType::parse("Decimal64(3)").unwrap(), ChType::Decimal(18, 3));
+        assert_eq!(
+            ChType::parse("LowCardinality(Nullable(String))")
+                .unwrap()
+                .to_string(),
+            "Nullable(String)"
+        );
+        assert!(ChType::parse("Nullable(").is_err());
+        assert!(ChType::parse("IPv4").is_err());
+    }
+
+    #[test]
+    fn maps_arrow_types() {
+        use arrow::datatypes::Field;
+        let ts = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+        assert_eq!(
+            ChType::from_arrow(&ts, true).unwrap().to_string(),
+            "Nullable(DateTime64(6, 'UTC'))"
+        );
+        let list = DataType::List(Arc::new(Field::new("item", DataType::Utf8, true)));
+        assert_eq!(
+            ChType::from_arrow(&list, true).unwrap().to_string(),
+            "Array(Nullable(String))"
+        );
+        assert_eq!(
+            ChType::from_arrow(&DataType::Decimal128(18, 2), false)
+                .unwrap()
+                .to_string(),
+            "Decimal(18, 2)"
+        );
+        assert!(ChType::from_arrow(&DataType::Duration(TimeUnit::Second), false).is_err());
+    }
+}
