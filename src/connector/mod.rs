@@ -35,6 +35,7 @@ impl Registry {
     pub fn builtin() -> Self {
         let mut r = Self::empty();
         r.register("GENERATE", Arc::new(generate::GenerateFactory));
+        r.register("CLICKHOUSE", Arc::new(clickhouse::ClickHouseFactory));
         #[cfg(feature = "test-backends")]
         r.register("FAULTY", Arc::new(faulty::FaultyFactory));
         r

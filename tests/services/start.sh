@@ -8,6 +8,7 @@
 #   - Python 3 for tests/services/http_server.py, which the HTTP tests start themselves;
 #   - chdb (PyPI, the ClickHouse 26.9 engine in-process) in the run folder's venv, which
 #     tests/services/chdb_read.py uses to read the Native files flumen's encoder writes.
+#   - ClickHouse 18.16 (Debian) on 127.0.0.1:8123/9000, data and logs in the run folder.
 # Connector issues add their servers here (PostgreSQL, MariaDB, Redis, ClickHouse, ...), each as
 # a `start_<name>` function that skips what already answers.
 set -euo pipefail
@@ -79,8 +80,57 @@ start_chdb() {
   log "chdb: $("$VENV/bin/python" -c 'import chdb; print(chdb.query("SELECT version()", "CSV"))' | tr -d '\"')"
 }
 
+# ClickHouse 18.16 from Debian, as a local server on 127.0.0.1:8123 (HTTP) / 9000 (native TCP),
+# its data and logs in the run folder. User `default` has no password; user `flumen` has
+# password `flumen-test` (for the authentication tests).
+start_clickhouse() {
+  if curl -sf "http://127.0.0.1:8123/ping" >/dev/null 2>&1; then
+    log "clickhouse: already answering on 127.0.0.1:8123"
+    return 0
+  fi
+  [ -x /usr/sbin/clickhouse-server ] || apt_install clickhouse-server clickhouse-client
+  local d="$RUN_DIR/clickhouse"
+  mkdir -p "$d/data" "$d/tmp" "$d/user_files" "$d/log"
+  cat > "$d/config.xml" <<XML
+<?xml version="1.0"?>
+<yandex>
+  <logger><level>warning</level><log>$d/log/server.log</log><errorlog>$d/log/error.log</errorlog><size>100M</size><count>2</count></logger>
+  <http_port>8123</http_port>
+  <tcp_port>9000</tcp_port>
+  <listen_host>127.0.0.1</listen_host>
+  <path>$d/data/</path>
+  <tmp_path>$d/tmp/</tmp_path>
+  <user_files_path>$d/user_files/</user_files_path>
+  <users_config>$d/users.xml</users_config>
+  <default_profile>default</default_profile>
+  <default_database>default</default_database>
+  <timezone>UTC</timezone>
+  <mark_cache_size>536870912</mark_cache_size>
+  <max_concurrent_queries>100</max_concurrent_queries>
+</yandex>
+XML
+  cat > "$d/users.xml" <<XML
+<?xml version="1.0"?>
+<yandex>
+  <profiles>
+    <default><allow_experimental_low_cardinality_type>1</allow_experimental_low_cardinality_type></default>
+  </profiles>
+  <users>
+    <default><password></password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></default>
+    <flumen><password>flumen-test</password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></flumen>
+  </users>
+  <quotas><default></default></quotas>
+</yandex>
+XML
+  nohup /usr/sbin/clickhouse-server --config-file="$d/config.xml" > "$d/log/stdout.log" 2>&1 &
+  echo $! > "$RUN_DIR/clickhouse.pid"
+  wait_for clickhouse curl -sf "http://127.0.0.1:8123/ping"
+  log "clickhouse: $(curl -s 'http://127.0.0.1:8123/?query=SELECT%20version()') on 127.0.0.1:8123 (pid $(cat "$RUN_DIR/clickhouse.pid"))"
+}
+
 command -v curl >/dev/null 2>&1 || apt_install curl
 start_python
 start_s3
 start_chdb
+start_clickhouse
 log "ready (run folder: $RUN_DIR)"

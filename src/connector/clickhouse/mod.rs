@@ -1,8 +1,24 @@
-//! ClickHouse: the columnar Arrow → Native encoder and the type map (the connector's table
-//! factory, sink and reader build on these).
+//! `STORED AS CLICKHOUSE`: write to ClickHouse over HTTP in its Native format.
 //!
-//! Work in progress: the encoder and type parser are done and checked against ClickHouse itself
-//! (chdb); `STORED AS CLICKHOUSE` is not registered yet.
+//! ```sql
+//! CREATE EXTERNAL TABLE daily (day DATE, city VARCHAR, revenue DECIMAL(18,2)) STORED AS CLICKHOUSE
+//!   LOCATION 'http://etl:${CH_PASSWORD}@127.0.0.1:8123/analytics'
+//!   OPTIONS ('table' 'orders_daily', 'create' 'if_not_exists', 'order_by' 'day, city');
+//! INSERT INTO daily SELECT ...;
+//! ```
+//!
+//! The target's column types come from `system.columns` (parsed by [`types::ChType::parse`]);
+//! every batch is encoded column by column into a Native block ([`native`]) and sent through the
+//! shared sink machinery (batching, retries, staging, dead letters). Credentials travel in
+//! headers, never in URLs or messages. A table flumen creates uses [`types::ChType::from_arrow`]'s
+//! map (narrowed for servers before 20: no DateTime64, Date32, Bool or Map).
+//!
+//! Not yet: reading (`SELECT` from ClickHouse), compression, LowCardinality-specific encoding,
+//! insert deduplication tokens.
 
+pub mod client;
 pub mod native;
+mod sink;
 pub mod types;
+
+pub use sink::ClickHouseFactory;

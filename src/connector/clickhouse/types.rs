@@ -179,6 +179,95 @@ impl ChType {
         })
     }
 
+    /// The Arrow field type of a column of this type (the table's schema in DataFusion).
+    pub fn to_arrow(&self) -> (DataType, bool) {
+        use arrow::datatypes::Field;
+        let t = match self {
+            ChType::Int(8) => DataType::Int8,
+            ChType::Int(16) => DataType::Int16,
+            ChType::Int(32) => DataType::Int32,
+            ChType::Int(_) => DataType::Int64,
+            ChType::UInt(8) => DataType::UInt8,
+            ChType::UInt(16) => DataType::UInt16,
+            ChType::UInt(32) => DataType::UInt32,
+            ChType::UInt(_) => DataType::UInt64,
+            ChType::Float32 => DataType::Float32,
+            ChType::Float64 => DataType::Float64,
+            ChType::Decimal(p, s) if *p > 38 => DataType::Decimal256(*p, *s),
+            ChType::Decimal(p, s) => DataType::Decimal128(*p, *s),
+            ChType::String | ChType::FixedString(_) | ChType::Uuid => DataType::Utf8,
+            ChType::Date | ChType::Date32 => DataType::Date32,
+            ChType::DateTime(tz) => DataType::Timestamp(TimeUnit::Second, tz.as_deref().map(Into::into)),
+            ChType::DateTime64(p, tz) => DataType::Timestamp(
+                match p {
+                    0 => TimeUnit::Second,
+                    1..=3 => TimeUnit::Millisecond,
+                    4..=6 => TimeUnit::Microsecond,
+                    _ => TimeUnit::Nanosecond,
+                },
+                tz.as_deref().map(Into::into),
+            ),
+            ChType::Bool => DataType::Boolean,
+            ChType::Nullable(inner) => return (inner.to_arrow().0, true),
+            // Nested fields are nullable on the Arrow side so DataFusion can cast into them; the
+            // encoder still refuses a NULL where the ClickHouse type is not Nullable.
+            ChType::Array(inner) => {
+                DataType::List(std::sync::Arc::new(Field::new("item", inner.to_arrow().0, true)))
+            }
+            ChType::Tuple(items) => DataType::Struct(
+                items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (name, t))| {
+                        // Unnamed elements get DataFusion's own names for struct(...) fields.
+                        Field::new(
+                            name.clone().unwrap_or_else(|| format!("c{i}")),
+                            t.to_arrow().0,
+                            true,
+                        )
+                    })
+                    .collect(),
+            ),
+            ChType::Map(k, v) => {
+                let (kt, _) = k.to_arrow();
+                let (vt, _) = v.to_arrow();
+                let entries = Field::new(
+                    "entries",
+                    DataType::Struct(
+                        vec![Field::new("key", kt, false), Field::new("value", vt, true)].into(),
+                    ),
+                    false,
+                );
+                DataType::Map(std::sync::Arc::new(entries), false)
+            }
+        };
+        (t, false)
+    }
+
+    /// The closest type a ClickHouse server older than 20 (no DateTime64, Date32, Bool, Map)
+    /// can create.
+    pub fn for_legacy_server(self) -> Result<ChType> {
+        Ok(match self {
+            ChType::DateTime64(_, tz) => ChType::DateTime(tz),
+            ChType::Date32 => ChType::Date,
+            ChType::Bool => ChType::UInt(8),
+            ChType::Nullable(t) => ChType::Nullable(Box::new(t.for_legacy_server()?)),
+            ChType::Array(t) => ChType::Array(Box::new(t.for_legacy_server()?)),
+            ChType::Tuple(items) => ChType::Tuple(
+                items
+                    .into_iter()
+                    .map(|(n, t)| Ok((n, t.for_legacy_server()?)))
+                    .collect::<Result<_>>()?,
+            ),
+            ChType::Map(..) => {
+                return Err(Error::Config(
+                    "this ClickHouse server has no Map type (it came in 21.1)".into(),
+                ));
+            }
+            other => other,
+        })
+    }
+
     /// Whether ClickHouse allows `Nullable(self)`.
     pub fn can_be_nullable(&self) -> bool {
         !matches!(

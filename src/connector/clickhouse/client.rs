@@ -1,0 +1,217 @@
+//! A small ClickHouse HTTP client: queries as POST bodies, credentials in headers (never in the
+//! URL), ClickHouse's error code read from the response.
+
+use std::time::Duration;
+
+use url::Url;
+
+use crate::error::{Error, Result};
+
+/// What a failed request said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChError {
+    /// HTTP status, or 0 when no response came (network).
+    pub status: u16,
+    /// ClickHouse's exception code (`Code: 60`), when it gave one.
+    pub code: Option<u32>,
+    /// The message, secrets already absent (they never enter a request URL).
+    pub message: String,
+}
+
+impl std::fmt::Display for ChError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.status, self.code) {
+            (0, _) => write!(f, "{}", self.message),
+            (s, Some(c)) => write!(f, "HTTP {s}, ClickHouse code {c}: {}", self.message),
+            (s, None) => write!(f, "HTTP {s}: {}", self.message),
+        }
+    }
+}
+
+/// Whether a failure may go away by itself (network, overload, too many parts, memory).
+pub fn is_retriable(e: &ChError) -> bool {
+    match e.code {
+        // TIMEOUT_EXCEEDED, SOCKET_TIMEOUT, NETWORK_ERROR, TOO_MANY_SIMULTANEOUS_QUERIES,
+        // MEMORY_LIMIT_EXCEEDED, TOO_MANY_PARTS, ALL_CONNECTION_TRIES_FAILED, TABLE_IS_READ_ONLY,
+        // KEEPER/ZooKeeper session errors, NOT_ENOUGH_SPACE.
+        Some(159 | 209 | 210 | 202 | 241 | 252 | 279 | 242 | 999 | 425 | 243) => true,
+        Some(_) => false,
+        None => e.status == 0 || e.status == 429 || e.status >= 500,
+    }
+}
+
+/// A connection to one ClickHouse database over HTTP.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: Url,
+    user: Option<String>,
+    password: Option<String>,
+    /// The database named in the location (default `default`).
+    pub database: String,
+}
+
+impl Client {
+    /// From `http(s)://[user[:password]@]host:port[/database]`.
+    pub fn from_location(location: &str, timeout: Duration) -> Result<Self> {
+        let mut url = Url::parse(location)
+            .map_err(|e| Error::Option(format!("LOCATION is not a URL like http://host:8123/db: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(Error::Option(format!(
+                "LOCATION scheme '{}' is not http or https (ClickHouse's HTTP interface)",
+                url.scheme()
+            )));
+        }
+        let user = (!url.username().is_empty()).then(|| decode(url.username()));
+        let password = url.password().map(decode);
+        let database = url.path().trim_matches('/').to_string();
+        let database = if database.is_empty() {
+            "default".to_string()
+        } else {
+            decode(&database)
+        };
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+        url.set_path("/");
+        url.set_query(None);
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .build()
+            .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))?;
+        Ok(Self {
+            http,
+            base: url,
+            user,
+            password,
+            database,
+        })
+    }
+
+    fn request(&self, query: Option<&str>) -> reqwest::RequestBuilder {
+        let mut url = self.base.clone();
+        url.query_pairs_mut().append_pair("database", &self.database);
+        if let Some(q) = query {
+            url.query_pairs_mut().append_pair("query", q);
+        }
+        let mut r = self.http.post(url);
+        if let Some(u) = &self.user {
+            r = r.header("X-ClickHouse-User", u);
+        }
+        if let Some(p) = &self.password {
+            r = r.header("X-ClickHouse-Key", p);
+        }
+        r
+    }
+
+    async fn send(&self, r: reqwest::RequestBuilder) -> std::result::Result<String, ChError> {
+        let resp = r.send().await.map_err(|e| ChError {
+            status: 0,
+            code: None,
+            message: format!("cannot reach ClickHouse at {}: {}", self.base, without_url(&e)),
+        })?;
+        let status = resp.status().as_u16();
+        let text = resp.text().await.map_err(|e| ChError {
+            status,
+            code: None,
+            message: format!("reading the answer failed: {}", without_url(&e)),
+        })?;
+        if (200..300).contains(&status) {
+            return Ok(text);
+        }
+        Err(ChError {
+            status,
+            code: parse_code(&text),
+            message: text.trim().to_string(),
+        })
+    }
+
+    /// Runs a statement (sent as the body) and returns the response text.
+    pub async fn query(&self, sql: &str) -> std::result::Result<String, ChError> {
+        self.send(self.request(None).body(sql.to_string())).await
+    }
+
+    /// Sends `INSERT INTO <table> FORMAT Native` with a Native body.
+    pub async fn insert_native(&self, table_sql: &str, body: Vec<u8>) -> std::result::Result<(), ChError> {
+        let q = format!("INSERT INTO {table_sql} FORMAT Native");
+        self.send(self.request(Some(&q)).body(body)).await.map(|_| ())
+    }
+}
+
+fn decode(s: &str) -> String {
+    url::form_urlencoded::parse(format!("x={s}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+/// reqwest errors print the URL; ours has no secret in it, but keep messages short.
+fn without_url(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    if let Some(u) = e.url() {
+        s = s.replace(u.as_str(), "");
+    }
+    let mut src = std::error::Error::source(e);
+    while let Some(inner) = src {
+        s.push_str(&format!(": {inner}"));
+        src = inner.source();
+    }
+    s
+}
+
+/// `Code: 60, e.displayText() = DB::Exception: ...` → 60.
+pub fn parse_code(text: &str) -> Option<u32> {
+    let rest = text.split("Code: ").nth(1)?;
+    rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+/// A ClickHouse identifier in backquotes, escaped.
+pub fn quote_ident(name: &str) -> String {
+    format!("`{}`", name.replace('\\', "\\\\").replace('`', "\\`"))
+}
+
+/// A ClickHouse string literal, escaped.
+pub fn quote_str(s: &str) -> String {
+    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn location_credentials_leave_the_url() {
+        let c =
+            Client::from_location("http://etl:p%40ss@127.0.0.1:8123/shop", Duration::from_secs(1)).unwrap();
+        assert_eq!(c.user.as_deref(), Some("etl"));
+        assert_eq!(c.password.as_deref(), Some("p@ss"));
+        assert_eq!(c.database, "shop");
+        assert_eq!(c.base.as_str(), "http://127.0.0.1:8123/");
+        assert!(Client::from_location("clickhouse://h/db", Duration::from_secs(1)).is_err());
+    }
+
+    #[test]
+    fn codes_and_classification() {
+        let msg = "Code: 60, e.displayText() = DB::Exception: Table default.x doesn't exist., e.what() = DB::Exception";
+        assert_eq!(parse_code(msg), Some(60));
+        let e = |status, code| ChError {
+            status,
+            code,
+            message: String::new(),
+        };
+        assert!(!is_retriable(&e(404, Some(60))), "unknown table");
+        assert!(!is_retriable(&e(500, Some(62))), "syntax");
+        assert!(!is_retriable(&e(500, Some(53))), "type mismatch");
+        assert!(!is_retriable(&e(403, Some(193))), "wrong password");
+        assert!(is_retriable(&e(500, Some(252))), "too many parts");
+        assert!(is_retriable(&e(500, Some(241))), "memory limit");
+        assert!(is_retriable(&e(0, None)), "network");
+        assert!(is_retriable(&e(503, None)));
+        assert!(!is_retriable(&e(400, None)));
+    }
+
+    #[test]
+    fn quoting_cannot_be_escaped() {
+        assert_eq!(quote_ident("a`b\\"), "`a\\`b\\\\`");
+        assert_eq!(quote_str("it's\\"), "'it\\'s\\\\'");
+    }
+}

@@ -1,0 +1,193 @@
+//! The CLICKHOUSE connector against the real ClickHouse 18.16 server that
+//! `tests/services/start.sh` installs and starts on 127.0.0.1:8123.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+const URL: &str = "http://127.0.0.1:8123/";
+
+/// Runs SQL on the server with curl, failing with how to start it when it is not running.
+fn ch(sql: &str) -> String {
+    let out = Command::new("curl")
+        .args(["-s", "-S", "--data-binary", sql, URL])
+        .output()
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "ClickHouse is not answering on {URL}: start it with `bash tests/services/start.sh` ({})",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!text.contains("DB::Exception"), "{sql}: {text}");
+    text
+}
+
+fn flumen(dir: &Path, script: &str, extra: &[&str]) -> Output {
+    let path = dir.join("job.sql");
+    std::fs::write(&path, script).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_flumen"))
+        .args(["run", path.to_str().unwrap(), "-q", "--state-dir"])
+        .arg(dir.join("state"))
+        .args(extra)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("flumen runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn database(name: &str) -> String {
+    ch(&format!("DROP DATABASE IF EXISTS {name}"));
+    ch(&format!("CREATE DATABASE {name}"));
+    name.to_string()
+}
+
+#[test]
+fn generated_rows_land_whole_in_merge_tree() {
+    let db = database("flumen_t_gen");
+    let dir = tempfile::tempdir().unwrap();
+    let script = format!(
+        "CREATE EXTERNAL TABLE src STORED AS GENERATE LOCATION 'orders' OPTIONS ('rows' '300k');\n\
+         CREATE EXTERNAL TABLE dst (order_id BIGINT NOT NULL, user_id BIGINT NOT NULL, created_at TIMESTAMP, status VARCHAR,\n\
+           city VARCHAR, amount DECIMAL(18,2), quantity INT, discount DOUBLE, note VARCHAR)\n\
+           STORED AS CLICKHOUSE LOCATION 'http://127.0.0.1:8123/{db}'\n\
+           OPTIONS ('table' 'orders', 'create' 'if_not_exists', 'order_by' 'order_id', 'batch_rows' '50k', 'concurrency' '3');\n\
+         INSERT INTO dst SELECT * FROM src;\n\
+         SELECT count(*), sum(order_id), sum(amount), sum(quantity), count(note), count(DISTINCT city) FROM src;\n"
+    );
+    let out = flumen(dir.path(), &script, &["--format", "csv"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.starts_with("300000 rows written\n"), "{stdout}");
+    // The source's own aggregates, computed by flumen, against the server's.
+    let source = stdout.lines().nth(2).unwrap().to_string();
+    let server = ch(&format!(
+        "SELECT count(), sum(order_id), sum(amount), sum(quantity), count(note), uniqExact(city) FROM {db}.orders FORMAT CSV"
+    ));
+    assert_eq!(server.trim(), source, "server vs source");
+    assert_eq!(
+        ch(&format!("SELECT uniqExact(order_id) FROM {db}.orders")).trim(),
+        "300000"
+    );
+}
+
+#[test]
+fn types_round_trip_through_the_server() {
+    let db = database("flumen_t_types");
+    ch(&format!(
+        "CREATE TABLE {db}.t (i8 Int8, u64 UInt64, f Float32, d Decimal(9, 2), big Decimal(38, 10), s String, \
+         fs FixedString(4), day Date, ts DateTime('UTC'), ns Nullable(String), arr Array(Nullable(Int32)), \
+         tup Tuple(Int32, String), id UUID) ENGINE = MergeTree ORDER BY i8"
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let script = format!(
+        "CREATE EXTERNAL TABLE t STORED AS CLICKHOUSE LOCATION 'http://127.0.0.1:8123/{db}' OPTIONS ('table' 't');\n\
+         INSERT INTO t VALUES\n\
+           (-128, 18446744073709551615, 1.5, 1234567.89, CAST('1234567890123456789012345678.0123456789' AS DECIMAL(38, 10)), 'héllo 東京 ''q''', 'ab',\n\
+            DATE '1970-01-01', TIMESTAMP '2038-01-19 03:14:08', NULL, [1, NULL, 3], struct(7, 'x'), '61f0c404-5cb3-11e7-907b-a6006ad3dba0'),\n\
+           (127, 0, -0.25, -0.01, -1.5, '', 'abcd', DATE '2149-06-06', TIMESTAMP '1970-01-01 00:00:00', 'n', [], struct(-1, ''),\n\
+            '00000000-0000-0000-0000-000000000000');\n"
+    );
+    let out = flumen(dir.path(), &script, &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        // Dates and times as stored numbers: 18.16 prints day 0 as 0000-00-00.
+        ch(&format!(
+            "SELECT i8, u64, f, d, big, s, fs, toUInt16(day), toUInt32(ts), ns, arr, tup, id FROM {db}.t ORDER BY i8 FORMAT TabSeparated"
+        )),
+        "-128\t18446744073709551615\t1.5\t1234567.89\t1234567890123456789012345678.0123456789\théllo 東京 \\'q\\'\tab\\0\\0\t\
+         0\t2147483648\t\\N\t[1,NULL,3]\t(7,'x')\t61f0c404-5cb3-11e7-907b-a6006ad3dba0\n\
+         127\t0\t-0.25\t-0.01\t-1.5000000000\t\tabcd\t65535\t0\tn\t[]\t(-1,'')\t\
+         00000000-0000-0000-0000-000000000000\n"
+    );
+}
+
+#[test]
+fn values_the_column_cannot_hold_are_clear_errors() {
+    let db = database("flumen_t_bad");
+    ch(&format!(
+        "CREATE TABLE {db}.t (day Date, n Int32) ENGINE = MergeTree ORDER BY n"
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let script = format!(
+        "CREATE EXTERNAL TABLE t STORED AS CLICKHOUSE LOCATION 'http://127.0.0.1:8123/{db}' OPTIONS ('table' 't');\n\
+         INSERT INTO t VALUES (DATE '1969-12-31', 1);\n"
+    );
+    let out = flumen(dir.path(), &script, &[]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("column day row 1") && err.contains("outside Date"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn wrong_password_and_unknown_database_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = "CREATE EXTERNAL TABLE t STORED AS CLICKHOUSE LOCATION 'http://flumen:${CH_PASSWORD}@127.0.0.1:8123/default' \
+                  OPTIONS ('table' 'x');\n";
+    let out = flumen(dir.path(), script, &["--set", "CH_PASSWORD=not-the-password"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("ClickHouse code 193") || err.to_lowercase().contains("password"),
+        "{err}"
+    );
+    assert!(!err.contains("not-the-password"), "the password leaked: {err}");
+
+    let script = "CREATE EXTERNAL TABLE t STORED AS CLICKHOUSE LOCATION 'http://127.0.0.1:8123/no_such_db_flumen' \
+                  OPTIONS ('table' 'x');\n";
+    let err = text(&flumen(dir.path(), script, &[]).stderr);
+    assert!(
+        err.contains("no_such_db_flumen") && err.contains("exist") && err.contains("code 81"),
+        "{err}"
+    );
+
+    let script = "CREATE EXTERNAL TABLE t STORED AS CLICKHOUSE LOCATION 'http://127.0.0.1:1/default' OPTIONS ('table' 'x');\n";
+    let err = text(&flumen(dir.path(), script, &[]).stderr);
+    assert!(
+        err.contains("cannot reach ClickHouse at http://127.0.0.1:1/"),
+        "{err}"
+    );
+}
+
+#[test]
+fn identifiers_with_quotes_cannot_inject() {
+    let db = database("flumen_t_inject");
+    ch(&format!(
+        "CREATE TABLE {db}.victim (n Int32) ENGINE = MergeTree ORDER BY n"
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let script = format!(
+        "CREATE EXTERNAL TABLE t (\"a`b'c; DROP TABLE victim\" INT) STORED AS CLICKHOUSE LOCATION 'http://127.0.0.1:8123/{db}'\n\
+           OPTIONS ('table' 'we`ird''; DROP TABLE {db}.victim; --', 'create' 'if_not_exists');\n\
+         INSERT INTO t VALUES (1), (2);\n"
+    );
+    let out = flumen(dir.path(), &script, &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let tables = ch(&format!(
+        "SELECT name FROM system.tables WHERE database = '{db}' ORDER BY name FORMAT TabSeparated"
+    ));
+    // (TabSeparated escapes the quote.)
+    assert_eq!(tables, format!("victim\nwe`ird\\'; DROP TABLE {db}.victim; --\n"));
+    let cols = ch(&format!(
+        "SELECT name FROM system.columns WHERE database = '{db}' AND table != 'victim' FORMAT TabSeparated"
+    ));
+    assert_eq!(cols, "a`b\\'c; DROP TABLE victim\n");
+}
+
+#[test]
+fn a_missing_table_without_create_names_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = "CREATE EXTERNAL TABLE t (n INT) STORED AS CLICKHOUSE LOCATION 'http://127.0.0.1:8123/default' \
+                  OPTIONS ('table' 'flumen_no_such_table');\n";
+    let err = text(&flumen(dir.path(), script, &[]).stderr);
+    assert!(
+        err.contains("does not exist") && err.contains("'create' 'if_not_exists'"),
+        "{err}"
+    );
+}
