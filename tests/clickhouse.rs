@@ -191,3 +191,38 @@ fn a_missing_table_without_create_names_the_fix() {
         "{err}"
     );
 }
+
+#[test]
+fn explain_shows_the_ddl_and_types_and_creates_nothing() {
+    let db = database("flumen_t_explain");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.sql");
+    std::fs::write(
+        &path,
+        format!(
+            "CREATE EXTERNAL TABLE t (id BIGINT NOT NULL, at TIMESTAMP) STORED AS CLICKHOUSE\n\
+               LOCATION 'http://127.0.0.1:8123/{db}' OPTIONS ('table' 'events', 'create' 'if_not_exists', 'order_by' 'id');\n\
+             INSERT INTO t VALUES (1, TIMESTAMP '2024-01-01 00:00:00');\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_flumen"))
+        .args(["explain", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let plan = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        plan.contains("on the first write runs: CREATE TABLE IF NOT EXISTS `flumen_t_explain`.`events` (`id` Int64, `at` Nullable(DateTime)) ENGINE = MergeTree ORDER BY id"),
+        "{plan}"
+    );
+    assert!(
+        plan.contains("clickhouse=`flumen_t_explain`.`events` (id Int64, at Nullable(DateTime))"),
+        "{plan}"
+    );
+    assert_eq!(
+        ch(&format!("EXISTS TABLE {db}.events")).trim(),
+        "0",
+        "explain must not create the table"
+    );
+}

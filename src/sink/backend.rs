@@ -56,6 +56,12 @@ pub trait SinkBackend: Debug + Send + Sync + 'static {
     /// The size of an encoded request in bytes, for metrics.
     fn request_bytes(&self, request: &Self::Request) -> usize;
 
+    /// What `explain` shows about the target: table, column types, statements run on the first
+    /// write. Never a secret.
+    fn describe(&self) -> String {
+        String::new()
+    }
+
     /// Sends one request and classifies the response.
     async fn send(&self, request: &Self::Request, token: &str) -> Outcome;
 

@@ -114,7 +114,12 @@ impl<B: SinkBackend> DisplayAs for BatchSink<B> {
             f,
             "BatchSink: table={}, batch_rows={}, concurrency={}, max_attempts={}, on_failure={:?}",
             self.table, o.batch_rows, o.concurrency, o.max_attempts, o.on_failure
-        )
+        )?;
+        let target = self.backend.describe();
+        if !target.is_empty() {
+            write!(f, ", {target}")?;
+        }
+        Ok(())
     }
 }
 

@@ -189,6 +189,25 @@ impl SinkBackend for ClickHouseBackend {
         request.len()
     }
 
+    fn describe(&self) -> String {
+        let cols: Vec<String> = self
+            .schema
+            .fields()
+            .iter()
+            .zip(&self.types)
+            .map(|(f, t)| format!("{} {t}", f.name()))
+            .collect();
+        let mut s = format!(
+            "clickhouse={} ({}), encoded as Native",
+            self.table_sql,
+            cols.join(", ")
+        );
+        if !self.ddl.is_empty() {
+            s.push_str(&format!(", on the first write runs: {}", self.ddl.join("; ")));
+        }
+        s
+    }
+
     async fn send(&self, request: &bytes::Bytes, _token: &str) -> Outcome {
         let created = self
             .created
