@@ -226,3 +226,159 @@ fn explain_shows_the_ddl_and_types_and_creates_nothing() {
         "explain must not create the table"
     );
 }
+
+/// A ClickHouse server of this test's own (its own ports and data), so it can be killed and
+/// started again without disturbing the other tests.
+struct OwnServer {
+    dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+    port: u16,
+}
+
+impl OwnServer {
+    fn start(port: u16) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        std::fs::write(
+            dir.path().join("users.xml"),
+            "<?xml version=\"1.0\"?><yandex><profiles><default/></profiles><users><default><password></password>\
+             <networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></default></users>\
+             <quotas><default/></quotas></yandex>",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("config.xml"),
+            format!(
+                "<?xml version=\"1.0\"?><yandex><logger><level>warning</level><log>{d}/server.log</log>\
+                 <errorlog>{d}/error.log</errorlog></logger><http_port>{port}</http_port><tcp_port>{}</tcp_port>\
+                 <listen_host>127.0.0.1</listen_host><path>{d}/data/</path><tmp_path>{d}/tmp/</tmp_path>\
+                 <user_files_path>{d}/files/</user_files_path><users_config>{d}/users.xml</users_config>\
+                 <default_profile>default</default_profile><default_database>default</default_database>\
+                 <timezone>UTC</timezone><mark_cache_size>67108864</mark_cache_size></yandex>",
+                port + 1
+            ),
+        )
+        .unwrap();
+        let mut s = OwnServer {
+            dir,
+            child: None,
+            port,
+        };
+        s.up();
+        s
+    }
+
+    fn up(&mut self) {
+        assert!(
+            Path::new("/usr/sbin/clickhouse-server").exists(),
+            "clickhouse-server is not installed: run `bash tests/services/start.sh`"
+        );
+        let child = Command::new("/usr/sbin/clickhouse-server")
+            .arg(format!("--config-file={}/config.xml", self.dir.path().display()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        for _ in 0..200 {
+            if self.query("SELECT 1").is_some() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("the test's own ClickHouse did not start on port {}", self.port);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn query(&self, sql: &str) -> Option<String> {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-f",
+                "--data-binary",
+                sql,
+                &format!("http://127.0.0.1:{}/", self.port),
+            ])
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[test]
+fn a_server_killed_mid_load_loses_nothing_after_resume() {
+    let mut server = OwnServer::start(18123);
+    server
+        .query("CREATE TABLE default.t (id Int64, city String) ENGINE = MergeTree ORDER BY id")
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let script = format!(
+        "CREATE EXTERNAL TABLE src STORED AS GENERATE LOCATION 'orders' OPTIONS ('rows' '3M');\n\
+         CREATE EXTERNAL TABLE t STORED AS CLICKHOUSE LOCATION 'http://127.0.0.1:{}/default'\n\
+           OPTIONS ('table' 't', 'batch_rows' '20k', 'concurrency' '1', 'max_attempts' '3', 'retry_initial' '10ms', 'timeout' '5s');\n\
+         INSERT INTO t SELECT order_id, city FROM src;\n",
+        server.port
+    );
+    let path = dir.path().join("job.sql");
+    std::fs::write(&path, script).unwrap();
+    let load = Command::new(env!("CARGO_BIN_EXE_flumen"))
+        .args(["run", path.to_str().unwrap(), "-q", "--state-dir"])
+        .arg(dir.path().join("state"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill the server once the first rows have landed.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let n: u64 = server
+            .query("SELECT count() FROM default.t")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        if n > 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no rows arrived");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    server.kill();
+    let out = load.wait_with_output().unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the load should have staged what it could not send: {err}"
+    );
+    let run = err
+        .split("flumen resume ")
+        .nth(1)
+        .and_then(|s| s.split('`').next())
+        .unwrap_or_else(|| panic!("no resume command in: {err}"))
+        .to_string();
+    server.up();
+    let resumed = Command::new(env!("CARGO_BIN_EXE_flumen"))
+        .args(["resume", &run, "--state-dir"])
+        .arg(dir.path().join("state"))
+        .output()
+        .unwrap();
+    assert!(resumed.status.success(), "{}", text(&resumed.stderr));
+    assert_eq!(
+        server
+            .query("SELECT count(), uniqExact(id), min(id), max(id) FROM default.t FORMAT CSV")
+            .unwrap(),
+        "3000000,3000000,1,3000000"
+    );
+}

@@ -110,10 +110,15 @@ impl Client {
             message: format!("cannot reach ClickHouse at {}: {}", self.base, without_url(&e)),
         })?;
         let status = resp.status().as_u16();
+        // A connection that breaks while the answer is read is a network failure (retriable),
+        // whatever status line came first; the request may or may not have been applied.
         let text = resp.text().await.map_err(|e| ChError {
-            status,
+            status: 0,
             code: None,
-            message: format!("reading the answer failed: {}", without_url(&e)),
+            message: format!(
+                "the connection broke while reading the answer (HTTP {status}): {}",
+                without_url(&e)
+            ),
         })?;
         if (200..300).contains(&status) {
             return Ok(text);
