@@ -27,5 +27,6 @@ echo "tests took $(( $(date +%s) - start ))s"
 if [ "${FLUMEN_SKIP_LINT:-0}" != "1" ]; then
   cargo fmt --all -- --check
   cargo clippy --all-targets --features test-backends --quiet -- -D warnings
+  cargo clippy --all-targets --quiet -- -D warnings
   echo "fmt and clippy clean"
 fi
