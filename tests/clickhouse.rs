@@ -375,10 +375,13 @@ fn a_server_killed_mid_load_loses_nothing_after_resume() {
         .output()
         .unwrap();
     assert!(resumed.status.success(), "{}", text(&resumed.stderr));
-    assert_eq!(
-        server
-            .query("SELECT count(), uniqExact(id), min(id), max(id) FROM default.t FORMAT CSV")
-            .unwrap(),
-        "3000000,3000000,1,3000000"
-    );
+    // No row is lost. A request in flight when the server died may have been applied without
+    // its answer arriving; ClickHouse 18.16 has no insert deduplication token for MergeTree, so
+    // resume can repeat that one request (concurrency 1 x 20k rows), as documented.
+    let got = server
+        .query("SELECT count(), uniqExact(id), min(id), max(id) FROM default.t FORMAT CSV")
+        .unwrap();
+    let v: Vec<u64> = got.split(',').map(|x| x.parse().unwrap()).collect();
+    assert_eq!(&v[1..], &[3_000_000, 1, 3_000_000], "{got}");
+    assert!(v[0] - v[1] <= 20_000, "more than one request repeated: {got}");
 }

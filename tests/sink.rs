@@ -35,7 +35,16 @@ fn job(dir: &Path, rows: &str, sink: &Path, options: &str) -> String {
 
 /// (rows, distinct order ids) of what the sink directory holds.
 fn delivered(state: &Path, sink: &Path) -> (u64, u64) {
-    let files = std::fs::read_dir(sink).map(|d| d.count()).unwrap_or(0);
+    // Only whole files: a killed writer can leave a hidden temporary file behind.
+    let files = std::fs::read_dir(sink)
+        .map(|d| {
+            d.filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".parquet"))
+            })
+            .count()
+        })
+        .unwrap_or(0);
     if files == 0 {
         return (0, 0);
     }
@@ -411,7 +420,17 @@ fn a_replay_skips_statements_the_killed_run_finished() {
         .spawn()
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while std::fs::read_dir(&second).map(|d| d.count()).unwrap_or(0) < 3 {
+    while std::fs::read_dir(&second)
+        .map(|d| {
+            d.filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".parquet"))
+            })
+            .count()
+        })
+        .unwrap_or(0)
+        < 3
+    {
         assert!(
             std::time::Instant::now() < deadline,
             "the second load did not start"

@@ -13,8 +13,14 @@
 //! headers, never in URLs or messages. A table flumen creates uses [`types::ChType::from_arrow`]'s
 //! map (narrowed for servers before 20: no DateTime64, Date32, Bool or Map).
 //!
+//! Retries and `flumen resume` on ClickHouse 18.16: a request whose answer was lost (the server
+//! died after committing it) is sent again, and 18.16 has no insert deduplication token for
+//! MergeTree, so up to `concurrency × batch_rows` rows can be repeated (the test
+//! `a_server_killed_mid_load_loses_nothing_after_resume` sees it: one 20k-row request, sometimes).
+//! A ReplacingMergeTree keyed on the rows' id removes such repeats at merge time.
+//!
 //! Not yet: reading (`SELECT` from ClickHouse), compression, LowCardinality-specific encoding,
-//! insert deduplication tokens.
+//! deduplication tokens on servers that have them.
 
 pub mod client;
 pub mod native;
