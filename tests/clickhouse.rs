@@ -46,31 +46,35 @@ fn database(name: &str) -> String {
 
 #[test]
 fn generated_rows_land_whole_in_merge_tree() {
-    let db = database("flumen_t_gen");
-    let dir = tempfile::tempdir().unwrap();
-    let script = format!(
-        "CREATE EXTERNAL TABLE src STORED AS GENERATE LOCATION 'orders' OPTIONS ('rows' '300k');\n\
+    // Plain and gzip-compressed request bodies.
+    for compression in ["uncompressed", "gzip"] {
+        let db = database(&format!("flumen_t_gen_{compression}"));
+        let dir = tempfile::tempdir().unwrap();
+        let script = format!(
+            "CREATE EXTERNAL TABLE src STORED AS GENERATE LOCATION 'orders' OPTIONS ('rows' '300k');\n\
          CREATE EXTERNAL TABLE dst (order_id BIGINT NOT NULL, user_id BIGINT NOT NULL, created_at TIMESTAMP, status VARCHAR,\n\
            city VARCHAR, amount DECIMAL(18,2), quantity INT, discount DOUBLE, note VARCHAR)\n\
            STORED AS CLICKHOUSE LOCATION 'http://127.0.0.1:8123/{db}'\n\
-           OPTIONS ('table' 'orders', 'create' 'if_not_exists', 'order_by' 'order_id', 'batch_rows' '50k', 'concurrency' '3');\n\
+           OPTIONS ('table' 'orders', 'create' 'if_not_exists', 'order_by' 'order_id', 'batch_rows' '50k', 'concurrency' '3',\n\
+             'compression' '{compression}');\n\
          INSERT INTO dst SELECT * FROM src;\n\
          SELECT count(*), sum(order_id), sum(amount), sum(quantity), count(note), count(DISTINCT city) FROM src;\n"
-    );
-    let out = flumen(dir.path(), &script, &["--format", "csv"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let stdout = text(&out.stdout);
-    assert!(stdout.starts_with("300000 rows written\n"), "{stdout}");
-    // The source's own aggregates, computed by flumen, against the server's.
-    let source = stdout.lines().nth(2).unwrap().to_string();
-    let server = ch(&format!(
-        "SELECT count(), sum(order_id), sum(amount), sum(quantity), count(note), uniqExact(city) FROM {db}.orders FORMAT CSV"
-    ));
-    assert_eq!(server.trim(), source, "server vs source");
-    assert_eq!(
-        ch(&format!("SELECT uniqExact(order_id) FROM {db}.orders")).trim(),
-        "300000"
-    );
+        );
+        let out = flumen(dir.path(), &script, &["--format", "csv"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let stdout = text(&out.stdout);
+        assert!(stdout.starts_with("300000 rows written\n"), "{stdout}");
+        // The source's own aggregates, computed by flumen, against the server's.
+        let source = stdout.lines().nth(2).unwrap().to_string();
+        let server = ch(&format!(
+            "SELECT count(), sum(order_id), sum(amount), sum(quantity), count(note), uniqExact(city) FROM {db}.orders FORMAT CSV"
+        ));
+        assert_eq!(server.trim(), source, "server vs source");
+        assert_eq!(
+            ch(&format!("SELECT uniqExact(order_id) FROM {db}.orders")).trim(),
+            "300000"
+        );
+    }
 }
 
 #[test]

@@ -135,10 +135,19 @@ impl Client {
         self.send(self.request(None).body(sql.to_string())).await
     }
 
-    /// Sends `INSERT INTO <table> FORMAT Native` with a Native body.
-    pub async fn insert_native(&self, table_sql: &str, body: Vec<u8>) -> std::result::Result<(), ChError> {
+    /// Sends `INSERT INTO <table> FORMAT Native` with a Native body (gzip-compressed if `gzip`).
+    pub async fn insert_native(
+        &self,
+        table_sql: &str,
+        body: bytes::Bytes,
+        gzip: bool,
+    ) -> std::result::Result<(), ChError> {
         let q = format!("INSERT INTO {table_sql} FORMAT Native");
-        self.send(self.request(Some(&q)).body(body)).await.map(|_| ())
+        let mut r = self.request(Some(&q)).body(body);
+        if gzip {
+            r = r.header("Content-Encoding", "gzip");
+        }
+        self.send(r).await.map(|_| ())
     }
 }
 

@@ -26,6 +26,10 @@ const OPTIONS: &[OptionSpec] = &[
     OptionSpec::new("engine", "engine of a table flumen creates; default MergeTree"),
     OptionSpec::new("order_by", "ORDER BY of a table flumen creates; default tuple()"),
     OptionSpec::new("partition_by", "PARTITION BY of a table flumen creates"),
+    OptionSpec::new(
+        "compression",
+        "request body compression: 'uncompressed' (default) or 'gzip' (the name and values of DataFusion's own option, which it checks first)",
+    ),
 ];
 
 /// Builds CLICKHOUSE tables.
@@ -47,6 +51,7 @@ impl TableProviderFactory for ClickHouseFactory {
         let client = Client::from_location(&location, sink.timeout)?;
         let table = o.required("table")?.to_string();
         let create = o.choice_or("create", &["never", "if_not_exists", "replace"], "never")?;
+        let gzip = o.choice_or("compression", &["uncompressed", "gzip"], "uncompressed")? == "gzip";
         let full = format!("{}.{}", quote_ident(&client.database), quote_ident(&table));
         let at = |e: ChError| Error::Config(format!("table {name}: ClickHouse {full}: {e}"));
         let legacy = client
@@ -137,6 +142,7 @@ impl TableProviderFactory for ClickHouseFactory {
             schema,
             ddl,
             created: OnceCell::new(),
+            gzip,
         };
         Ok(Arc::new(SinkTable::new(backend, name, sink)))
     }
@@ -171,6 +177,8 @@ struct ClickHouseBackend {
     /// Statements that make the table, run once before the first insert.
     ddl: Vec<String>,
     created: OnceCell<std::result::Result<(), String>>,
+    /// Send bodies gzip-compressed (`Content-Encoding: gzip`).
+    gzip: bool,
 }
 
 #[async_trait]
@@ -182,7 +190,18 @@ impl SinkBackend for ClickHouseBackend {
     }
 
     fn encode(&self, batch: &RecordBatch) -> Result<bytes::Bytes> {
-        Ok(encode_block(batch, &self.types)?.into())
+        let block = encode_block(batch, &self.types)?;
+        if !self.gzip {
+            return Ok(block.into());
+        }
+        use std::io::Write;
+        let mut z =
+            flate2::write::GzEncoder::new(Vec::with_capacity(block.len() / 4), flate2::Compression::fast());
+        z.write_all(&block)
+            .map_err(|e| Error::io("compressing a Native block", e))?;
+        Ok(z.finish()
+            .map_err(|e| Error::io("compressing a Native block", e))?
+            .into())
     }
 
     fn request_bytes(&self, request: &bytes::Bytes) -> usize {
@@ -198,9 +217,10 @@ impl SinkBackend for ClickHouseBackend {
             .map(|(f, t)| format!("{} {t}", f.name()))
             .collect();
         let mut s = format!(
-            "clickhouse={} ({}), encoded as Native",
+            "clickhouse={} ({}), encoded as Native{}",
             self.table_sql,
-            cols.join(", ")
+            cols.join(", "),
+            if self.gzip { ", gzip" } else { "" }
         );
         if !self.ddl.is_empty() {
             s.push_str(&format!(", on the first write runs: {}", self.ddl.join("; ")));
@@ -226,7 +246,11 @@ impl SinkBackend for ClickHouseBackend {
                 reason: reason.clone(),
             };
         }
-        match self.client.insert_native(&self.table_sql, request.to_vec()).await {
+        match self
+            .client
+            .insert_native(&self.table_sql, request.clone(), self.gzip)
+            .await
+        {
             Ok(()) => Outcome::Delivered,
             Err(e) if is_retriable(&e) => Outcome::Retry {
                 reason: e.to_string(),
