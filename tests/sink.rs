@@ -33,10 +33,9 @@ fn job(dir: &Path, rows: &str, sink: &Path, options: &str) -> String {
     path.display().to_string()
 }
 
-/// (rows, distinct order ids) of what the sink directory holds.
-fn delivered(state: &Path, sink: &Path) -> (u64, u64) {
-    // Only whole files: a killed writer can leave a hidden temporary file behind.
-    let files = std::fs::read_dir(sink)
+/// Whole Parquet files in a sink folder (a killed writer can leave a hidden temporary file).
+fn parquet_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
         .map(|d| {
             d.filter(|e| {
                 e.as_ref()
@@ -44,8 +43,33 @@ fn delivered(state: &Path, sink: &Path) -> (u64, u64) {
             })
             .count()
         })
-        .unwrap_or(0);
-    if files == 0 {
+        .unwrap_or(0)
+}
+
+/// Starts `flumen run script` and SIGKILLs it once `dir` holds `files` delivered requests.
+fn kill_after(state: &Path, script: &str, dir: &Path, files: usize) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flumen"))
+        .args(["run", script, "-q", "--state-dir"])
+        .arg(state)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while parquet_files(dir) < files {
+        assert!(std::time::Instant::now() < deadline, "the load did not progress");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the load ended before it could be killed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    assert!(!child.wait().unwrap().success());
+}
+
+/// (rows, distinct order ids) of what the sink directory holds.
+fn delivered(state: &Path, sink: &Path) -> (u64, u64) {
+    if parquet_files(sink) == 0 {
         return (0, 0);
     }
     let out = flumen(
@@ -341,36 +365,8 @@ fn a_run_killed_half_way_is_completed_by_resume_without_duplicates() {
         &sink,
         ", 'delay' '${DELAY:-150ms}', 'concurrency' '1'",
     );
-    let mut child = Command::new(env!("CARGO_BIN_EXE_flumen"))
-        .args(["run", &script, "-q", "--state-dir"])
-        .arg(&state)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .spawn()
-        .unwrap();
     // 20 requests of 20k rows, 150 ms each: kill it once about half are delivered.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let files = std::fs::read_dir(&sink)
-            .map(|d| {
-                d.filter(|e| {
-                    e.as_ref()
-                        .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".parquet"))
-                })
-                .count()
-            })
-            .unwrap_or(0);
-        if files >= 10 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "the load did not progress");
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the load ended before it could be killed"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    child.kill().unwrap(); // SIGKILL
-    assert!(!child.wait().unwrap().success());
+    kill_after(&state, &script, &sink, 10);
     let (before, _) = delivered(&state, &sink);
     assert!(
         before > 0 && before < 400_000,
@@ -413,36 +409,7 @@ fn a_replay_skips_statements_the_killed_run_finished() {
     );
     let path = dir.path().join("two.sql");
     std::fs::write(&path, script).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_flumen"))
-        .args(["run", path.to_str().unwrap(), "-q", "--state-dir"])
-        .arg(&state)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while std::fs::read_dir(&second)
-        .map(|d| {
-            d.filter(|e| {
-                e.as_ref()
-                    .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".parquet"))
-            })
-            .count()
-        })
-        .unwrap_or(0)
-        < 3
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the second load did not start"
-        );
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the job ended before it could be killed"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_after(&state, path.to_str().unwrap(), &second, 3);
     let out = flumen(&state, &["resume", &run_id(&state), "--set", "DELAY=1ms"]);
     let said = text(&out.stdout);
     assert!(out.status.success(), "{}", text(&out.stderr));

@@ -154,7 +154,7 @@ impl<B: SinkBackend> Shared<B> {
         let journal = self.state.journal();
         journal.send(&self.key, &chunk.token, &chunk.slices)?;
         if self.down.load(Ordering::Relaxed) && !self.state.resuming() {
-            self.stage(&chunk)?;
+            self.stage_rows(&chunk.batch, &chunk.token)?;
             journal.staged(&chunk.token)?;
             return Ok(0);
         }
@@ -268,11 +268,6 @@ impl<B: SinkBackend> Shared<B> {
             "table {}: the sink refused a request: {reason}",
             self.table
         ))
-    }
-
-    /// Writes a chunk to staging and records it in the manifest.
-    fn stage(&self, chunk: &Chunk) -> Result<()> {
-        self.stage_rows(&chunk.batch, &chunk.token)
     }
 
     /// Writes rows to staging under a delivery token and records them in the manifest.

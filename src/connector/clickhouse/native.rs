@@ -69,37 +69,19 @@ struct Column<'a> {
     name: &'a str,
 }
 
-/// The Arrow type a ClickHouse type is encoded from.
+/// The Arrow type a ClickHouse type is encoded from: the type map's own ([`ChType::to_arrow`]),
+/// except that strings are read as bytes and timestamps without their zone (the zone stays in
+/// the ClickHouse type; the values are UTC instants either way).
 fn arrow_type(ty: &ChType) -> DataType {
     match ty {
-        ChType::Int(8) => DataType::Int8,
-        ChType::Int(16) => DataType::Int16,
-        ChType::Int(32) => DataType::Int32,
-        ChType::Int(_) => DataType::Int64,
-        ChType::UInt(8) | ChType::Bool => DataType::UInt8,
-        ChType::UInt(16) => DataType::UInt16,
-        ChType::UInt(32) => DataType::UInt32,
-        ChType::UInt(_) => DataType::UInt64,
-        ChType::Float32 => DataType::Float32,
-        ChType::Float64 => DataType::Float64,
-        ChType::Decimal(p, s) if *p > 38 => DataType::Decimal256(*p, *s),
-        ChType::Decimal(p, s) => DataType::Decimal128(*p, *s),
-        ChType::String => DataType::Binary,
-        ChType::FixedString(_) | ChType::Uuid => DataType::Binary,
-        ChType::Date | ChType::Date32 => DataType::Date32,
-        ChType::DateTime(_) => DataType::Timestamp(TimeUnit::Second, None),
-        ChType::DateTime64(p, _) => DataType::Timestamp(
-            match p {
-                0 => TimeUnit::Second,
-                1..=3 => TimeUnit::Millisecond,
-                4..=6 => TimeUnit::Microsecond,
-                _ => TimeUnit::Nanosecond,
-            },
-            None,
-        ),
+        ChType::String | ChType::FixedString(_) | ChType::Uuid => DataType::Binary,
         ChType::Nullable(t) => arrow_type(t),
         // Containers are handled structurally, element by element.
         ChType::Array(_) | ChType::Tuple(_) | ChType::Map(..) => DataType::Null,
+        other => match other.to_arrow().0 {
+            DataType::Timestamp(unit, Some(_)) => DataType::Timestamp(unit, None),
+            t => t,
+        },
     }
 }
 
