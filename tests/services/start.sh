@@ -45,7 +45,7 @@ pip_install() {
   local need=()
   for spec in "$@"; do
     local name="${spec%%==*}" have
-    have=$("$VENV/bin/pip" show "${name%%[*}" 2>/dev/null | sed -n 's/^Version: //p')
+    have=$("$VENV/bin/pip" show "${name%%[*}" 2>/dev/null | sed -n 's/^Version: //p') || have=""
     [ "$have" = "${spec##*==}" ] || need+=("$spec")
   done
   [ ${#need[@]} -eq 0 ] && return 0

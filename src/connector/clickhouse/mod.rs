@@ -23,6 +23,7 @@
 //! deduplication tokens on servers that have them.
 
 pub mod client;
+pub mod decode;
 pub mod native;
 mod sink;
 pub mod types;

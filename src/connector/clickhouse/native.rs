@@ -23,7 +23,7 @@ use arrow::compute::{CastOptions, cast_with_options};
 use arrow::datatypes::{
     DataType, Date32Type, Decimal128Type, Decimal256Type, Field, Float32Type, Float64Type, Int8Type,
     Int16Type, Int32Type, Int64Type, TimeUnit, TimestampMicrosecondType, TimestampMillisecondType,
-    TimestampNanosecondType, TimestampSecondType, UInt8Type, UInt16Type, UInt32Type, UInt64Type,
+    TimestampNanosecondType, TimestampSecondType, UInt8Type, UInt16Type, UInt32Type, UInt64Type, i256,
 };
 
 use super::types::ChType;
@@ -58,10 +58,30 @@ pub fn encode_block(batch: &RecordBatch, types: &[ChType]) -> Result<Vec<u8>> {
     for ((field, column), ty) in batch.schema().fields().iter().zip(batch.columns()).zip(types) {
         put_str(&mut out, field.name().as_bytes());
         put_str(&mut out, ty.to_string().as_bytes());
+        if batch.num_rows() == 0 {
+            // Zero rows are zero bytes of data, serialization state included.
+            continue;
+        }
+        prefix(ty, &mut out);
         let col = Column { name: field.name() };
         col.encode(column, ty, &mut out)?;
     }
     Ok(out)
+}
+
+/// The serialization state ClickHouse expects before a column's data: the keys version
+/// (`SharedDictionariesWithAdditionalKeys` = 1) of every `LowCardinality` in the type tree.
+fn prefix(ty: &ChType, out: &mut Vec<u8>) {
+    match ty {
+        ChType::LowCardinality(_) => out.extend_from_slice(&1u64.to_le_bytes()),
+        ChType::Nullable(t) | ChType::Array(t) => prefix(t, out),
+        ChType::Tuple(items) => items.iter().for_each(|(_, t)| prefix(t, out)),
+        ChType::Map(k, v) => {
+            prefix(k, out);
+            prefix(v, out);
+        }
+        _ => {}
+    }
 }
 
 /// Which column is being encoded, for error messages.
@@ -75,7 +95,7 @@ struct Column<'a> {
 fn arrow_type(ty: &ChType) -> DataType {
     match ty {
         ChType::String | ChType::FixedString(_) | ChType::Uuid => DataType::Binary,
-        ChType::Nullable(t) => arrow_type(t),
+        ChType::Nullable(t) | ChType::LowCardinality(t) => arrow_type(t),
         // Containers are handled structurally, element by element.
         ChType::Array(_) | ChType::Tuple(_) | ChType::Map(..) => DataType::Null,
         other => match other.to_arrow().0 {
@@ -126,7 +146,10 @@ impl Column<'_> {
             }
             _ => {
                 if let Some(row) = (0..a.len()).find(|i| a.is_null(*i))
-                    && !matches!(ty, ChType::Array(_) | ChType::Tuple(_) | ChType::Map(..))
+                    && !matches!(
+                        ty,
+                        ChType::Array(_) | ChType::Tuple(_) | ChType::Map(..) | ChType::LowCardinality(_)
+                    )
                 {
                     return Err(self.err(
                         row,
@@ -151,11 +174,29 @@ impl Column<'_> {
             ChType::Int(8) => raw!(Int8Type, a),
             ChType::Int(16) => raw!(Int16Type, a),
             ChType::Int(32) => raw!(Int32Type, a),
-            ChType::Int(_) => raw!(Int64Type, a),
+            ChType::Int(64) => raw!(Int64Type, a),
+            ChType::Int(128) => raw!(Decimal128Type, a),
+            ChType::Int(_) => raw!(Decimal256Type, a),
             ChType::UInt(8) => raw!(UInt8Type, a),
             ChType::UInt(16) => raw!(UInt16Type, a),
             ChType::UInt(32) => raw!(UInt32Type, a),
-            ChType::UInt(_) => raw!(UInt64Type, a),
+            ChType::UInt(64) => raw!(UInt64Type, a),
+            ChType::UInt(bits) => {
+                let arr = self.cast(a, &arrow_type(ty))?;
+                let d = arr.as_primitive::<Decimal256Type>();
+                let width = usize::from(*bits / 8);
+                let max = i256::from_parts(0, 1);
+                for (i, v) in d.values().iter().enumerate() {
+                    let ok = !v.is_negative() && (width == 32 || *v < max);
+                    if !(ok || nullable && d.is_null(i)) {
+                        return Err(self.err(i, &format!("{v} is outside {ty}")));
+                    }
+                    let v = if ok { *v } else { i256::ZERO };
+                    out.extend_from_slice(&v.to_le_bytes()[..width]);
+                }
+            }
+            ChType::Enum(bits, items) => self.enumeration(a, *bits, items, nullable, out)?,
+            ChType::LowCardinality(inner) => self.low_cardinality(a, inner, out)?,
             ChType::Float32 => raw!(Float32Type, a),
             ChType::Float64 => raw!(Float64Type, a),
             ChType::Bool => {
@@ -354,6 +395,121 @@ impl Column<'_> {
             }
         };
         self.encode(&values, inner, out)
+    }
+
+    /// One granule: `index type | HasAdditionalKeys | NeedUpdateDictionary`, the keys (for
+    /// `Nullable` inner types key 0 stands for NULL), the row count, the indexes. An Arrow
+    /// dictionary is used as it is; other arrays are dictionary-encoded first.
+    fn low_cardinality(&self, a: &ArrayRef, inner: &ChType, out: &mut Vec<u8>) -> Result<()> {
+        let (nullable, base) = match inner {
+            ChType::Nullable(t) => (true, t.as_ref()),
+            t => (false, t),
+        };
+        let dict = match a.data_type() {
+            DataType::Dictionary(_, v) => {
+                let v = v.as_ref().clone();
+                self.cast(a, &DataType::Dictionary(Box::new(DataType::Int32), Box::new(v)))?
+            }
+            other => {
+                let to = DataType::Dictionary(Box::new(DataType::Int32), Box::new(other.clone()));
+                self.cast(a, &to)?
+            }
+        };
+        let dict = dict.as_dictionary::<Int32Type>();
+        let logical = dict.logical_nulls();
+        let is_null = |i: usize| logical.as_ref().is_some_and(|n| n.is_null(i));
+        if !nullable && let Some(row) = (0..dict.len()).find(|i| is_null(*i)) {
+            return Err(self.err(row, &format!("NULL in a column of type LowCardinality({inner})")));
+        }
+        let shift = usize::from(nullable);
+        let num_keys = dict.values().len() + shift;
+        let width_code: u64 = match num_keys {
+            0..=0x100 => 0,
+            0x101..=0x1_0000 => 1,
+            _ => 2,
+        };
+        out.extend_from_slice(&(width_code | 1 << 9 | 1 << 10).to_le_bytes());
+        out.extend_from_slice(&(num_keys as u64).to_le_bytes());
+        if nullable {
+            // The NULL placeholder: T's default value.
+            let placeholder = arrow::array::new_null_array(dict.values().data_type(), 1);
+            self.values(&placeholder, base, out, true)?;
+        }
+        self.values(dict.values(), base, out, true)?;
+        out.extend_from_slice(&(dict.len() as u64).to_le_bytes());
+        for (i, k) in dict.keys().values().iter().enumerate() {
+            let idx = if is_null(i) { 0 } else { *k as usize + shift };
+            match width_code {
+                0 => out.push(idx as u8),
+                1 => out.extend_from_slice(&(idx as u16).to_le_bytes()),
+                _ => out.extend_from_slice(&(idx as u32).to_le_bytes()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Enum values from their names (or from numbers that are among the values).
+    fn enumeration(
+        &self,
+        a: &ArrayRef,
+        bits: u8,
+        items: &[(String, i16)],
+        nullable: bool,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        let mut put = |v: i16| {
+            if bits == 8 {
+                out.push(v as i8 as u8);
+            } else {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        };
+        let fallback = items.first().map_or(0, |(_, v)| *v);
+        let allowed = || {
+            items
+                .iter()
+                .map(|(n, _)| format!("'{n}'"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if a.data_type().is_integer() {
+            let arr = self.cast(a, &DataType::Int16)?;
+            let arr = arr.as_primitive::<Int16Type>();
+            for (i, v) in arr.values().iter().enumerate() {
+                if arr.is_null(i) && nullable {
+                    put(fallback);
+                } else if items.iter().any(|(_, x)| x == v) {
+                    put(*v);
+                } else {
+                    return Err(self.err(i, &format!("{v} is not a value of the enum ({})", allowed())));
+                }
+            }
+            return Ok(());
+        }
+        let by_name: std::collections::HashMap<&[u8], i16> =
+            items.iter().map(|(n, v)| (n.as_bytes(), *v)).collect();
+        let arr = self.cast(a, &DataType::Binary)?;
+        let b = arr.as_binary::<i32>();
+        for i in 0..b.len() {
+            if b.is_null(i) && nullable {
+                put(fallback);
+                continue;
+            }
+            match by_name.get(b.value(i)) {
+                Some(v) => put(*v),
+                None => {
+                    return Err(self.err(
+                        i,
+                        &format!(
+                            "'{}' is not a name of the enum ({})",
+                            String::from_utf8_lossy(b.value(i)),
+                            allowed()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn uuid(&self, a: &ArrayRef, out: &mut Vec<u8>) -> Result<()> {

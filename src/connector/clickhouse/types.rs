@@ -10,10 +10,10 @@ use crate::error::{Error, Result};
 /// A ClickHouse column type.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChType {
-    /// Signed integers of 8..64 bits.
-    Int(u8),
-    /// Unsigned integers of 8..64 bits.
-    UInt(u8),
+    /// Signed integers of 8..256 bits.
+    Int(u16),
+    /// Unsigned integers of 8..256 bits.
+    UInt(u16),
     /// `Float32`.
     Float32,
     /// `Float64`.
@@ -44,6 +44,10 @@ pub enum ChType {
     Tuple(Vec<(Option<String>, ChType)>),
     /// `Map(K, V)`.
     Map(Box<ChType>, Box<ChType>),
+    /// `Enum8(...)` (8 bits) or `Enum16(...)`: names and their values.
+    Enum(u8, Vec<(String, i16)>),
+    /// `LowCardinality(T)`: a dictionary of T's values and one index per row.
+    LowCardinality(Box<ChType>),
 }
 
 impl fmt::Display for ChType {
@@ -85,6 +89,17 @@ impl fmt::Display for ChType {
                 f.write_str(")")
             }
             ChType::Map(k, v) => write!(f, "Map({k}, {v})"),
+            ChType::Enum(bits, items) => {
+                write!(f, "Enum{bits}(")?;
+                for (i, (name, v)) in items.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "'{}' = {v}", name.replace('\\', "\\\\").replace('\'', "\\'"))?;
+                }
+                f.write_str(")")
+            }
+            ChType::LowCardinality(t) => write!(f, "LowCardinality({t})"),
         }
     }
 }
@@ -106,7 +121,7 @@ impl ChType {
     /// | List, LargeList, FixedSizeList | Array |
     /// | Struct | Tuple (named) |
     /// | Map | Map |
-    /// | Dictionary(_, V) | the type of V |
+    /// | Dictionary(_, V) | LowCardinality(V) (plain V before ClickHouse 20) |
     ///
     /// A nullable Arrow field becomes `Nullable(T)` where ClickHouse allows it (not for Array,
     /// Tuple and Map, whose NULLs become empty values).
@@ -165,7 +180,9 @@ impl ChType {
                 ),
                 other => return Err(Error::Config(format!("unsupported Arrow map entries {other}"))),
             },
-            DataType::Dictionary(_, v) => return ChType::from_arrow(v, nullable),
+            DataType::Dictionary(_, v) => {
+                return Ok(ChType::LowCardinality(Box::new(ChType::from_arrow(v, nullable)?)));
+            }
             other => {
                 return Err(Error::Config(format!(
                     "Arrow type {other} has no ClickHouse equivalent in flumen's type map"
@@ -186,11 +203,17 @@ impl ChType {
             ChType::Int(8) => DataType::Int8,
             ChType::Int(16) => DataType::Int16,
             ChType::Int(32) => DataType::Int32,
-            ChType::Int(_) => DataType::Int64,
+            ChType::Int(64) => DataType::Int64,
+            // Arrow has no 128/256-bit integers: decimals of scale 0 hold them.
+            ChType::Int(128) => DataType::Decimal128(38, 0),
+            ChType::Int(_) | ChType::UInt(128 | 256) => DataType::Decimal256(76, 0),
             ChType::UInt(8) => DataType::UInt8,
             ChType::UInt(16) => DataType::UInt16,
             ChType::UInt(32) => DataType::UInt32,
             ChType::UInt(_) => DataType::UInt64,
+            ChType::Enum(..) => DataType::Utf8,
+            // Read as the values themselves (DataFusion's functions all take them).
+            ChType::LowCardinality(inner) => return inner.to_arrow(),
             ChType::Float32 => DataType::Float32,
             ChType::Float64 => DataType::Float64,
             ChType::Decimal(p, s) if *p > 38 => DataType::Decimal256(*p, *s),
@@ -264,6 +287,13 @@ impl ChType {
                     "this ClickHouse server has no Map type (it came in 21.1)".into(),
                 ));
             }
+            ChType::Int(128 | 256) | ChType::UInt(128 | 256) => {
+                return Err(Error::Config(
+                    "this ClickHouse server has no 128/256-bit integers (they came in 20.8)".into(),
+                ));
+            }
+            // Experimental before 19; flumen writes the plain type there.
+            ChType::LowCardinality(t) => t.for_legacy_server()?,
             other => other,
         })
     }
@@ -272,7 +302,11 @@ impl ChType {
     pub fn can_be_nullable(&self) -> bool {
         !matches!(
             self,
-            ChType::Array(_) | ChType::Tuple(_) | ChType::Map(..) | ChType::Nullable(_)
+            ChType::Array(_)
+                | ChType::Tuple(_)
+                | ChType::Map(..)
+                | ChType::Nullable(_)
+                | ChType::LowCardinality(_)
         )
     }
 
@@ -375,8 +409,39 @@ impl Parser<'_> {
     fn ty(&mut self) -> Result<ChType> {
         let name = self.ident();
         let t = match name.as_str() {
-            "Int8" | "Int16" | "Int32" | "Int64" => ChType::Int(name[3..].parse().unwrap_or(64)),
-            "UInt8" | "UInt16" | "UInt32" | "UInt64" => ChType::UInt(name[4..].parse().unwrap_or(64)),
+            "Int8" | "Int16" | "Int32" | "Int64" | "Int128" | "Int256" => {
+                ChType::Int(name[3..].parse().unwrap_or(64))
+            }
+            "UInt8" | "UInt16" | "UInt32" | "UInt64" | "UInt128" | "UInt256" => {
+                ChType::UInt(name[4..].parse().unwrap_or(64))
+            }
+            "Enum8" | "Enum16" | "Enum" => {
+                self.expect(b'(')?;
+                let mut items = Vec::new();
+                let mut next = 1i16;
+                loop {
+                    let n = self.quoted()?;
+                    let v = if self.eat(b'=') {
+                        self.number()? as i16
+                    } else {
+                        next
+                    };
+                    next = v.saturating_add(1);
+                    items.push((n, v));
+                    if !self.eat(b',') {
+                        break;
+                    }
+                }
+                self.expect(b')')?;
+                let bits = if name == "Enum8"
+                    || name == "Enum" && items.iter().all(|(_, v)| i8::try_from(*v).is_ok())
+                {
+                    8
+                } else {
+                    16
+                };
+                ChType::Enum(bits, items)
+            }
             "Float32" => ChType::Float32,
             "Float64" => ChType::Float64,
             "String" => ChType::String,
@@ -438,8 +503,7 @@ impl Parser<'_> {
                 match name.as_str() {
                     "Nullable" => ChType::Nullable(Box::new(inner)),
                     "Array" => ChType::Array(Box::new(inner)),
-                    // Written as its plain type; ClickHouse converts on insert.
-                    _ => inner,
+                    _ => ChType::LowCardinality(Box::new(inner)),
                 }
             }
             "Map" => {
@@ -497,16 +561,22 @@ mod tests {
             "DateTime('Europe/Berlin')",
             "DateTime",
             "Date32",
+            "Int128",
+            "UInt256",
+            "LowCardinality(Nullable(String))",
+            "Enum8('a' = 1, 'b' = 2)",
         ] {
             let t = ChType::parse(name).unwrap();
             assert_eq!(t.to_string(), name);
         }
         assert_eq!(ChType::parse("Decimal64(3)").unwrap(), ChType::Decimal(18, 3));
         assert_eq!(
-            ChType::parse("LowCardinality(Nullable(String))")
-                .unwrap()
-                .to_string(),
-            "Nullable(String)"
+            ChType::parse("Enum8('a' = 1, 'it\\'s' = -2)").unwrap(),
+            ChType::Enum(8, vec![("a".into(), 1), ("it's".into(), -2)])
+        );
+        assert_eq!(
+            ChType::parse("Enum16('a' = 1000)").unwrap().to_string(),
+            "Enum16('a' = 1000)"
         );
         assert!(ChType::parse("Nullable(").is_err());
         assert!(ChType::parse("IPv4").is_err());
