@@ -30,6 +30,11 @@ pub struct TableOptions {
     values: HashMap<String, String>,
 }
 
+/// The namespace flumen moves connector options into before DataFusion plans the statement:
+/// DataFusion reads an option without a namespace as a file-format option and checks some of
+/// them itself (`compression` must be one of its file codecs), which is wrong for connectors.
+pub const CONNECTOR_PREFIX: &str = "flumen.";
+
 impl TableOptions {
     /// Checks `raw` (as DataFusion passes them: lower-cased keys, `format.` prefixed when the user
     /// wrote no namespace) against `specs`; an unknown option is an error listing the valid ones.
@@ -43,7 +48,11 @@ impl TableOptions {
         let mut keys: Vec<&String> = raw.keys().collect();
         keys.sort();
         for key in keys {
-            let name = key.strip_prefix("format.").unwrap_or(key).to_ascii_lowercase();
+            let name = key
+                .strip_prefix("format.")
+                .or_else(|| key.strip_prefix(CONNECTOR_PREFIX))
+                .unwrap_or(key)
+                .to_ascii_lowercase();
             if !specs.iter().any(|s| s.name == name) {
                 let valid: Vec<&str> = specs.iter().map(|s| s.name).collect();
                 let hint = closest(&name, &valid)

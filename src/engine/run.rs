@@ -68,14 +68,32 @@ impl Flumen {
             .into_iter()
             .map(|stmt| {
                 let sql = self.substitute(&stmt)?;
-                let parsed = self
+                let mut parsed = self
                     .ctx
                     .state()
                     .sql_to_statement(&sql, &dialect)
                     .map_err(|e| self.at(&stmt, e.into()))?;
+                self.namespace_connector_options(&mut parsed);
                 Ok(Checked { stmt, parsed })
             })
             .collect()
+    }
+
+    /// Moves the options of a `CREATE EXTERNAL TABLE ... STORED AS <connector>` into flumen's
+    /// namespace, so that DataFusion does not judge them as file-format options.
+    fn namespace_connector_options(&self, parsed: &mut DfStatement) {
+        if let DfStatement::CreateExternalTable(c) = parsed
+            && self
+                .registry
+                .names()
+                .any(|n| n.eq_ignore_ascii_case(&c.file_type))
+        {
+            for (key, _) in c.options.iter_mut() {
+                if !key.contains('.') {
+                    *key = format!("{}{key}", crate::connector::options::CONNECTOR_PREFIX);
+                }
+            }
+        }
     }
 
     /// Plans a checked statement; remembers how sink tables were created (for `resume`) and

@@ -49,6 +49,39 @@ pub struct Client {
     password: Option<String>,
     /// The database named in the location (default `default`).
     pub database: String,
+    /// Settings sent with every request (`OPTIONS ('settings' 'k=v,...')`).
+    settings: Vec<(String, String)>,
+}
+
+/// How an insert's body is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyCompression {
+    /// As it is.
+    None,
+    /// HTTP `Content-Encoding: gzip`.
+    Gzip,
+    /// ClickHouse's own frames, with `decompress=1`.
+    Frames(super::compress::Method),
+}
+
+/// Parses `'k=v,k2=v2'` into ClickHouse settings; names must be identifiers.
+pub fn parse_settings(text: &str) -> Result<Vec<(String, String)>> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').ok_or_else(|| {
+                Error::Option(format!(
+                    "setting '{kv}' is not name=value (e.g. 'max_insert_threads=4')"
+                ))
+            })?;
+            let k = k.trim();
+            if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(Error::Option(format!("'{k}' is not a ClickHouse setting name")));
+            }
+            Ok((k.to_string(), v.trim().to_string()))
+        })
+        .collect()
 }
 
 impl Client {
@@ -84,14 +117,30 @@ impl Client {
             user,
             password,
             database,
+            settings: Vec::new(),
         })
     }
 
-    fn request(&self, query: Option<&str>) -> reqwest::RequestBuilder {
+    /// Sends `settings` with every request.
+    pub fn with_settings(mut self, settings: Vec<(String, String)>) -> Self {
+        self.settings = settings;
+        self
+    }
+
+    fn request(&self, query: Option<&str>, params: &[(&str, &str)]) -> reqwest::RequestBuilder {
         let mut url = self.base.clone();
-        url.query_pairs_mut().append_pair("database", &self.database);
-        if let Some(q) = query {
-            url.query_pairs_mut().append_pair("query", q);
+        {
+            let mut pairs = url.query_pairs_mut();
+            pairs.append_pair("database", &self.database);
+            if let Some(q) = query {
+                pairs.append_pair("query", q);
+            }
+            for (k, v) in &self.settings {
+                pairs.append_pair(k, v);
+            }
+            for (k, v) in params {
+                pairs.append_pair(k, v);
+            }
         }
         let mut r = self.http.post(url);
         if let Some(u) = &self.user {
@@ -110,6 +159,10 @@ impl Client {
             message: format!("cannot reach ClickHouse at {}: {}", self.base, without_url(&e)),
         })?;
         let status = resp.status().as_u16();
+        Self::text(resp, status).await
+    }
+
+    async fn text(resp: reqwest::Response, status: u16) -> std::result::Result<String, ChError> {
         // A connection that breaks while the answer is read is a network failure (retriable),
         // whatever status line came first; the request may or may not have been applied.
         let text = resp.text().await.map_err(|e| ChError {
@@ -132,22 +185,72 @@ impl Client {
 
     /// Runs a statement (sent as the body) and returns the response text.
     pub async fn query(&self, sql: &str) -> std::result::Result<String, ChError> {
-        self.send(self.request(None).body(sql.to_string())).await
+        self.send(self.request(None, &[]).body(sql.to_string())).await
     }
 
-    /// Sends `INSERT INTO <table> FORMAT Native` with a Native body (gzip-compressed if `gzip`).
+    /// Runs a query (sent as the body) and returns the response to be read as it arrives;
+    /// a refusal (any status but 2xx) is read whole and returned as the error.
+    pub async fn stream(
+        &self,
+        sql: &str,
+        params: &[(&str, &str)],
+    ) -> std::result::Result<reqwest::Response, ChError> {
+        let resp = self
+            .request(None, params)
+            .body(sql.to_string())
+            .send()
+            .await
+            .map_err(|e| ChError {
+                status: 0,
+                code: None,
+                message: format!("cannot reach ClickHouse at {}: {}", self.base, without_url(&e)),
+            })?;
+        let status = resp.status().as_u16();
+        if (200..300).contains(&status) {
+            return Ok(resp);
+        }
+        Err(Self::text(resp, status).await.err().unwrap_or(ChError {
+            status,
+            code: None,
+            message: "refused".into(),
+        }))
+    }
+
+    /// Sends `INSERT INTO <table> FORMAT Native` with a Native body, compressed as said; with a
+    /// `token`, the server drops the insert if it already committed one with the same token
+    /// (`insert_deduplication_token`, ClickHouse 22.2+).
     pub async fn insert_native(
         &self,
         table_sql: &str,
         body: bytes::Bytes,
-        gzip: bool,
+        compression: BodyCompression,
+        token: Option<&str>,
     ) -> std::result::Result<(), ChError> {
+        self.send(self.insert_request(table_sql, body, compression, token))
+            .await
+            .map(|_| ())
+    }
+
+    fn insert_request(
+        &self,
+        table_sql: &str,
+        body: bytes::Bytes,
+        compression: BodyCompression,
+        token: Option<&str>,
+    ) -> reqwest::RequestBuilder {
         let q = format!("INSERT INTO {table_sql} FORMAT Native");
-        let mut r = self.request(Some(&q)).body(body);
-        if gzip {
+        let mut params = Vec::new();
+        if let BodyCompression::Frames(_) = compression {
+            params.push(("decompress", "1"));
+        }
+        if let Some(t) = token {
+            params.push(("insert_deduplication_token", t));
+        }
+        let mut r = self.request(Some(&q), &params).body(body);
+        if compression == BodyCompression::Gzip {
             r = r.header("Content-Encoding", "gzip");
         }
-        self.send(r).await.map(|_| ())
+        r
     }
 }
 
@@ -221,6 +324,34 @@ mod tests {
         assert!(is_retriable(&e(0, None)), "network");
         assert!(is_retriable(&e(503, None)));
         assert!(!is_retriable(&e(400, None)));
+    }
+
+    #[test]
+    fn settings_and_tokens_travel_as_url_parameters() {
+        let c = Client::from_location("http://u:secret@127.0.0.1:8123/db", Duration::from_secs(1))
+            .unwrap()
+            .with_settings(parse_settings("max_insert_threads=4, async_insert = 0").unwrap());
+        let r = c
+            .insert_request(
+                "`db`.`t`",
+                bytes::Bytes::new(),
+                BodyCompression::Frames(super::super::compress::Method::Lz4),
+                Some("tok-1"),
+            )
+            .build()
+            .unwrap();
+        let url = r.url().as_str();
+        for part in [
+            "max_insert_threads=4",
+            "async_insert=0",
+            "decompress=1",
+            "insert_deduplication_token=tok-1",
+        ] {
+            assert!(url.contains(part), "{url} lacks {part}");
+        }
+        assert!(!url.contains("secret"));
+        assert!(parse_settings("a=1,b").is_err());
+        assert!(parse_settings("x;drop=1").is_err());
     }
 
     #[test]

@@ -23,9 +23,11 @@
 //! deduplication tokens on servers that have them.
 
 pub mod client;
+pub mod compress;
 pub mod decode;
 pub mod native;
 mod sink;
+pub mod source;
 pub mod types;
 
 pub use sink::ClickHouseFactory;

@@ -1,5 +1,6 @@
 //! The ClickHouse table: `INSERT INTO` sends Native blocks over HTTP through the shared sink
 //! machinery; the table is created on the first write when asked to (so `explain` writes nothing).
+//! `SELECT` reads through [`super::source`].
 
 use std::sync::Arc;
 
@@ -7,11 +8,16 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::{Field, Schema, SchemaRef};
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider, TableProviderFactory};
-use datafusion::logical_expr::CreateExternalTable;
+use datafusion::datasource::TableType;
+use datafusion::logical_expr::dml::InsertOp;
+use datafusion::logical_expr::{CreateExternalTable, Expr, TableProviderFilterPushDown};
+use datafusion::physical_plan::ExecutionPlan;
 use tokio::sync::OnceCell;
 
-use super::client::{ChError, Client, is_retriable, quote_ident, quote_str};
+use super::client::{BodyCompression, ChError, Client, is_retriable, parse_settings, quote_ident, quote_str};
+use super::compress::{Method, compress};
 use super::native::encode_block;
+use super::source::Reader;
 use super::types::ChType;
 use crate::connector::options::{OptionSpec, TableOptions};
 use crate::error::{Error, Result};
@@ -28,7 +34,23 @@ const OPTIONS: &[OptionSpec] = &[
     OptionSpec::new("partition_by", "PARTITION BY of a table flumen creates"),
     OptionSpec::new(
         "compression",
-        "request body compression: 'uncompressed' (default) or 'gzip' (the name and values of DataFusion's own option, which it checks first)",
+        "'none' (default), 'lz4' or 'zstd' (ClickHouse's own frames, for inserts and reads), or 'gzip' (inserts only)",
+    ),
+    OptionSpec::new(
+        "settings",
+        "ClickHouse settings for every query and insert: 'name=value,name=value'",
+    ),
+    OptionSpec::new(
+        "partition_on",
+        "integer, Date or DateTime column whose range splits a read into 'partitions' parallel queries",
+    ),
+    OptionSpec::new(
+        "partitions",
+        "parallel queries of a read with 'partition_on'; default 1",
+    ),
+    OptionSpec::new(
+        "dedup",
+        "'auto' (default: insert_deduplication_token on ClickHouse 22.2+) or 'off'",
     ),
 ];
 
@@ -48,21 +70,40 @@ impl TableProviderFactory for ClickHouseFactory {
         let o = TableOptions::parse("CLICKHOUSE", &name, &cmd.options, &specs)?;
         let sink = SinkOptions::from_options(&o)?;
         let location = cmd.locations.first().cloned().unwrap_or_default();
-        let client = Client::from_location(&location, sink.timeout)?;
+        let settings = parse_settings(o.get("settings").unwrap_or_default())
+            .map_err(|e| Error::Option(format!("table {name}: option 'settings': {e}")))?;
+        let client = Client::from_location(&location, sink.timeout)?.with_settings(settings);
         let table = o.required("table")?.to_string();
         let create = o.choice_or("create", &["never", "if_not_exists", "replace"], "never")?;
-        let gzip = o.choice_or("compression", &["uncompressed", "gzip"], "uncompressed")? == "gzip";
+        let compression = match o.choice_or(
+            "compression",
+            &["none", "uncompressed", "lz4", "zstd", "gzip"],
+            "none",
+        )? {
+            "lz4" => BodyCompression::Frames(Method::Lz4),
+            "zstd" => BodyCompression::Frames(Method::Zstd),
+            "gzip" => BodyCompression::Gzip,
+            _ => BodyCompression::None,
+        };
+        let dedup = o.choice_or("dedup", &["auto", "off"], "auto")? == "auto";
         let full = format!("{}.{}", quote_ident(&client.database), quote_ident(&table));
         let at = |e: ChError| Error::Config(format!("table {name}: ClickHouse {full}: {e}"));
-        let legacy = client
+        let version: Vec<u32> = client
             .query("SELECT version()")
             .await
             .map_err(at)?
             .trim()
             .split('.')
-            .next()
-            .and_then(|m| m.parse::<u32>().ok())
-            .is_some_and(|major| major < 20);
+            .map_while(|p| p.parse().ok())
+            .collect();
+        let version = (
+            version.first().copied().unwrap_or(0),
+            version.get(1).copied().unwrap_or(0),
+        );
+        let legacy = version.0 < 20;
+        // insert_deduplication_token came in 22.2; non-replicated MergeTree honours it only with
+        // a deduplication window, which tables flumen creates get.
+        let tokens = dedup && version >= (22, 2);
         let existing = client
             .query(&format!(
                 "SELECT name, type FROM system.columns WHERE database = {} AND table = {} FORMAT TabSeparated",
@@ -112,15 +153,18 @@ impl TableProviderFactory for ClickHouseFactory {
             if create == "replace" {
                 ddl.push(format!("DROP TABLE IF EXISTS {full}"));
             }
+            let engine = o.get("engine").unwrap_or("MergeTree");
             let mut stmt = format!(
-                "CREATE TABLE IF NOT EXISTS {full} ({}) ENGINE = {}",
+                "CREATE TABLE IF NOT EXISTS {full} ({}) ENGINE = {engine}",
                 defs.join(", "),
-                o.get("engine").unwrap_or("MergeTree")
             );
             if let Some(p) = o.get("partition_by") {
                 stmt.push_str(&format!(" PARTITION BY {p}"));
             }
             stmt.push_str(&format!(" ORDER BY {}", o.get("order_by").unwrap_or("tuple()")));
+            if tokens && engine.ends_with("MergeTree") && !engine.starts_with("Replicated") {
+                stmt.push_str(" SETTINGS non_replicated_deduplication_window = 1000");
+            }
             ddl.push(stmt);
             (columns, ddl)
         } else {
@@ -135,16 +179,67 @@ impl TableProviderFactory for ClickHouseFactory {
                 })
                 .collect::<Vec<_>>(),
         ));
+        let types: Vec<ChType> = columns.into_iter().map(|(_, t)| t).collect();
+        let partition_on = match o.get("partition_on") {
+            None => None,
+            Some(c) => {
+                let i = schema.index_of(c).map_err(|_| {
+                    Error::Option(format!(
+                        "table {name}: 'partition_on' column '{c}' is not a column of {full}"
+                    ))
+                })?;
+                let base = match &types[i] {
+                    ChType::Nullable(t) => t.as_ref(),
+                    t => t,
+                };
+                if !matches!(
+                    base,
+                    ChType::Int(8..=64)
+                        | ChType::UInt(8..=64)
+                        | ChType::Date
+                        | ChType::Date32
+                        | ChType::DateTime(_)
+                        | ChType::DateTime64(..)
+                ) {
+                    return Err(Error::Option(format!(
+                        "table {name}: 'partition_on' column '{c}' is {base}; use an integer, Date or DateTime column"
+                    ))
+                    .into());
+                }
+                Some(i)
+            }
+        };
+        let partitions: usize = o.parse_or("partitions", 1)?;
+        if partitions == 0 {
+            return Err(Error::Option(format!("table {name}: 'partitions' must be at least 1")).into());
+        }
+        let reader = Reader {
+            client: client.clone(),
+            table_sql: full.clone(),
+            schema: Arc::clone(&schema),
+            types: types.clone(),
+            partition_on,
+            partitions,
+            // ClickHouse 18.16 answers `compress=1` with an empty body; later servers send frames.
+            compression: match compression {
+                BodyCompression::Frames(m) if !legacy => Some(m),
+                _ => None,
+            },
+        };
         let backend = ClickHouseBackend {
             client,
             table_sql: full,
-            types: columns.into_iter().map(|(_, t)| t).collect(),
+            types,
             schema,
             ddl,
             created: OnceCell::new(),
-            gzip,
+            compression,
+            tokens,
         };
-        Ok(Arc::new(SinkTable::new(backend, name, sink)))
+        Ok(Arc::new(ClickHouseTable {
+            sink: SinkTable::new(backend, name, sink),
+            reader,
+        }))
     }
 }
 
@@ -177,8 +272,56 @@ struct ClickHouseBackend {
     /// Statements that make the table, run once before the first insert.
     ddl: Vec<String>,
     created: OnceCell<std::result::Result<(), String>>,
-    /// Send bodies gzip-compressed (`Content-Encoding: gzip`).
-    gzip: bool,
+    compression: BodyCompression,
+    /// Send each request's delivery token as `insert_deduplication_token`.
+    tokens: bool,
+}
+
+/// A ClickHouse table: `SELECT` through the reader, `INSERT INTO` through the sink.
+#[derive(Debug)]
+struct ClickHouseTable {
+    sink: SinkTable<ClickHouseBackend>,
+    reader: Reader,
+}
+
+#[async_trait]
+impl TableProvider for ClickHouseTable {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.reader.schema)
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> datafusion::error::Result<Vec<TableProviderFilterPushDown>> {
+        Ok(self.reader.pushdown(filters))
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        let rows = state.config().batch_size();
+        Ok(Arc::new(
+            self.reader.scan(projection, filters, limit, rows).await?,
+        ))
+    }
+
+    async fn insert_into(
+        &self,
+        state: &dyn Session,
+        input: Arc<dyn ExecutionPlan>,
+        insert_op: InsertOp,
+    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        self.sink.insert_into(state, input, insert_op).await
+    }
 }
 
 #[async_trait]
@@ -191,8 +334,10 @@ impl SinkBackend for ClickHouseBackend {
 
     fn encode(&self, batch: &RecordBatch) -> Result<bytes::Bytes> {
         let block = encode_block(batch, &self.types)?;
-        if !self.gzip {
-            return Ok(block.into());
+        match self.compression {
+            BodyCompression::None => return Ok(block.into()),
+            BodyCompression::Frames(m) => return Ok(compress(&block, m)?.into()),
+            BodyCompression::Gzip => {}
         }
         use std::io::Write;
         let mut z =
@@ -220,7 +365,12 @@ impl SinkBackend for ClickHouseBackend {
             "clickhouse={} ({}), encoded as Native{}",
             self.table_sql,
             cols.join(", "),
-            if self.gzip { ", gzip" } else { "" }
+            match self.compression {
+                BodyCompression::None => "",
+                BodyCompression::Gzip => ", gzip",
+                BodyCompression::Frames(Method::Lz4) => ", lz4",
+                BodyCompression::Frames(Method::Zstd) => ", zstd",
+            }
         );
         if !self.ddl.is_empty() {
             s.push_str(&format!(", on the first write runs: {}", self.ddl.join("; ")));
@@ -228,7 +378,7 @@ impl SinkBackend for ClickHouseBackend {
         s
     }
 
-    async fn send(&self, request: &bytes::Bytes, _token: &str) -> Outcome {
+    async fn send(&self, request: &bytes::Bytes, token: &str) -> Outcome {
         let created = self
             .created
             .get_or_init(|| async {
@@ -248,7 +398,12 @@ impl SinkBackend for ClickHouseBackend {
         }
         match self
             .client
-            .insert_native(&self.table_sql, request.clone(), self.gzip)
+            .insert_native(
+                &self.table_sql,
+                request.clone(),
+                self.compression,
+                self.tokens.then_some(token),
+            )
             .await
         {
             Ok(()) => Outcome::Delivered,
