@@ -219,3 +219,198 @@ fn arrays_tuples_and_maps_with_nulls() {
          []\t[]\t(3,'z')\t{'only':-1}"
     );
 }
+
+#[test]
+fn low_cardinality_wide_integers_and_enums_read_by_clickhouse() {
+    let words: ArrayRef = Arc::new(StringArray::from(vec![
+        Some("東京"),
+        None,
+        Some(""),
+        Some("東京"),
+    ]));
+    let dict: ArrayRef = Arc::new(
+        vec![Some("x"), Some("y"), Some("x"), None]
+            .into_iter()
+            .collect::<DictionaryArray<arrow::datatypes::Int8Type>>(),
+    );
+    let mut tags = ListBuilder::new(StringBuilder::new());
+    tags.append_value([Some("a"), Some("b")]);
+    tags.append_value([Some("a")]);
+    tags.append_value(Vec::<Option<&str>>::new());
+    tags.append_value([Some("c")]);
+    let wide = Decimal256Array::from(vec![
+        i256::from_i128(i128::MAX) * i256::from_i128(4),
+        i256::ZERO,
+        i256::from_i128(1),
+        i256::from_i128(-7),
+    ])
+    .with_precision_and_scale(76, 0)
+    .unwrap();
+    let batch = RecordBatch::try_from_iter([
+        ("lc", Arc::clone(&words)),
+        ("dict", dict),
+        ("tags", Arc::new(tags.finish()) as ArrayRef),
+        (
+            "i128",
+            Arc::new(
+                Decimal128Array::from(vec![i128::MIN, i128::MAX, 0, -1])
+                    .with_precision_and_scale(38, 0)
+                    .unwrap(),
+            ) as ArrayRef,
+        ),
+        ("i256", Arc::new(wide) as ArrayRef),
+        (
+            "u128",
+            Arc::new(UInt64Array::from(vec![u64::MAX, 0, 1, 2])) as ArrayRef,
+        ),
+        (
+            "e",
+            Arc::new(StringArray::from(vec!["lo", "hi", "hi", "lo"])) as ArrayRef,
+        ),
+    ])
+    .unwrap();
+    let types: Vec<ChType> = [
+        "LowCardinality(Nullable(String))",
+        "LowCardinality(Nullable(String))",
+        "Array(LowCardinality(String))",
+        "Int128",
+        "Int256",
+        "UInt128",
+        "Enum16('lo' = -1000, 'hi' = 1000)",
+    ]
+    .iter()
+    .map(|t| ChType::parse(t).unwrap())
+    .collect();
+    let (desc, rows) = clickhouse_reads(&encode_block(&batch, &types).unwrap());
+    assert_eq!(
+        desc,
+        "lc\tLowCardinality(Nullable(String))\ndict\tLowCardinality(Nullable(String))\n\
+         tags\tArray(LowCardinality(String))\ni128\tInt128\ni256\tInt256\nu128\tUInt128\n\
+         e\tEnum16('lo' = -1000, 'hi' = 1000)"
+    );
+    assert_eq!(
+        rows,
+        "東京\tx\t['a','b']\t-170141183460469231731687303715884105728\t680564733841876926926749214863536422908\t18446744073709551615\tlo\n\
+         \\N\ty\t['a']\t170141183460469231731687303715884105727\t0\t0\thi\n\
+         \tx\t[]\t0\t1\t1\thi\n\
+         東京\t\\N\t['c']\t-1\t-7\t2\tlo"
+    );
+}
+
+/// A Native file ClickHouse itself writes (chdb `FORMAT Native`).
+fn clickhouse_writes(query: &str) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("answer.native");
+    let out = Command::new(python())
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/services/chdb_read.py"
+        ))
+        .args(["--write", path.to_str().unwrap(), query])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "chdb failed (run `bash tests/services/start.sh`): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read(path).unwrap()
+}
+
+#[test]
+fn blocks_clickhouse_writes_decode_to_the_same_values() {
+    use arrow::util::display::array_value_to_string;
+    use flumen::connector::clickhouse::decode::BlockReader;
+    let columns = [
+        ("n", "UInt64", "number"),
+        (
+            "lc",
+            "LowCardinality(Nullable(String))",
+            "toLowCardinality(if(number = 1, NULL, toString(number % 2)))",
+        ),
+        (
+            "tags",
+            "Array(LowCardinality(String))",
+            "[toLowCardinality('x'), 'y']",
+        ),
+        (
+            "i128",
+            "Int128",
+            "if(number = 0, toInt128('-170141183460469231731687303715884105728'), toInt128(number))",
+        ),
+        ("i256", "Int256", "toInt256(-1) * toInt256(number)"),
+        (
+            "u256",
+            "UInt256",
+            "toUInt256(number) * toUInt256('1000000000000000000000000000000')",
+        ),
+        (
+            "d256",
+            "Decimal(76, 9)",
+            "toDecimal256('-12345678901234567890.123456789', 9)",
+        ),
+        ("b", "Bool", "number % 2 = 0"),
+        ("d32", "Date32", "toDate32('1900-01-01') + number"),
+        (
+            "t64",
+            "DateTime64(6, 'UTC')",
+            "toDateTime64('1960-01-01 00:00:00.123456', 6, 'UTC')",
+        ),
+        (
+            "m",
+            "Map(String, Nullable(UInt64))",
+            "map('k', if(number = 2, NULL, number))",
+        ),
+        (
+            "e",
+            "Enum16('lo' = -1000, 'hi' = 1000)",
+            "CAST(if(number = 0, 'lo', 'hi') AS Enum16('lo' = -1000, 'hi' = 1000))",
+        ),
+        ("u", "UUID", "toUUID('61f0c404-5cb3-11e7-907b-a6006ad3dba0')"),
+        ("fs", "FixedString(4)", "toFixedString('ab', 4)"),
+        (
+            "tup",
+            "Tuple(a UInt64, b String)",
+            "CAST((number, 'x') AS Tuple(a UInt64, b String))",
+        ),
+    ];
+    let select: Vec<String> = columns.iter().map(|(n, _, e)| format!("{e} AS {n}")).collect();
+    let bytes = clickhouse_writes(&format!("SELECT {} FROM numbers(3)", select.join(", ")));
+    let fields: Vec<Field> = columns
+        .iter()
+        .map(|(n, t, _)| {
+            let (dt, nullable) = ChType::parse(t).unwrap().to_arrow();
+            Field::new(*n, dt, nullable)
+        })
+        .collect();
+    let mut reader = BlockReader::new(&bytes[..], Arc::new(arrow::datatypes::Schema::new(fields)));
+    let batch = reader.next_batch().unwrap().unwrap();
+    assert!(reader.next_batch().unwrap().is_none());
+    let rows: Vec<String> = (0..batch.num_rows())
+        .map(|r| {
+            batch
+                .columns()
+                .iter()
+                .map(|c| {
+                    if c.is_null(r) {
+                        "NULL".to_string()
+                    } else {
+                        array_value_to_string(c, r).unwrap()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("|")
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            "0|0|[x, y]|-170141183460469231731687303715884105728|0|0|-12345678901234567890.123456789|true|1900-01-01|\
+             1960-01-01T00:00:00.123456Z|{k: 0}|lo|61f0c404-5cb3-11e7-907b-a6006ad3dba0|ab|{a: 0, b: x}",
+            "1|NULL|[x, y]|1|-1|1000000000000000000000000000000|-12345678901234567890.123456789|false|1900-01-02|\
+             1960-01-01T00:00:00.123456Z|{k: 1}|hi|61f0c404-5cb3-11e7-907b-a6006ad3dba0|ab|{a: 1, b: x}",
+            "2|0|[x, y]|2|-2|2000000000000000000000000000000|-12345678901234567890.123456789|true|1900-01-03|\
+             1960-01-01T00:00:00.123456Z|{k: }|hi|61f0c404-5cb3-11e7-907b-a6006ad3dba0|ab|{a: 2, b: x}",
+        ]
+    );
+}

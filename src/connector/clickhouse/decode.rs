@@ -229,7 +229,10 @@ impl<R: Read> ColumnReader<'_, R> {
             ChType::UInt(64) => Arc::new(self.primitive::<UInt64Type>(rows)?),
             ChType::Int(128) => {
                 let a = self.primitive::<arrow::datatypes::Decimal128Type>(rows)?;
-                Arc::new(Decimal128Array::new(a.values().clone(), None).with_precision_and_scale(38, 0)?)
+                Arc::new(
+                    Decimal256Array::from_iter_values(a.values().iter().map(|v| i256::from_i128(*v)))
+                        .with_precision_and_scale(76, 0)?,
+                )
             }
             ChType::Int(_) => {
                 let a = self.primitive::<arrow::datatypes::Decimal256Type>(rows)?;

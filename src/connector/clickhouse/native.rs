@@ -175,7 +175,18 @@ impl Column<'_> {
             ChType::Int(16) => raw!(Int16Type, a),
             ChType::Int(32) => raw!(Int32Type, a),
             ChType::Int(64) => raw!(Int64Type, a),
-            ChType::Int(128) => raw!(Decimal128Type, a),
+            ChType::Int(128) => {
+                let arr = self.cast(a, &arrow_type(ty))?;
+                let d = arr.as_primitive::<Decimal256Type>();
+                for (i, v) in d.values().iter().enumerate() {
+                    let v = match v.to_i128() {
+                        Some(v) => v,
+                        None if nullable && d.is_null(i) => 0,
+                        None => return Err(self.err(i, &format!("{v} is outside Int128"))),
+                    };
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+            }
             ChType::Int(_) => raw!(Decimal256Type, a),
             ChType::UInt(8) => raw!(UInt8Type, a),
             ChType::UInt(16) => raw!(UInt16Type, a),
