@@ -121,7 +121,7 @@ fn reads_push_columns_filters_and_limits_and_split_by_key_range() {
                  WHERE id >= 1000 AND (grp IN ('1', '2') OR grp IS NULL) AND v < 20000 GROUP BY grp ORDER BY grp;\n";
     let script = format!(
         "{}{}{}{}SELECT count(*) FROM whole WHERE day = DATE '2024-01-02';\nSELECT id, grp FROM whole WHERE grp = '2' LIMIT 3;\n",
-        table("whole", ""),
+        table("whole", ", 'settings' 'max_threads=1, max_execution_time=60'"),
         table("split", ", 'partition_on' 'id', 'partitions' '3'"),
         query.replace("{T}", "whole"),
         query.replace("{T}", "split"),

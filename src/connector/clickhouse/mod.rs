@@ -1,4 +1,4 @@
-//! `STORED AS CLICKHOUSE`: write to ClickHouse over HTTP in its Native format.
+//! `STORED AS CLICKHOUSE`: read and write ClickHouse over HTTP in its Native format.
 //!
 //! ```sql
 //! CREATE EXTERNAL TABLE daily (day DATE, city VARCHAR, revenue DECIMAL(18,2)) STORED AS CLICKHOUSE
@@ -13,14 +13,10 @@
 //! headers, never in URLs or messages. A table flumen creates uses [`types::ChType::from_arrow`]'s
 //! map (narrowed for servers before 20: no DateTime64, Date32, Bool or Map).
 //!
-//! Retries and `flumen resume` on ClickHouse 18.16: a request whose answer was lost (the server
-//! died after committing it) is sent again, and 18.16 has no insert deduplication token for
-//! MergeTree, so up to `concurrency × batch_rows` rows can be repeated (the test
-//! `a_server_killed_mid_load_loses_nothing_after_resume` sees it: one 20k-row request, sometimes).
-//! A ReplacingMergeTree keyed on the rows' id removes such repeats at merge time.
-//!
-//! Not yet: reading (`SELECT` from ClickHouse), compression, LowCardinality-specific encoding,
-//! deduplication tokens on servers that have them.
+//! `SELECT` reads through [`source`]: columns, exact filters and LIMIT pushed into one query
+//! per partition, Native decoded by [`decode`] as it streams. [`compress`] is ClickHouse's own
+//! LZ4/ZSTD framing. Duplicates on retry: see the README's ClickHouse section (tokens on 22.2+,
+//! none on 18.16).
 
 pub mod client;
 pub mod compress;
