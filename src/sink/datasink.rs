@@ -162,12 +162,22 @@ impl<B: SinkBackend> Shared<B> {
         Ok(n)
     }
 
+    /// Encodes on tokio's blocking pool: encoding is CPU work, and the runtime's workers keep
+    /// sending the other requests in flight meanwhile.
+    async fn encode(&self, batch: &RecordBatch) -> Result<B::Request> {
+        let backend = Arc::clone(&self.backend);
+        let batch = batch.clone();
+        tokio::task::spawn_blocking(move || backend.encode(&batch))
+            .await
+            .map_err(|e| Error::Config(format!("table {}: encoding a request failed: {e}", self.table)))?
+    }
+
     /// The attempts of one chunk; journals how it ended.
     async fn deliver_chunk(&self, chunk: &Chunk) -> Result<u64> {
         let journal = self.state.journal();
         let mut batch = chunk.batch.clone();
         let mut token = chunk.token.clone();
-        let mut request = self.backend.encode(&batch)?;
+        let mut request = self.encode(&batch).await?;
         let seed = chunk
             .token
             .bytes()
@@ -222,7 +232,7 @@ impl<B: SinkBackend> Shared<B> {
                         .map(|c| arrow::compute::take(c, &idx, None))
                         .collect::<std::result::Result<Vec<_>, _>>()?;
                     batch = RecordBatch::try_new(batch.schema(), cols)?;
-                    request = self.backend.encode(&batch)?;
+                    request = self.encode(&batch).await?;
                     token = format!("{}/retry{attempt}", chunk.token);
                     (format!("{} rows to send again", retry.len()), None)
                 }
