@@ -302,6 +302,57 @@ fn values_the_column_cannot_hold_are_clear_errors() {
 }
 
 #[test]
+fn rows_the_server_refuses_go_to_dead_letters_with_its_reason() {
+    let db = database("flumen_t_refused");
+    // The server itself refuses a negative x (a column expression that throws).
+    ch(&format!(
+        "CREATE TABLE {db}.t (x Int64, chk UInt8 MATERIALIZED throwIf(x < 0)) ENGINE = MergeTree ORDER BY x"
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let script = |max: &str| {
+        format!(
+            "CREATE EXTERNAL TABLE t STORED AS CLICKHOUSE LOCATION 'http://127.0.0.1:8123/{db}'\n\
+               OPTIONS ('table' 't', 'batch_rows' '100', 'max_rejected' '{max}');\n\
+             INSERT INTO t SELECT CASE WHEN value = 250 THEN -1 ELSE value END FROM generate_series(1, 1000);\n"
+        )
+    };
+    // Within max_rejected: the request with -1 (100 rows) is dead-lettered, the rest land.
+    let out = flumen(dir.path(), &script("10%"), &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        ch(&format!("SELECT count(), min(x) FROM {db}.t FORMAT CSV")),
+        "900,1\n"
+    );
+    let state = dir.path().join("state");
+    let run = std::fs::read_dir(state.join("dead_letter"))
+        .unwrap()
+        .next()
+        .expect("a dead-letter folder for the run")
+        .unwrap()
+        .path();
+    let dead = Command::new(env!("CARGO_BIN_EXE_flumen"))
+        .args(["sql", "-q", "--format", "csv", "-e"])
+        .arg(format!(
+            "SELECT count(*) AS n, min(x) AS lo, max(x) AS hi, min(_error) AS reason FROM '{}/t/'",
+            run.display()
+        ))
+        .output()
+        .unwrap();
+    let dead = format!("{}{}", text(&dead.stdout), text(&dead.stderr));
+    assert!(dead.starts_with("n,lo,hi,reason\n100,-1,300,"), "{dead}");
+    assert!(dead.contains("Code: 395"), "{dead}");
+    // Beyond it: the job fails and says so.
+    ch(&format!("TRUNCATE TABLE {db}.t"));
+    let out = flumen(dir.path(), &script("0"), &[]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("max_rejected"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
 fn wrong_password_and_unknown_database_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let script = "CREATE EXTERNAL TABLE t STORED AS CLICKHOUSE LOCATION 'http://flumen:${CH_PASSWORD}@127.0.0.1:8123/default' \

@@ -40,6 +40,20 @@ pub fn is_retriable(e: &ChError) -> bool {
     }
 }
 
+/// Whether the server refused the rows themselves (a value it cannot parse, convert or accept,
+/// a failed constraint or `throwIf` in a column expression), not the request: such a batch
+/// goes to dead letters; the table, the credentials or the SQL being wrong stops the job.
+pub fn is_bad_data(e: &ChError) -> bool {
+    // CANNOT_PARSE_TEXT, CANNOT_PARSE_INPUT_ASSERTION_FAILED, CANNOT_PARSE_DATE,
+    // CANNOT_PARSE_DATETIME, TYPE_MISMATCH, ARGUMENT_OUT_OF_BOUND, CANNOT_CONVERT_TYPE,
+    // CANNOT_PARSE_NUMBER, INCORRECT_DATA, FUNCTION_THROW_IF_VALUE_IS_NON_ZERO,
+    // VIOLATED_CONSTRAINT, DECIMAL_OVERFLOW, VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE.
+    matches!(
+        e.code,
+        Some(6 | 27 | 38 | 41 | 53 | 69 | 70 | 72 | 117 | 395 | 469 | 407 | 321)
+    )
+}
+
 /// A connection to one ClickHouse database over HTTP.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -324,6 +338,8 @@ mod tests {
         assert!(is_retriable(&e(0, None)), "network");
         assert!(is_retriable(&e(503, None)));
         assert!(!is_retriable(&e(400, None)));
+        assert!(is_bad_data(&e(500, Some(395))), "throwIf in a column expression");
+        assert!(!is_bad_data(&e(404, Some(60))), "unknown table stops the job");
     }
 
     #[test]

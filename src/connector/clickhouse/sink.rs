@@ -14,7 +14,9 @@ use datafusion::logical_expr::{CreateExternalTable, Expr, TableProviderFilterPus
 use datafusion::physical_plan::ExecutionPlan;
 use tokio::sync::OnceCell;
 
-use super::client::{BodyCompression, ChError, Client, is_retriable, parse_settings, quote_ident, quote_str};
+use super::client::{
+    BodyCompression, ChError, Client, is_bad_data, is_retriable, parse_settings, quote_ident, quote_str,
+};
 use super::compress::{Method, compress};
 use super::native::encode_block;
 use super::source::Reader;
@@ -106,7 +108,10 @@ impl TableProviderFactory for ClickHouseFactory {
         let tokens = dedup && version >= (22, 2);
         let existing = client
             .query(&format!(
-                "SELECT name, type FROM system.columns WHERE database = {} AND table = {} FORMAT TabSeparated",
+                // MATERIALIZED and ALIAS columns are computed by the server: not written, and not
+                // in `SELECT *` either.
+                "SELECT name, type FROM system.columns WHERE database = {} AND table = {} \
+                 AND default_kind NOT IN ('MATERIALIZED', 'ALIAS') FORMAT TabSeparated",
                 quote_str(&client.database),
                 quote_str(&table)
             ))
@@ -277,6 +282,22 @@ struct ClickHouseBackend {
     tokens: bool,
 }
 
+/// One insert's body and how many rows it carries.
+#[derive(Debug)]
+struct ChRequest {
+    body: bytes::Bytes,
+    rows: usize,
+}
+
+fn gzip(block: &[u8]) -> Result<Vec<u8>> {
+    use std::io::Write;
+    let mut z =
+        flate2::write::GzEncoder::new(Vec::with_capacity(block.len() / 4), flate2::Compression::fast());
+    z.write_all(block)
+        .map_err(|e| Error::io("compressing a Native block", e))?;
+    z.finish().map_err(|e| Error::io("compressing a Native block", e))
+}
+
 /// A ClickHouse table: `SELECT` through the reader, `INSERT INTO` through the sink.
 #[derive(Debug)]
 struct ClickHouseTable {
@@ -326,31 +347,25 @@ impl TableProvider for ClickHouseTable {
 
 #[async_trait]
 impl SinkBackend for ClickHouseBackend {
-    type Request = bytes::Bytes;
+    type Request = ChRequest;
 
     fn schema(&self) -> SchemaRef {
         Arc::clone(&self.schema)
     }
 
-    fn encode(&self, batch: &RecordBatch) -> Result<bytes::Bytes> {
+    fn encode(&self, batch: &RecordBatch) -> Result<ChRequest> {
         let block = encode_block(batch, &self.types)?;
-        match self.compression {
-            BodyCompression::None => return Ok(block.into()),
-            BodyCompression::Frames(m) => return Ok(compress(&block, m)?.into()),
-            BodyCompression::Gzip => {}
-        }
-        use std::io::Write;
-        let mut z =
-            flate2::write::GzEncoder::new(Vec::with_capacity(block.len() / 4), flate2::Compression::fast());
-        z.write_all(&block)
-            .map_err(|e| Error::io("compressing a Native block", e))?;
-        Ok(z.finish()
-            .map_err(|e| Error::io("compressing a Native block", e))?
-            .into())
+        let rows = batch.num_rows();
+        let body: bytes::Bytes = match self.compression {
+            BodyCompression::None => block.into(),
+            BodyCompression::Frames(m) => compress(&block, m)?.into(),
+            BodyCompression::Gzip => gzip(&block)?.into(),
+        };
+        Ok(ChRequest { body, rows })
     }
 
-    fn request_bytes(&self, request: &bytes::Bytes) -> usize {
-        request.len()
+    fn request_bytes(&self, request: &ChRequest) -> usize {
+        request.body.len()
     }
 
     fn describe(&self) -> String {
@@ -378,7 +393,7 @@ impl SinkBackend for ClickHouseBackend {
         s
     }
 
-    async fn send(&self, request: &bytes::Bytes, token: &str) -> Outcome {
+    async fn send(&self, request: &ChRequest, token: &str) -> Outcome {
         let created = self
             .created
             .get_or_init(|| async {
@@ -400,7 +415,7 @@ impl SinkBackend for ClickHouseBackend {
             .client
             .insert_native(
                 &self.table_sql,
-                request.clone(),
+                request.body.clone(),
                 self.compression,
                 self.tokens.then_some(token),
             )
@@ -410,6 +425,12 @@ impl SinkBackend for ClickHouseBackend {
             Err(e) if is_retriable(&e) => Outcome::Retry {
                 reason: e.to_string(),
                 after: None,
+            },
+            // The server does not say which row; the whole request's rows go to dead letters
+            // with its message (and count against `max_rejected`).
+            Err(e) if is_bad_data(&e) => Outcome::Partial {
+                rejected: (0..request.rows).map(|i| (i, e.to_string())).collect(),
+                retry: Vec::new(),
             },
             Err(e) => Outcome::Fatal {
                 reason: e.to_string(),
