@@ -13,7 +13,8 @@
 # ROWS (default 10M) rows for a, b, c; PY_ROWS (default 1M) for d and e, which hold every row
 # as Python objects (10M dicts would need ~10 GiB): their rates are compared, not their times.
 # Prints rows/s, the ratios a/b, a/c, a/d, a/e and flumen's peak RSS, and checks every table
-# has all its rows.
+# has all its rows. Then reads the table back: flumen into Parquet (1 query, 2 key ranges)
+# against the server's own Native dump to /dev/null.
 source "$(dirname "$0")/common.sh"
 ROWS="${ROWS:-10M}"
 PY_ROWS="${PY_ROWS:-1M}"
@@ -105,6 +106,18 @@ check e_tuples "$PN"
 # (e) counts only its inserts: the time the script printed.
 cp "$BENCH_DIR/e_driver_tuples.out" "$BENCH_DIR/e_driver_tuples.secs"
 
+# Reading back: the server's own Native dump to /dev/null (its limit) against flumen reading the
+# table into a Parquet file, in one query and in 2 key ranges.
+timed r_curl_native sh -c "curl -sS --fail-with-body '$CH' --data-binary 'SELECT * FROM flumen_bench.a_flumen FORMAT Native' > /dev/null"
+for parts in 1 2; do
+  cat > "$D/read$parts.sql" <<SQL
+CREATE EXTERNAL TABLE src STORED AS CLICKHOUSE LOCATION '${CH%/}/flumen_bench'
+  OPTIONS ('table' 'a_flumen', 'partition_on' 'order_id', 'partitions' '$parts');
+COPY (SELECT * FROM src) TO '$D/read$parts.parquet' STORED AS PARQUET;
+SQL
+  timed "r_flumen_${parts}_range" "$FLUMEN" run -q --state-dir "$D/state" "$D/read$parts.sql"
+done
+
 rate() { echo "$2 / $(secs "$1")" | bc -l | xargs printf '%.0f'; }
 ra=$(rate a_flumen "$N"); rb=$(rate b_curl_native "$N"); rc=$(rate c_client_csv "$N")
 rd=$(rate d_pandas_dicts "$PN"); re=$(rate e_driver_tuples "$PN")
@@ -119,3 +132,9 @@ printf '%-52s %12s\n' "(e) clickhouse-driver, tuples in memory" "$re"
 echo
 echo "a/b $(r "$ra" "$rb") (target >= 0.9)   a/c $(r "$ra" "$rc") (>= 1.3)   a/d $(r "$ra" "$rd") (>= 20)   a/e $(r "$ra" "$re") (>= 2.5)"
 echo "flumen peak RSS $(rss a_flumen) MiB (target < 1024)"
+echo
+printf '%-52s %12s\n' "read back" "rows/s"
+printf '%-52s %12s\n' "curl Native to /dev/null (server's limit)" "$(rate r_curl_native "$N")"
+printf '%-52s %12s\n' "flumen ClickHouse -> Parquet, 1 query" "$(rate r_flumen_1_range "$N")"
+printf '%-52s %12s\n' "flumen ClickHouse -> Parquet, 2 key ranges" "$(rate r_flumen_2_range "$N")"
+echo "flumen read peak RSS $(rss r_flumen_2_range) MiB"
