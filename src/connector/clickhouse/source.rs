@@ -405,7 +405,8 @@ impl ExecutionPlan for ClickHouseScanExec {
                 Some(_) => Box::new(Decompress::new(input)),
                 None => Box::new(input),
             };
-            let mut blocks = BlockReader::new(body, schema);
+            // Buffered: the decoder reads values a few bytes at a time.
+            let mut blocks = BlockReader::new(std::io::BufReader::with_capacity(1 << 18, body), schema);
             loop {
                 match blocks.next_batch() {
                     Ok(Some(b)) => {
