@@ -288,7 +288,8 @@ impl<R: Read> ColumnReader<'_, R> {
                     Arc::new(Decimal128Array::from(v).with_precision_and_scale(*p, *s)?)
                 }
             }
-            ChType::String => self.strings(rows)?,
+            // Views over the decoded buffer (the type map's `Utf8View`).
+            ChType::String => arrow::compute::cast(&self.strings(rows)?, &DataType::Utf8View)?,
             ChType::FixedString(n) => {
                 let raw = self.bytes(rows * n)?;
                 let mut offsets = Vec::with_capacity(rows + 1);
@@ -612,8 +613,9 @@ mod tests {
         let lc = ChType::parse("LowCardinality(Nullable(String))").unwrap();
         let types = [ChType::Int(32), ChType::parse("Nullable(String)").unwrap(), lc];
         let b = round_trip(&batch, &types);
-        assert_eq!(b.column(1).as_ref(), s.as_ref());
-        assert_eq!(b.column(2).as_ref(), s.as_ref());
+        let view = arrow::compute::cast(&s, &DataType::Utf8View).unwrap();
+        assert_eq!(b.column(1).as_ref(), view.as_ref());
+        assert_eq!(b.column(2).as_ref(), view.as_ref());
         assert_eq!(b.column(0).as_primitive::<Int32Type>().values(), &[1, 2, 3, 4, 5]);
     }
 

@@ -233,15 +233,38 @@ impl Column<'_> {
                     }
                 }
             }
-            ChType::String => {
-                let arr = self.cast(a, &DataType::Binary)?;
-                let b = arr.as_binary::<i32>();
-                let offsets = b.value_offsets();
-                let data = b.value_data();
-                for w in offsets.windows(2) {
-                    put_str(out, &data[w[0] as usize..w[1] as usize]);
+            ChType::String => match a.data_type() {
+                // Straight from the Arrow layouts; NULL slots (nullable) carry whatever bytes.
+                DataType::Utf8View => {
+                    let v = a.as_string_view();
+                    out.reserve(v.total_buffer_bytes_used() + v.len() * 2);
+                    for i in 0..v.len() {
+                        put_str(out, v.value(i).as_bytes());
+                    }
                 }
-            }
+                DataType::BinaryView => {
+                    let v = a.as_binary_view();
+                    for i in 0..v.len() {
+                        put_str(out, v.value(i));
+                    }
+                }
+                DataType::LargeUtf8 | DataType::LargeBinary => {
+                    let arr = self.cast(a, &DataType::LargeBinary)?;
+                    let b = arr.as_binary::<i64>();
+                    let (offsets, data) = (b.value_offsets(), b.value_data());
+                    for w in offsets.windows(2) {
+                        put_str(out, &data[w[0] as usize..w[1] as usize]);
+                    }
+                }
+                _ => {
+                    let arr = self.cast(a, &DataType::Binary)?;
+                    let b = arr.as_binary::<i32>();
+                    let (offsets, data) = (b.value_offsets(), b.value_data());
+                    for w in offsets.windows(2) {
+                        put_str(out, &data[w[0] as usize..w[1] as usize]);
+                    }
+                }
+            },
             ChType::FixedString(n) => {
                 let arr = self.cast(a, &DataType::Binary)?;
                 let b = arr.as_binary::<i32>();

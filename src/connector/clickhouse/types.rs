@@ -219,7 +219,9 @@ impl ChType {
             ChType::Float64 => DataType::Float64,
             ChType::Decimal(p, s) if *p > 38 => DataType::Decimal256(*p, *s),
             ChType::Decimal(p, s) => DataType::Decimal128(*p, *s),
-            ChType::String | ChType::FixedString(_) | ChType::Uuid => DataType::Utf8,
+            // A view: DataFusion reads files' strings as views, so inserts need no cast.
+            ChType::String => DataType::Utf8View,
+            ChType::FixedString(_) | ChType::Uuid => DataType::Utf8,
             ChType::Date | ChType::Date32 => DataType::Date32,
             ChType::DateTime(tz) => DataType::Timestamp(TimeUnit::Second, tz.as_deref().map(Into::into)),
             ChType::DateTime64(p, tz) => DataType::Timestamp(
