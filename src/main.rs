@@ -425,7 +425,24 @@ async fn shell(flumen: &Flumen, opts: &RunOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// glibc serves allocations above a moving threshold with mmap and returns them to the kernel
+/// on free; a run allocates and frees batches and requests of a few MiB all the time, and each
+/// one then costs fresh page faults. A fixed 32 MiB threshold keeps them in the heap for reuse:
+/// a 10M-row load into ClickHouse's Null engine went from 2.2 s (1.5 s system time) to 1.5 s
+/// (0.3 s). Memory freed stays with the process up to 64 MiB (the trim threshold this implies).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn tune_allocator() {
+    // SAFETY: mallopt only sets allocator parameters; it runs first in main, on the only thread.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn tune_allocator() {}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     init_logging(&cli.global);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
