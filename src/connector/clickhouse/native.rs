@@ -141,11 +141,16 @@ impl Column<'_> {
     fn encode(&self, a: &ArrayRef, ty: &ChType, out: &mut Vec<u8>) -> Result<()> {
         match ty {
             ChType::Nullable(inner) => {
-                out.extend((0..a.len()).map(|i| u8::from(a.is_null(i))));
+                // The null map, from Arrow's validity bits in one pass.
+                match a.logical_nulls() {
+                    Some(n) => out.extend(n.iter().map(|valid| u8::from(!valid))),
+                    None => out.resize(out.len() + a.len(), 0),
+                }
                 self.values(a, inner, out, true)
             }
             _ => {
-                if let Some(row) = (0..a.len()).find(|i| a.is_null(*i))
+                let nulls = a.logical_nulls().filter(|n| n.null_count() > 0);
+                if let Some(row) = nulls.and_then(|n| n.iter().position(|valid| !valid))
                     && !matches!(
                         ty,
                         ChType::Array(_) | ChType::Tuple(_) | ChType::Map(..) | ChType::LowCardinality(_)
