@@ -426,6 +426,23 @@ fn wrong_password_and_unknown_database_are_clear_errors() {
         err.contains("cannot reach ClickHouse at http://127.0.0.1:1/"),
         "{err}"
     );
+
+    // A bad ORDER BY fails the first write with the server's reason; nothing half-made remains.
+    let db = database("flumen_t_bad_order");
+    let script = format!(
+        "CREATE EXTERNAL TABLE t (n INT) STORED AS CLICKHOUSE LOCATION 'http://127.0.0.1:8123/{db}' \
+         OPTIONS ('table' 't', 'create' 'if_not_exists', 'order_by' 'no_such_column');\n\
+         INSERT INTO t VALUES (1);\n"
+    );
+    let out = flumen(dir.path(), &script, &[]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("creating `flumen_t_bad_order`.`t`") && err.contains("no_such_column"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(ch(&format!("EXISTS TABLE {db}.t")).trim(), "0");
 }
 
 #[test]
