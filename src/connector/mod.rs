@@ -5,6 +5,7 @@
 //! AVRO, ARROW) stay DataFusion's own factories and are not listed here.
 
 pub mod clickhouse;
+pub mod elasticsearch;
 #[cfg(feature = "test-backends")]
 pub mod faulty;
 pub mod generate;
@@ -36,6 +37,7 @@ impl Registry {
         let mut r = Self::empty();
         r.register("GENERATE", Arc::new(generate::GenerateFactory));
         r.register("CLICKHOUSE", Arc::new(clickhouse::ClickHouseFactory));
+        r.register("ELASTICSEARCH", Arc::new(elasticsearch::ElasticsearchFactory));
         #[cfg(feature = "test-backends")]
         r.register("FAULTY", Arc::new(faulty::FaultyFactory));
         r

@@ -53,6 +53,14 @@ pub trait SinkBackend: Debug + Send + Sync + 'static {
     /// Encodes a batch (CPU only, no IO).
     fn encode(&self, batch: &RecordBatch) -> Result<Self::Request>;
 
+    /// Encodes a batch knowing where its rows come from: `token` is the request's delivery
+    /// token as first sent, and row `i` of `batch` is row `rows[i]` of that request (`None`: the
+    /// same row). A backend whose items carry ids derives them from these, so that items sent
+    /// again (a retry of only some of them, or `flumen resume`) keep their ids.
+    fn encode_rows(&self, batch: &RecordBatch, _token: &str, _rows: Option<&[u32]>) -> Result<Self::Request> {
+        self.encode(batch)
+    }
+
     /// The size of an encoded request in bytes, for metrics.
     fn request_bytes(&self, request: &Self::Request) -> usize;
 

@@ -164,10 +164,12 @@ impl<B: SinkBackend> Shared<B> {
 
     /// Encodes on tokio's blocking pool: encoding is CPU work, and the runtime's workers keep
     /// sending the other requests in flight meanwhile.
-    async fn encode(&self, batch: &RecordBatch) -> Result<B::Request> {
+    async fn encode(&self, batch: &RecordBatch, token: &str, rows: Option<&[u32]>) -> Result<B::Request> {
         let backend = Arc::clone(&self.backend);
         let batch = batch.clone();
-        tokio::task::spawn_blocking(move || backend.encode(&batch))
+        let token = token.to_string();
+        let rows = rows.map(<[u32]>::to_vec);
+        tokio::task::spawn_blocking(move || backend.encode_rows(&batch, &token, rows.as_deref()))
             .await
             .map_err(|e| Error::Config(format!("table {}: encoding a request failed: {e}", self.table)))?
     }
@@ -177,7 +179,9 @@ impl<B: SinkBackend> Shared<B> {
         let journal = self.state.journal();
         let mut batch = chunk.batch.clone();
         let mut token = chunk.token.clone();
-        let mut request = self.encode(&batch).await?;
+        // Row i of `batch` is row rows[i] of the request as first sent (after partial retries).
+        let mut rows: Option<Vec<u32>> = None;
+        let mut request = self.encode(&batch, &chunk.token, None).await?;
         let seed = chunk
             .token
             .bytes()
@@ -225,6 +229,12 @@ impl<B: SinkBackend> Shared<B> {
                         journal.done(&chunk.token)?;
                         return Ok(delivered);
                     }
+                    rows = Some(
+                        retry
+                            .iter()
+                            .map(|i| rows.as_ref().map_or(*i as u32, |r| r[*i]))
+                            .collect(),
+                    );
                     let idx = UInt32Array::from(retry.iter().map(|i| *i as u32).collect::<Vec<_>>());
                     let cols = batch
                         .columns()
@@ -232,7 +242,7 @@ impl<B: SinkBackend> Shared<B> {
                         .map(|c| arrow::compute::take(c, &idx, None))
                         .collect::<std::result::Result<Vec<_>, _>>()?;
                     batch = RecordBatch::try_new(batch.schema(), cols)?;
-                    request = self.encode(&batch).await?;
+                    request = self.encode(&batch, &chunk.token, rows.as_deref()).await?;
                     token = format!("{}/retry{attempt}", chunk.token);
                     (format!("{} rows to send again", retry.len()), None)
                 }

@@ -144,7 +144,11 @@ impl Default for SinkOptions {
 impl SinkOptions {
     /// Reads the shared options from a table's validated options.
     pub fn from_options(o: &TableOptions) -> Result<Self> {
-        let d = Self::default();
+        Self::from_options_with(o, Self::default())
+    }
+
+    /// Like [`SinkOptions::from_options`], with a connector's own defaults for what is not set.
+    pub fn from_options_with(o: &TableOptions, d: SinkOptions) -> Result<Self> {
         let duration = |name: &str, default: Duration| -> Result<Duration> {
             match o.get(name) {
                 None => Ok(default),

@@ -8,7 +8,8 @@
 #   - Python 3 for tests/services/http_server.py, which the HTTP tests start themselves;
 #   - chdb (PyPI, the ClickHouse 26.9 engine in-process) in the run folder's venv, which
 #     tests/services/chdb_read.py uses to read the Native files flumen's encoder writes.
-#   - ClickHouse 18.16 (Debian) on 127.0.0.1:8123/9000, data and logs in the run folder.
+#   - ClickHouse 18.16 (Debian) on 127.0.0.1:8123/9000, data and logs in the run folder;
+#   - osmem-server 0.1.6 (PyPI), an OpenSearch-compatible server, on 127.0.0.1:9200.
 # Connector issues add their servers here (PostgreSQL, MariaDB, Redis, ClickHouse, ...), each as
 # a `start_<name>` function that skips what already answers.
 set -euo pipefail
@@ -128,9 +129,29 @@ XML
   log "clickhouse: $(curl -s 'http://127.0.0.1:8123/?query=SELECT%20version()') on 127.0.0.1:8123 (pid $(cat "$RUN_DIR/clickhouse.pid"))"
 }
 
+# An OpenSearch-compatible server (PyPI osmem-server, Go + bleve): a third-party
+# reimplementation of the REST API Elasticsearch 7/8 and OpenSearch share. No real
+# Elasticsearch or OpenSearch can be installed here.
+ES_PORT="${FLUMEN_ES_PORT:-9200}"
+start_search() {
+  if curl -sf -o /dev/null "http://127.0.0.1:$ES_PORT/"; then
+    log "search (osmem-server): already answering on 127.0.0.1:$ES_PORT"
+    return 0
+  fi
+  pip_install "osmem-server==0.1.6"
+  local site
+  site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  nohup "$site/osmem_server/bin/osmem-server" -addr "127.0.0.1:$ES_PORT" -no-stdin-watch \
+    > "$RUN_DIR/search.log" 2>&1 &
+  echo $! > "$RUN_DIR/search.pid"
+  wait_for search curl -sf "http://127.0.0.1:$ES_PORT/"
+  log "search (osmem-server 0.1.6): started on 127.0.0.1:$ES_PORT (pid $(cat "$RUN_DIR/search.pid"))"
+}
+
 command -v curl >/dev/null 2>&1 || apt_install curl
 start_python
 start_s3
 start_chdb
 start_clickhouse
+start_search
 log "ready (run folder: $RUN_DIR)"

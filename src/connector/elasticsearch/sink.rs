@@ -1,0 +1,519 @@
+//! The ELASTICSEARCH table: `INSERT INTO` sends bulk requests through the shared sink machinery.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::{Field, Schema, SchemaRef};
+use async_trait::async_trait;
+use datafusion::catalog::{Session, TableProvider, TableProviderFactory};
+use datafusion::logical_expr::CreateExternalTable;
+use serde_json::Value;
+use url::Url;
+
+use super::bulk::{BulkSpec, ItemOutcome, Op, encode, parse_index, read_response};
+use super::mapping::{MappingStyle, derive};
+use crate::connector::options::{OptionSpec, TableOptions};
+use crate::error::{Error, Result};
+use crate::sink::{Outcome, SINK_OPTIONS, SinkBackend, SinkOptions, SinkTable};
+
+const OPTIONS: &[OptionSpec] = &[
+    OptionSpec::new(
+        "index",
+        "index name (required); may hold {column} or {column:%Y.%m.%d} for time-based indices",
+    ),
+    OptionSpec::new("id_column", "column whose value is the document _id"),
+    OptionSpec::new(
+        "op",
+        "'index' (default), 'create', 'update', 'upsert' or 'delete'",
+    ),
+    OptionSpec::new("routing_column", "column whose value routes the document"),
+    OptionSpec::new("pipeline", "ingest pipeline for every document"),
+    OptionSpec::new(
+        "create_index",
+        "'if_not_exists' (default: with the mapping) or 'never'",
+    ),
+    OptionSpec::new(
+        "mappings",
+        "explicit mapping JSON, instead of one derived from the columns",
+    ),
+    OptionSpec::new(
+        "strings",
+        "string mapping: 'keyword' (default), 'text' or 'text_keyword'",
+    ),
+    OptionSpec::new(
+        "decimals",
+        "decimal mapping: 'scaled_float' (default, up to 15 digits) or 'keyword'",
+    ),
+    OptionSpec::new("nested", "'true': structs mapped as nested instead of object"),
+    OptionSpec::new("refresh", "bulk refresh: 'false' (default), 'true' or 'wait_for'"),
+    OptionSpec::new("user", "basic-auth user (or user:password@ in LOCATION)"),
+    OptionSpec::new("password", "basic-auth password; pass it as ${VAR}"),
+    OptionSpec::new("api_key", "API key (Authorization: ApiKey); pass it as ${VAR}"),
+    OptionSpec::new("bearer", "bearer token; pass it as ${VAR}"),
+    OptionSpec::new(
+        "ca_cert",
+        "PEM file of the CA that signed the server's certificate",
+    ),
+    OptionSpec::new("insecure", "'true': accept any TLS certificate (off by default)"),
+];
+
+/// Bulk-sized defaults: ~2k rows or 4 MiB of Arrow data per request (about 5-10 MB of JSON).
+fn defaults() -> SinkOptions {
+    SinkOptions {
+        batch_rows: 5_000,
+        batch_bytes: 4 << 20,
+        ..SinkOptions::default()
+    }
+}
+
+/// Builds ELASTICSEARCH tables.
+#[derive(Debug, Default)]
+pub struct ElasticsearchFactory;
+
+#[async_trait]
+impl TableProviderFactory for ElasticsearchFactory {
+    async fn create(
+        &self,
+        _state: &dyn Session,
+        cmd: &CreateExternalTable,
+    ) -> datafusion::error::Result<Arc<dyn TableProvider>> {
+        let name = cmd.name.to_string();
+        let specs: Vec<OptionSpec> = OPTIONS.iter().chain(SINK_OPTIONS).copied().collect();
+        let o = TableOptions::parse("ELASTICSEARCH", &name, &cmd.options, &specs)?;
+        let sink = SinkOptions::from_options_with(&o, defaults())?;
+        let location = cmd.locations.first().cloned().unwrap_or_default();
+        let client = Client::new(&location, &o, sink.timeout)?;
+        let fields: Vec<Arc<Field>> = cmd.schema.fields().iter().cloned().collect();
+        if fields.is_empty() {
+            return Err(Error::Option(format!(
+                "table {name}: declare the columns to write: CREATE EXTERNAL TABLE {name} (id BIGINT, ...) STORED AS ELASTICSEARCH"
+            ))
+            .into());
+        }
+        let at = |e: Error| Error::Option(format!("table {name}: {e}"));
+        let index = parse_index(o.required("index")?, &fields).map_err(at)?;
+        let col = |opt: &str| -> Result<Option<usize>> {
+            o.get(opt)
+                .map(|c| {
+                    fields.iter().position(|f| f.name() == c).ok_or_else(|| {
+                        Error::Option(format!(
+                            "table {name}: option '{opt}': '{c}' is not a column of the table"
+                        ))
+                    })
+                })
+                .transpose()
+        };
+        let id_column = col("id_column")?;
+        let routing_column = col("routing_column")?;
+        let op = Op::parse(o.choice_or("op", &["index", "create", "update", "upsert", "delete"], "index")?)
+            .unwrap_or(Op::Index);
+        if op.needs_id() && id_column.is_none() {
+            return Err(Error::Option(format!(
+                "table {name}: 'op' '{}' needs 'id_column'",
+                o.get("op").unwrap_or("")
+            ))
+            .into());
+        }
+        let style = MappingStyle {
+            strings: o
+                .choice_or("strings", &["keyword", "text", "text_keyword"], "keyword")?
+                .to_string(),
+            decimals: o
+                .choice_or("decimals", &["scaled_float", "keyword"], "scaled_float")?
+                .to_string(),
+            nested: o.choice_or("nested", &["true", "false"], "false")? == "true",
+        };
+        let skip = |i: usize| Some(i) == id_column || Some(i) == routing_column;
+        let mapping = match o.get("mappings") {
+            Some(text) => serde_json::from_str::<Value>(text)
+                .map_err(|e| Error::Option(format!("table {name}: option 'mappings' is not JSON: {e}")))?,
+            None => derive(
+                fields
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !skip(*i))
+                    .map(|(_, f)| f.as_ref()),
+                &style,
+            )
+            .map_err(at)?,
+        };
+        let create_index =
+            o.choice_or("create_index", &["if_not_exists", "never"], "if_not_exists")? == "if_not_exists";
+        let refresh = o.choice_or("refresh", &["false", "true", "wait_for"], "false")?;
+        let mut params = Vec::new();
+        if refresh != "false" {
+            params.push(("refresh".to_string(), refresh.to_string()));
+        }
+        if let Some(p) = o.get("pipeline") {
+            params.push(("pipeline".to_string(), p.to_string()));
+        }
+        let schema = Arc::new(Schema::new(fields.clone()));
+        let backend = EsBackend {
+            client,
+            spec: BulkSpec {
+                index,
+                op,
+                id_column,
+                routing_column,
+            },
+            index_text: o.required("index")?.to_string(),
+            schema,
+            mapping,
+            create_index,
+            params,
+            known: Mutex::new(HashSet::new()),
+        };
+        Ok(Arc::new(SinkTable::new(backend, name, sink)))
+    }
+}
+
+/// HTTP to one cluster; credentials in headers only.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: Url,
+    auth: Option<String>,
+}
+
+impl Client {
+    fn new(location: &str, o: &TableOptions, timeout: Duration) -> Result<Self> {
+        let mut url = Url::parse(location)
+            .map_err(|e| Error::Option(format!("LOCATION is not a URL like http://host:9200: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(Error::Option(format!(
+                "LOCATION scheme '{}' is not http or https",
+                url.scheme()
+            )));
+        }
+        let user = o
+            .get("user")
+            .map(str::to_string)
+            .or_else(|| (!url.username().is_empty()).then(|| decode(url.username())));
+        let password = o
+            .get("password")
+            .map(str::to_string)
+            .or_else(|| url.password().map(decode));
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+        url.set_query(None);
+        if !url.path().ends_with('/') {
+            let p = format!("{}/", url.path());
+            url.set_path(&p);
+        }
+        use base64::Engine as _;
+        let auth = if let Some(k) = o.get("api_key") {
+            Some(format!("ApiKey {k}"))
+        } else if let Some(t) = o.get("bearer") {
+            Some(format!("Bearer {t}"))
+        } else {
+            user.map(|u| {
+                let pair = format!("{u}:{}", password.unwrap_or_default());
+                format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair))
+            })
+        };
+        let mut b = reqwest::Client::builder().timeout(timeout);
+        if let Some(path) = o.get("ca_cert") {
+            let pem = std::fs::read(path).map_err(|e| Error::io(format!("reading ca_cert {path}"), e))?;
+            let cert = reqwest::Certificate::from_pem(&pem)
+                .map_err(|e| Error::Option(format!("ca_cert {path} is not a PEM certificate: {e}")))?;
+            b = b.add_root_certificate(cert);
+        }
+        if o.choice_or("insecure", &["true", "false"], "false")? == "true" {
+            b = b.danger_accept_invalid_certs(true);
+        }
+        let http = b
+            .build()
+            .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))?;
+        Ok(Self {
+            http,
+            base: url,
+            auth,
+        })
+    }
+
+    pub fn url(&self, path: &str) -> Result<Url> {
+        self.base
+            .join(path)
+            .map_err(|e| Error::Config(format!("bad path {path}: {e}")))
+    }
+
+    pub fn request(&self, method: reqwest::Method, url: Url) -> reqwest::RequestBuilder {
+        let mut r = self.http.request(method, url);
+        if let Some(a) = &self.auth {
+            r = r.header(reqwest::header::AUTHORIZATION, a);
+        }
+        r
+    }
+
+    /// The cluster's address, without credentials (for messages).
+    pub fn base(&self) -> &Url {
+        &self.base
+    }
+}
+
+fn decode(s: &str) -> String {
+    url::form_urlencoded::parse(format!("x={s}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+/// One bulk request.
+#[derive(Debug)]
+pub struct EsRequest {
+    body: bytes::Bytes,
+    indices: Vec<String>,
+    /// `create` items whose ids flumen made: a 409 means an earlier attempt created them.
+    own_ids: bool,
+}
+
+#[derive(Debug)]
+struct EsBackend {
+    client: Client,
+    spec: BulkSpec,
+    index_text: String,
+    schema: SchemaRef,
+    mapping: Value,
+    create_index: bool,
+    params: Vec<(String, String)>,
+    /// Indices known to exist (created or found).
+    known: Mutex<HashSet<String>>,
+}
+
+/// A document id from a request's token and a row: the same row of the same request gets the
+/// same id on every attempt and on `flumen resume`.
+fn row_id(token: &str, row: u32) -> String {
+    let h = token.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{h:016x}-{row}")
+}
+
+impl EsBackend {
+    /// Creates the indices of a request that are not known yet (with the mapping).
+    async fn ensure_indices(&self, indices: &[String]) -> std::result::Result<(), Outcome> {
+        if !self.create_index {
+            return Ok(());
+        }
+        let missing: Vec<String> = {
+            let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+            let mut m: Vec<String> = indices.iter().filter(|i| !known.contains(*i)).cloned().collect();
+            m.sort();
+            m.dedup();
+            m
+        };
+        for index in missing {
+            let url = self.client.url(&index).map_err(|e| Outcome::Fatal {
+                reason: e.to_string(),
+            })?;
+            let body = serde_json::json!({ "mappings": self.mapping });
+            let resp = self
+                .client
+                .request(reqwest::Method::PUT, url)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.to_string())
+                .send()
+                .await;
+            let resp = match resp {
+                Ok(r) => r,
+                Err(e) => {
+                    return Err(Outcome::Retry {
+                        reason: format!("cannot reach {}: {}", self.client.base(), short(&e)),
+                        after: None,
+                    });
+                }
+            };
+            let status = resp.status().as_u16();
+            let text = resp.text().await.unwrap_or_default();
+            let exists =
+                text.contains("resource_already_exists_exception") || text.contains("already exists");
+            match status {
+                200..=299 => {}
+                400 if exists => {}
+                401 | 403 => {
+                    return Err(Outcome::Fatal {
+                        reason: auth_failed(status, &text),
+                    });
+                }
+                429 | 500..=599 => {
+                    return Err(Outcome::Retry {
+                        reason: format!("creating index {index}: HTTP {status}: {}", first_line(&text)),
+                        after: None,
+                    });
+                }
+                _ => {
+                    return Err(Outcome::Fatal {
+                        reason: format!("creating index {index}: HTTP {status}: {}", first_line(&text)),
+                    });
+                }
+            }
+            self.known.lock().unwrap_or_else(|e| e.into_inner()).insert(index);
+        }
+        Ok(())
+    }
+}
+
+fn auth_failed(status: u16, text: &str) -> String {
+    format!(
+        "HTTP {status}: the server refused the credentials (check user/password, api_key or bearer): {}",
+        first_line(text)
+    )
+}
+
+fn first_line(text: &str) -> String {
+    text.lines().next().unwrap_or("").chars().take(400).collect()
+}
+
+fn short(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    if let Some(u) = e.url() {
+        s = s.replace(u.as_str(), "");
+    }
+    let mut src = std::error::Error::source(e);
+    while let Some(inner) = src {
+        s.push_str(&format!(": {inner}"));
+        src = inner.source();
+    }
+    s
+}
+
+#[async_trait]
+impl SinkBackend for EsBackend {
+    type Request = EsRequest;
+
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn encode(&self, batch: &RecordBatch) -> Result<EsRequest> {
+        self.encode_rows(batch, "", None)
+    }
+
+    fn encode_rows(&self, batch: &RecordBatch, token: &str, rows: Option<&[u32]>) -> Result<EsRequest> {
+        let id = |r: usize| row_id(token, rows.map_or(r as u32, |m| m[r]));
+        let b = encode(batch, &self.spec, &id)?;
+        Ok(EsRequest {
+            body: b.body.into(),
+            indices: b.indices,
+            own_ids: self.spec.id_column.is_none(),
+        })
+    }
+
+    fn request_bytes(&self, request: &EsRequest) -> usize {
+        request.body.len()
+    }
+
+    fn describe(&self) -> String {
+        let mut s = format!(
+            "elasticsearch={} index={} op={:?}",
+            self.client.base(),
+            self.index_text,
+            self.spec.op
+        );
+        if self.create_index {
+            s.push_str(&format!(
+                ", creates missing indices with mappings {}",
+                self.mapping
+            ));
+        }
+        s
+    }
+
+    async fn send(&self, request: &EsRequest, _token: &str) -> Outcome {
+        if let Err(o) = self.ensure_indices(&request.indices).await {
+            return o;
+        }
+        let mut url = match self.client.url("_bulk") {
+            Ok(u) => u,
+            Err(e) => {
+                return Outcome::Fatal {
+                    reason: e.to_string(),
+                };
+            }
+        };
+        for (k, v) in &self.params {
+            url.query_pairs_mut().append_pair(k, v);
+        }
+        let resp = self
+            .client
+            .request(reqwest::Method::POST, url)
+            .header(reqwest::header::CONTENT_TYPE, "application/x-ndjson")
+            .body(request.body.clone())
+            .send()
+            .await;
+        let resp = match resp {
+            Ok(r) => r,
+            Err(e) => {
+                return Outcome::Retry {
+                    reason: format!("cannot reach {}: {}", self.client.base(), short(&e)),
+                    after: None,
+                };
+            }
+        };
+        let status = resp.status().as_u16();
+        let after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let body = match resp.bytes().await {
+            Ok(b) => b,
+            Err(e) => {
+                return Outcome::Retry {
+                    reason: format!("the connection broke while reading the answer: {}", short(&e)),
+                    after: None,
+                };
+            }
+        };
+        let text = || String::from_utf8_lossy(&body[..body.len().min(2000)]).into_owned();
+        match status {
+            200..=299 => {}
+            401 | 403 => {
+                return Outcome::Fatal {
+                    reason: auth_failed(status, &text()),
+                };
+            }
+            413 => {
+                return Outcome::Fatal {
+                    reason: "HTTP 413: the bulk request is too large for the server; lower 'batch_bytes' or 'batch_rows'".into(),
+                };
+            }
+            429 | 500..=599 => {
+                return Outcome::Retry {
+                    reason: format!("HTTP {status}: {}", first_line(&text())),
+                    after,
+                };
+            }
+            _ => {
+                return Outcome::Fatal {
+                    reason: format!("HTTP {status}: {}", first_line(&text())),
+                };
+            }
+        }
+        let items = match read_response(&body, request.indices.len(), self.spec.op, request.own_ids) {
+            Ok(i) => i,
+            Err(e) => {
+                return Outcome::Fatal {
+                    reason: e.to_string(),
+                };
+            }
+        };
+        let mut rejected = Vec::new();
+        let mut retry = Vec::new();
+        for (i, item) in items.into_iter().enumerate() {
+            match item {
+                ItemOutcome::Done => {}
+                ItemOutcome::Retry(_) => retry.push(i),
+                ItemOutcome::Rejected(reason) => rejected.push((i, reason)),
+            }
+        }
+        if rejected.is_empty() && retry.is_empty() {
+            Outcome::Delivered
+        } else {
+            Outcome::Partial { rejected, retry }
+        }
+    }
+}
