@@ -195,7 +195,9 @@ pub fn encode(
     let (fields, columns) = document_columns(batch, spec);
     let docs = StructArray::try_new(fields.clone().into(), columns, None)?;
     let doc_field = Arc::new(Field::new("doc", DataType::Struct(fields.into()), false));
-    let opts = EncoderOptions::default();
+    // Timestamps without a zone are UTC in flumen (as in DataFusion): written with `Z`, so the
+    // server never guesses.
+    let opts = EncoderOptions::default().with_timestamp_format("%Y-%m-%dT%H:%M:%S%.fZ".to_string());
     let mut doc = make_encoder(&doc_field, &docs, &opts)?;
     let fmt_opts = FormatOptions::default();
     let text = |i: usize| -> Result<ArrayFormatter<'_>> {

@@ -10,7 +10,7 @@
 //! | Binary | binary |
 //! | Boolean | boolean |
 //! | Date32/Date64 | date (strict_date_optional_time) |
-//! | Timestamp(s/ms/µs) | date; Timestamp(ns) | date_nanos |
+//! | Timestamp (any unit) | date (milliseconds kept; explicit `mappings` for date_nanos) |
 //! | List / LargeList / FixedSizeList of T | the mapping of T (arrays are implicit) |
 //! | Struct | object with properties (`'nested' 'true'`: nested) |
 //! | Map | object, dynamic |
@@ -71,7 +71,9 @@ fn field_mapping(t: &DataType, style: &MappingStyle, name: &str) -> Result<Value
         }
         DataType::Boolean => json!({"type": "boolean"}),
         DataType::Date32 | DataType::Date64 => json!({"type": "date"}),
-        DataType::Timestamp(TimeUnit::Nanosecond, _) => json!({"type": "date_nanos"}),
+        // `date` for every unit: date_nanos cannot hold instants before 1970, and SQL's TIMESTAMP
+        // is nanoseconds in DataFusion. ES keeps milliseconds; map to date_nanos explicitly
+        // (`mappings`) where nanoseconds matter.
         DataType::Timestamp(..) => json!({"type": "date"}),
         DataType::List(f) | DataType::LargeList(f) | DataType::FixedSizeList(f, _) => {
             field_mapping(f.data_type(), style, name)?

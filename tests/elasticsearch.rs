@@ -1,0 +1,289 @@
+//! The ELASTICSEARCH connector against the OpenSearch-compatible server `tests/services/start.sh`
+//! installs and starts on 127.0.0.1:9200 (osmem-server 0.1.6 from PyPI, a third-party
+//! reimplementation of the REST API; no real Elasticsearch or OpenSearch can be installed here),
+//! and a test proxy in front of it (`tests/services/es_proxy.py`) for 429s and credentials.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+
+use serde_json::Value;
+
+const ES: &str = "http://127.0.0.1:9200";
+
+/// Calls the server with curl, failing with how to start it when it is not running.
+fn es(method: &str, path: &str, body: Option<&str>) -> Value {
+    let mut c = Command::new("curl");
+    c.args(["-s", "-S", "-X", method, &format!("{ES}/{path}")]);
+    if let Some(b) = body {
+        c.args(["-H", "content-type: application/json", "--data-binary", b]);
+    }
+    let out = c.output().expect("curl runs");
+    assert!(
+        out.status.success(),
+        "the search server is not answering on {ES}: start it with `bash tests/services/start.sh` ({})",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+fn fresh(index: &str) {
+    es("DELETE", index, None);
+}
+
+fn count(index: &str) -> u64 {
+    es("POST", &format!("{index}/_refresh"), None);
+    es("GET", &format!("{index}/_count"), None)["count"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+fn flumen(dir: &Path, script: &str, extra: &[&str]) -> Output {
+    let path = dir.join("job.sql");
+    std::fs::write(&path, script).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_flumen"))
+        .args(["run", path.to_str().unwrap(), "-q", "--state-dir"])
+        .arg(dir.join("state"))
+        .args(extra)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("flumen runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// The test proxy: (process, port).
+struct Proxy(Child, u16);
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn proxy(args: &[&str]) -> Proxy {
+    let mut child = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/services/es_proxy.py"))
+        .arg(ES)
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 runs the test proxy");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port = line.trim().parse().expect("the proxy prints its port");
+    Proxy(child, port)
+}
+
+#[test]
+fn documents_keep_their_types_and_refusals_go_to_dead_letters() {
+    fresh("flumen-t-types");
+    let dir = tempfile::tempdir().unwrap();
+    let script = "CREATE EXTERNAL TABLE t (id BIGINT NOT NULL, name VARCHAR, price DECIMAL(12, 2), ok BOOLEAN, \
+                  ratio DOUBLE, day DATE, at TIMESTAMP WITH TIME ZONE, tags VARCHAR[], \
+                  place STRUCT<city VARCHAR, zip INT>)\n\
+                  STORED AS ELASTICSEARCH LOCATION 'http://127.0.0.1:9200' OPTIONS ('index' 'flumen-t-types', 'id_column' 'id');\n\
+                  INSERT INTO t VALUES\n\
+                    (1, 'héllo \"東京\"\\n', 1234567890.12, true, 0.5, DATE '1969-07-20', TIMESTAMP '2040-01-02 03:04:05.678Z',\n\
+                     ['a', 'b'], named_struct('city', 'Zürich', 'zip', 8001)),\n\
+                    (2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL);\n";
+    let out = flumen(dir.path(), script, &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let one = es("GET", "flumen-t-types/_doc/1", None);
+    assert_eq!(
+        one["_source"],
+        serde_json::json!({
+            "name": "héllo \"東京\"\\n", "price": 1234567890.12, "ok": true, "ratio": 0.5, "day": "1969-07-20",
+            "at": "2040-01-02T03:04:05.678Z", "tags": ["a", "b"], "place": {"city": "Zürich", "zip": 8001}
+        })
+    );
+    assert_eq!(
+        es("GET", "flumen-t-types/_doc/2", None)["_source"],
+        serde_json::json!({})
+    );
+    let mapping = es("GET", "flumen-t-types/_mapping", None);
+    let props = &mapping["flumen-t-types"]["mappings"]["properties"];
+    assert_eq!(props["price"]["type"], "scaled_float");
+    assert_eq!(props["at"]["type"], "date");
+
+    // An explicit mapping the rows break: exactly the bad ones go to dead letters.
+    fresh("flumen-t-bad");
+    let script = "CREATE EXTERNAL TABLE t (id BIGINT NOT NULL, n VARCHAR) STORED AS ELASTICSEARCH LOCATION 'http://127.0.0.1:9200'\n\
+                  OPTIONS ('index' 'flumen-t-bad', 'id_column' 'id', 'mappings' '{\"properties\": {\"n\": {\"type\": \"long\"}}}',\n\
+                           'max_rejected' '10');\n\
+                  INSERT INTO t SELECT value, CASE WHEN value % 100 = 7 THEN 'x' || value ELSE CAST(value AS VARCHAR) END\n\
+                  FROM generate_series(1, 1000);\n";
+    let out = flumen(dir.path(), script, &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(count("flumen-t-bad"), 990);
+    let dead = std::fs::read_dir(dir.path().join("state/dead_letter"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let out = Command::new(env!("CARGO_BIN_EXE_flumen"))
+        .args(["sql", "-q", "--format", "csv", "-e"])
+        .arg(format!(
+            "SELECT count(*) AS n, sum(CASE WHEN id % 100 = 7 THEN 1 ELSE 0 END) AS bad, min(_error) AS reason FROM '{}/t/'",
+            dead.display()
+        ))
+        .output()
+        .unwrap();
+    let csv = text(&out.stdout);
+    assert!(
+        csv.starts_with("n,bad,reason\n10,10,"),
+        "{csv}{}",
+        text(&out.stderr)
+    );
+    assert!(csv.contains("HTTP 400") && csv.contains("n"), "{csv}");
+}
+
+#[test]
+fn generated_rows_all_land_and_match_the_source() {
+    fresh("flumen-t-orders");
+    let dir = tempfile::tempdir().unwrap();
+    let script = "CREATE EXTERNAL TABLE src STORED AS GENERATE LOCATION 'orders' OPTIONS ('rows' '100k');\n\
+                  CREATE EXTERNAL TABLE dst (order_id BIGINT NOT NULL, user_id BIGINT, created_at TIMESTAMP, status VARCHAR,\n\
+                    city VARCHAR, amount DECIMAL(18, 2), quantity INT, discount DOUBLE, note VARCHAR)\n\
+                  STORED AS ELASTICSEARCH LOCATION 'http://127.0.0.1:9200' OPTIONS ('index' 'flumen-t-orders', 'concurrency' '4');\n\
+                  INSERT INTO dst SELECT * FROM src;\n\
+                  SELECT order_id, user_id, status, city, CAST(amount AS VARCHAR) AS amount, quantity, note FROM src\n\
+                  WHERE order_id IN (1, 777, 50000, 99999) ORDER BY order_id;\n";
+    let out = flumen(dir.path(), script, &["--format", "json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(count("flumen-t-orders"), 100_000);
+    // Documents have flumen's ids (no id_column): find the sample by order_id.
+    let stdout = text(&out.stdout);
+    for line in stdout.lines().skip(1) {
+        let want: Value = serde_json::from_str(line).unwrap();
+        let id = want["order_id"].as_i64().unwrap();
+        let hits = es(
+            "POST",
+            "flumen-t-orders/_search",
+            Some(&format!("{{\"query\": {{\"term\": {{\"order_id\": {id}}}}}}}")),
+        );
+        let hits = hits["hits"]["hits"].as_array().unwrap().clone();
+        assert_eq!(hits.len(), 1, "order {id}: {hits:?}");
+        let doc = &hits[0]["_source"];
+        for field in ["user_id", "status", "city", "quantity", "note"] {
+            assert_eq!(doc[field], want[field], "order {id} field {field}");
+        }
+        assert_eq!(
+            doc["amount"].to_string(),
+            want["amount"].as_str().unwrap(),
+            "order {id} amount"
+        );
+    }
+}
+
+#[test]
+fn a_429_storm_ends_with_every_document_indexed_once() {
+    fresh("flumen-t-storm");
+    let p = proxy(&["--reject", "0.3", "--seed", "7"]);
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = dir.path().join("m.json");
+    let script = format!(
+        "CREATE EXTERNAL TABLE t (id BIGINT NOT NULL, v VARCHAR) STORED AS ELASTICSEARCH LOCATION 'http://127.0.0.1:{}'\n\
+         OPTIONS ('index' 'flumen-t-storm', 'id_column' 'id', 'batch_rows' '500', 'retry_initial' '10ms', 'retry_max' '50ms',\n\
+                  'max_attempts' '30');\n\
+         INSERT INTO t SELECT value, 'v' || value FROM generate_series(1, 5000);\n",
+        p.1
+    );
+    let out = flumen(dir.path(), &script, &["--metrics", metrics.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(count("flumen-t-storm"), 5000);
+    // Every id 1..5000 is there once: 5000 documents whose ids come from a set of 5000.
+    let stats = text(
+        &Command::new("curl")
+            .args(["-s", &format!("http://127.0.0.1:{}/_proxy_stats", p.1)])
+            .output()
+            .unwrap()
+            .stdout,
+    );
+    let stats: Value = serde_json::from_str(&stats).unwrap();
+    let rejected = stats["rejected_items"].as_u64().unwrap();
+    assert!(rejected > 1000, "{stats}");
+    let m: Value = serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
+    assert_eq!(m["sinks"]["t"]["rows"], 5000, "{m}");
+    assert!(m["sinks"]["t"]["retries"].as_u64().unwrap() > 0, "{m}");
+}
+
+#[test]
+fn an_unreachable_server_spills_and_resume_completes() {
+    fresh("flumen-t-down");
+    let dir = tempfile::tempdir().unwrap();
+    // A port nothing listens on; the proxy is started on it only for the resume.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let script = format!(
+        "CREATE EXTERNAL TABLE t (id BIGINT NOT NULL, v VARCHAR) STORED AS ELASTICSEARCH LOCATION 'http://127.0.0.1:{port}'\n\
+         OPTIONS ('index' 'flumen-t-down', 'id_column' 'id', 'batch_rows' '1000', 'max_attempts' '2', 'retry_initial' '10ms');\n\
+         INSERT INTO t SELECT value, 'v' || value FROM generate_series(1, 3000);\n"
+    );
+    let out = flumen(dir.path(), &script, &[]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("cannot reach") && err.contains("resume"), "{err}");
+    let run = err
+        .split("flumen resume ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("the error names the run to resume")
+        .trim_matches(|c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '_')
+        .to_string();
+    // The server comes back (a forwarding proxy on that port), and resume delivers the rest.
+    let back = proxy(&["--port", &port.to_string()]);
+    assert_eq!(back.1, port);
+    let out = Command::new(env!("CARGO_BIN_EXE_flumen"))
+        .args(["resume", &run, "-q", "--state-dir"])
+        .arg(dir.path().join("state"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(count("flumen-t-down"), 3000);
+}
+
+#[test]
+fn wrong_credentials_bad_index_names_and_unknown_options_are_clear_errors() {
+    let p = proxy(&["--auth", "etl:right-secret"]);
+    let dir = tempfile::tempdir().unwrap();
+    let script = format!(
+        "CREATE EXTERNAL TABLE t (id BIGINT) STORED AS ELASTICSEARCH LOCATION 'http://etl:${{ES_PASSWORD}}@127.0.0.1:{}'\n\
+         OPTIONS ('index' 'flumen-t-auth');\n\
+         INSERT INTO t VALUES (1);\n",
+        p.1
+    );
+    let out = flumen(dir.path(), &script, &["--set", "ES_PASSWORD=wrong-secret"]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("HTTP 401") && err.contains("credentials"), "{err}");
+    assert!(!err.contains("wrong-secret"), "the password leaked: {err}");
+    let out = flumen(dir.path(), &script, &["--set", "ES_PASSWORD=right-secret"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    for (opts, want) in [
+        ("'index' 'Bad Index'", "not a valid index name"),
+        ("'indx' 'x'", "did you mean 'index'"),
+        ("'index' 'x-{nope}'", "{nope} is not a column"),
+        ("'index' 'x', 'op' 'upsert'", "needs 'id_column'"),
+    ] {
+        let script = format!(
+            "CREATE EXTERNAL TABLE t (id BIGINT) STORED AS ELASTICSEARCH LOCATION 'http://127.0.0.1:9200' OPTIONS ({opts});\n"
+        );
+        let out = flumen(dir.path(), &script, &[]);
+        let err = text(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(want) && !err.contains("panicked"),
+            "{opts}: {err}"
+        );
+    }
+}
