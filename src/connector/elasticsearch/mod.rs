@@ -21,5 +21,6 @@
 pub mod bulk;
 pub mod mapping;
 mod sink;
+pub mod source;
 
 pub use sink::ElasticsearchFactory;

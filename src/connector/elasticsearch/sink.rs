@@ -13,10 +13,15 @@ use serde_json::Value;
 use url::Url;
 
 use super::bulk::{BulkSpec, ItemOutcome, Op, encode, parse_index, read_response};
-use super::mapping::{MappingStyle, derive};
+use super::mapping::{MappingStyle, derive, to_arrow};
+use super::source::EsReader;
 use crate::connector::options::{OptionSpec, TableOptions};
 use crate::error::{Error, Result};
 use crate::sink::{Outcome, SINK_OPTIONS, SinkBackend, SinkOptions, SinkTable};
+use datafusion::datasource::TableType;
+use datafusion::logical_expr::dml::InsertOp;
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
+use datafusion::physical_plan::ExecutionPlan;
 
 const OPTIONS: &[OptionSpec] = &[
     OptionSpec::new(
@@ -57,6 +62,8 @@ const OPTIONS: &[OptionSpec] = &[
         "PEM file of the CA that signed the server's certificate",
     ),
     OptionSpec::new("insecure", "'true': accept any TLS certificate (off by default)"),
+    OptionSpec::new("query", "reads: a query DSL JSON object every search starts from"),
+    OptionSpec::new("partitions", "reads: parallel scroll slices; default 1"),
 ];
 
 /// Bulk-sized defaults: ~2k rows or 4 MiB of Arrow data per request (about 5-10 MB of JSON).
@@ -85,15 +92,31 @@ impl TableProviderFactory for ElasticsearchFactory {
         let sink = SinkOptions::from_options_with(&o, defaults())?;
         let location = cmd.locations.first().cloned().unwrap_or_default();
         let client = Client::new(&location, &o, sink.timeout)?;
-        let fields: Vec<Arc<Field>> = cmd.schema.fields().iter().cloned().collect();
-        if fields.is_empty() {
+        let index_text = o.required("index")?.to_string();
+        // What reads search: the index, or for a template every index it can make.
+        let read_index = read_pattern(&index_text);
+        let declared: Vec<Arc<Field>> = cmd.schema.fields().iter().cloned().collect();
+        // With declared columns the server need not answer yet (a load spills and resumes).
+        let mapped = match fetch_properties(&client, &read_index).await {
+            Ok(m) => m,
+            Err(e) if !declared.is_empty() && e.to_string().starts_with("cannot reach") => {
+                tracing::warn!("table {name}: {e}; using the declared columns");
+                None
+            }
+            Err(e) => return Err(Error::Config(format!("table {name}: {e}")).into()),
+        };
+        let fields: Vec<Arc<Field>> = if !declared.is_empty() {
+            declared
+        } else if let Some(p) = &mapped {
+            to_arrow(p).into_iter().map(Arc::new).collect()
+        } else {
             return Err(Error::Option(format!(
-                "table {name}: declare the columns to write: CREATE EXTERNAL TABLE {name} (id BIGINT, ...) STORED AS ELASTICSEARCH"
+                "table {name}: index '{read_index}' does not exist; declare the columns: CREATE EXTERNAL TABLE {name} (id BIGINT, ...) STORED AS ELASTICSEARCH"
             ))
             .into());
-        }
+        };
         let at = |e: Error| Error::Option(format!("table {name}: {e}"));
-        let index = parse_index(o.required("index")?, &fields).map_err(at)?;
+        let index = parse_index(&index_text, &fields).map_err(at)?;
         let col = |opt: &str| -> Result<Option<usize>> {
             o.get(opt)
                 .map(|c| {
@@ -150,6 +173,32 @@ impl TableProviderFactory for ElasticsearchFactory {
             params.push(("pipeline".to_string(), p.to_string()));
         }
         let schema = Arc::new(Schema::new(fields.clone()));
+        // Exact string matches only on keyword fields: from the index's mapping when it exists,
+        // else from the mapping flumen would create.
+        let keyword = |m: &Value| m.get("type").and_then(Value::as_str) == Some("keyword");
+        let exact_strings = match (&mapped, mapping.get("properties").and_then(Value::as_object)) {
+            (Some(p), _) | (None, Some(p)) => p
+                .iter()
+                .filter(|(_, m)| keyword(m))
+                .map(|(k, _)| k.clone())
+                .collect(),
+            (None, None) => Default::default(),
+        };
+        let base_query = o
+            .get("query")
+            .map(|q| {
+                serde_json::from_str::<Value>(q)
+                    .map_err(|e| Error::Option(format!("table {name}: option 'query' is not JSON: {e}")))
+            })
+            .transpose()?;
+        let reader = EsReader {
+            client: client.clone(),
+            index: read_index,
+            schema: Arc::clone(&schema),
+            exact_strings,
+            base_query,
+            partitions: o.parse_or("partitions", 1usize)?.max(1),
+        };
         let backend = EsBackend {
             client,
             spec: BulkSpec {
@@ -158,14 +207,116 @@ impl TableProviderFactory for ElasticsearchFactory {
                 id_column,
                 routing_column,
             },
-            index_text: o.required("index")?.to_string(),
+            index_text,
             schema,
             mapping,
             create_index,
             params,
             known: Mutex::new(HashSet::new()),
         };
-        Ok(Arc::new(SinkTable::new(backend, name, sink)))
+        Ok(Arc::new(EsTable {
+            sink: SinkTable::new(backend, name, sink),
+            reader,
+        }))
+    }
+}
+
+/// `logs-{ts:%Y.%m}` → `logs-*`.
+fn read_pattern(template: &str) -> String {
+    let mut out = String::new();
+    let mut depth = 0;
+    for c in template.chars() {
+        match c {
+            '{' => {
+                if depth == 0 {
+                    out.push('*');
+                }
+                depth += 1;
+            }
+            '}' => depth -= 1,
+            _ if depth == 0 => out.push(c),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The merged top-level properties of the indices `index` names; `None` if there is none.
+async fn fetch_properties(client: &Client, index: &str) -> Result<Option<serde_json::Map<String, Value>>> {
+    let url = client.url(&format!("{index}/_mapping"))?;
+    let resp = client
+        .request(reqwest::Method::GET, url)
+        .send()
+        .await
+        .map_err(|e| Error::Config(format!("cannot reach {}: {}", client.base(), short(&e))))?;
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap_or_default();
+    match status {
+        200 => {}
+        404 => return Ok(None),
+        401 | 403 => return Err(Error::Config(auth_failed(status, &text))),
+        _ => {
+            return Err(Error::Config(format!(
+                "reading the mapping of {index}: HTTP {status}: {}",
+                first_line(&text)
+            )));
+        }
+    }
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Config(format!("the mapping of {index} is not JSON: {e}")))?;
+    let mut merged = serde_json::Map::new();
+    for (_, idx) in v.as_object().into_iter().flatten() {
+        if let Some(p) = idx.pointer("/mappings/properties").and_then(Value::as_object) {
+            for (k, m) in p {
+                merged.entry(k.clone()).or_insert_with(|| m.clone());
+            }
+        }
+    }
+    Ok((!merged.is_empty() || v.as_object().is_some_and(|o| !o.is_empty())).then_some(merged))
+}
+
+/// An index: `SELECT` searches it, `INSERT INTO` bulk-writes it.
+#[derive(Debug)]
+struct EsTable {
+    sink: SinkTable<EsBackend>,
+    reader: EsReader,
+}
+
+#[async_trait]
+impl TableProvider for EsTable {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.reader.schema)
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> datafusion::error::Result<Vec<TableProviderFilterPushDown>> {
+        Ok(self.reader.pushdown(filters))
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        let page = state.config().batch_size();
+        Ok(Arc::new(self.reader.scan(projection, filters, limit, page)?))
+    }
+
+    async fn insert_into(
+        &self,
+        state: &dyn Session,
+        input: Arc<dyn ExecutionPlan>,
+        insert_op: InsertOp,
+    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        self.sink.insert_into(state, input, insert_op).await
     }
 }
 
