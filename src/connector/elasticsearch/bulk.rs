@@ -135,6 +135,8 @@ pub struct BulkSpec {
     pub op: Op,
     pub id_column: Option<usize>,
     pub routing_column: Option<usize>,
+    /// Timestamp/date columns written as epoch milliseconds (their mapping's format says so).
+    pub epoch_millis: Vec<usize>,
 }
 
 /// A request: the NDJSON body and, per item, its row and index (for creating indices and for
@@ -172,17 +174,48 @@ pub fn json_str(out: &mut Vec<u8>, s: &str) {
 }
 
 /// The document columns: everything but the id and routing columns (they go to the action).
-fn document_columns(batch: &RecordBatch, spec: &BulkSpec) -> (Vec<Arc<Field>>, Vec<ArrayRef>) {
+fn document_columns(batch: &RecordBatch, spec: &BulkSpec) -> Result<(Vec<Arc<Field>>, Vec<ArrayRef>)> {
     let skip = |i: usize| Some(i) == spec.id_column || Some(i) == spec.routing_column;
-    batch
-        .schema()
-        .fields()
+    let mut fields = Vec::new();
+    let mut columns = Vec::new();
+    for (i, (f, c)) in batch.schema().fields().iter().zip(batch.columns()).enumerate() {
+        if skip(i) {
+            continue;
+        }
+        if spec.epoch_millis.contains(&i) {
+            let ms = arrow::compute::cast(
+                c,
+                &DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, None),
+            )?;
+            let ms = arrow::compute::cast(&ms, &DataType::Int64)?;
+            fields.push(Arc::new(Field::new(f.name(), DataType::Int64, true)));
+            columns.push(ms);
+        } else {
+            fields.push(Arc::clone(f));
+            columns.push(Arc::clone(c));
+        }
+    }
+    Ok((fields, columns))
+}
+
+/// The columns whose explicit mapping stores dates as epoch milliseconds (`"format":
+/// "epoch_millis"` first among its formats).
+pub fn epoch_millis_columns(mapping: &serde_json::Value, fields: &[Arc<Field>]) -> Vec<usize> {
+    fields
         .iter()
-        .zip(batch.columns())
         .enumerate()
-        .filter(|(i, _)| !skip(*i))
-        .map(|(_, (f, c))| (Arc::clone(f), Arc::clone(c)))
-        .unzip()
+        .filter(|(_, f)| f.data_type().is_temporal())
+        .filter(|(_, f)| {
+            mapping
+                .pointer(&format!(
+                    "/properties/{}/format",
+                    f.name().replace('~', "~0").replace('/', "~1")
+                ))
+                .and_then(|v| v.as_str())
+                .is_some_and(|fmt| fmt.split("||").next() == Some("epoch_millis"))
+        })
+        .map(|(i, _)| i)
+        .collect()
 }
 
 /// Encodes a batch as one bulk body. `default_id(row)` gives the id of rows without an id
@@ -192,7 +225,7 @@ pub fn encode(
     spec: &BulkSpec,
     default_id: &dyn Fn(usize) -> String,
 ) -> Result<BulkBody> {
-    let (fields, columns) = document_columns(batch, spec);
+    let (fields, columns) = document_columns(batch, spec)?;
     let docs = StructArray::try_new(fields.clone().into(), columns, None)?;
     let doc_field = Arc::new(Field::new("doc", DataType::Struct(fields.into()), false));
     // Timestamps without a zone are UTC in flumen (as in DataFusion): written with `Z`, so the
@@ -449,6 +482,7 @@ mod tests {
             op: Op::Index,
             id_column: Some(0),
             routing_column: None,
+            epoch_millis: Vec::new(),
         };
         let body = encode(&b, &spec, &|r| format!("x{r}")).unwrap();
         let text = String::from_utf8(body.body).unwrap();
@@ -470,12 +504,16 @@ mod tests {
             op: Op::Upsert,
             id_column: None,
             routing_column: Some(0),
+            epoch_millis: vec![3],
         };
         let text = String::from_utf8(encode(&b, &spec, &|r| format!("t-{r}")).unwrap().body).unwrap();
         assert!(text.starts_with(
             "{\"update\":{\"_index\":\"items\",\"_id\":\"t-0\",\"routing\":\"1\"}}\n{\"doc\":{\"name\""
         ));
         assert!(text.contains(",\"doc_as_upsert\":true}\n"));
+        assert!(text.contains("\"ts\":1700000000123"), "epoch millis: {text}");
+        let mapping = serde_json::json!({"properties": {"ts": {"type": "date", "format": "epoch_millis||strict_date"}}});
+        assert_eq!(epoch_millis_columns(&mapping, b.schema().fields()), vec![3]);
         spec.op = Op::Delete;
         let text = String::from_utf8(encode(&b, &spec, &|r| format!("t-{r}")).unwrap().body).unwrap();
         assert_eq!(text.lines().count(), 2);

@@ -12,7 +12,7 @@ use datafusion::logical_expr::CreateExternalTable;
 use serde_json::Value;
 use url::Url;
 
-use super::bulk::{BulkSpec, ItemOutcome, Op, encode, parse_index, read_response};
+use super::bulk::{BulkSpec, ItemOutcome, Op, encode, epoch_millis_columns, parse_index, read_response};
 use super::mapping::{MappingStyle, derive, to_arrow};
 use super::source::EsReader;
 use crate::connector::options::{OptionSpec, TableOptions};
@@ -206,6 +206,7 @@ impl TableProviderFactory for ElasticsearchFactory {
                 op,
                 id_column,
                 routing_column,
+                epoch_millis: epoch_millis_columns(&mapping, &fields),
             },
             index_text,
             schema,
