@@ -351,3 +351,27 @@ fn wrong_credentials_bad_index_names_and_unknown_options_are_clear_errors() {
         );
     }
 }
+
+#[test]
+fn full_text_match_runs_on_the_server() {
+    fresh("flumen-t-text");
+    let dir = tempfile::tempdir().unwrap();
+    let script = "CREATE EXTERNAL TABLE t (id BIGINT NOT NULL, body VARCHAR) STORED AS ELASTICSEARCH\n\
+                    LOCATION 'http://127.0.0.1:9200' OPTIONS ('index' 'flumen-t-text', 'id_column' 'id', 'strings' 'text', 'refresh' 'true');\n\
+                  INSERT INTO t VALUES (1, 'The quick brown fox'), (2, 'Lazy dogs sleep'), (3, 'A QUICK test');\n\
+                  CREATE EXTERNAL TABLE r STORED AS ELASTICSEARCH LOCATION 'http://127.0.0.1:9200' OPTIONS ('index' 'flumen-t-text');\n\
+                  SELECT body FROM r WHERE match(body, 'quick') ORDER BY body;\n";
+    let out = flumen(dir.path(), script, &["--format", "csv"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Analysed text: case does not matter, other words do.
+    assert_eq!(
+        text(&out.stdout),
+        "3 rows written\nbody\nA QUICK test\nThe quick brown fox\n"
+    );
+    let out = flumen(dir.path(), "SELECT match('a', 'b');\n", &[]);
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("run by the search server"),
+        "{err}"
+    );
+}

@@ -205,6 +205,10 @@ impl Flumen {
         let mut state = registry.install(builder).build();
         state.register_file_format(Arc::new(NdjsonExtension(JsonFormatFactory::new())), false)?;
         let ctx = SessionContext::new_with_state(state).enable_url_table();
+        // Full-text search, pushed into searches of ELASTICSEARCH tables.
+        ctx.register_udf(datafusion::logical_expr::ScalarUDF::from(
+            crate::connector::elasticsearch::udf::MatchUdf::default(),
+        ));
         Ok(Self {
             ctx,
             vars: Variables::new(config.vars),

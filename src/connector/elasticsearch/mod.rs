@@ -22,5 +22,6 @@ pub mod bulk;
 pub mod mapping;
 mod sink;
 pub mod source;
+pub mod udf;
 
 pub use sink::ElasticsearchFactory;

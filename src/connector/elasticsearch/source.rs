@@ -133,6 +133,15 @@ impl EsReader {
                 }
             },
             Expr::Not(inner) => json!({"bool": {"must_not": [self.to_query(inner)?]}}),
+            Expr::ScalarFunction(f) if f.func.name() == "match" => match f.args.as_slice() {
+                [
+                    Expr::Column(c),
+                    Expr::Literal(ScalarValue::Utf8(Some(w)) | ScalarValue::Utf8View(Some(w)), _),
+                ] if self.schema.field_with_name(&c.name).is_ok() => {
+                    json!({"match": {c.name.clone(): w}})
+                }
+                _ => return None,
+            },
             Expr::IsNotNull(inner) => match inner.as_ref() {
                 Expr::Column(c) if self.schema.field_with_name(&c.name).is_ok() => {
                     json!({"exists": {"field": c.name}})
