@@ -138,6 +138,9 @@ struct Shared<B: SinkBackend> {
     staged_parts: AtomicU64,
     rejected_rows: AtomicU64,
     last_failure: Mutex<Option<String>>,
+    /// Requests allowed in flight now: halved when the sink asks for a retry (overloaded,
+    /// throttling, failing), raised by one per delivered request, up to `concurrency`.
+    allowed: AtomicU64,
 }
 
 /// One request's rows and identity.
@@ -174,6 +177,34 @@ impl<B: SinkBackend> Shared<B> {
             .map_err(|e| Error::Config(format!("table {}: encoding a request failed: {e}", self.table)))?
     }
 
+    /// The sink asked to retry: fewer requests in flight (multiplicative decrease).
+    fn congested(&self) {
+        let now = self.allowed.load(Ordering::Relaxed);
+        let next = (now / 2).max(1);
+        if next < now
+            && self
+                .allowed
+                .compare_exchange(now, next, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::info!(table = %self.table, "the sink is pushing back: lowering concurrency to {next}");
+        }
+    }
+
+    /// A request went through: one more in flight, up to the configured concurrency.
+    fn relieved(&self) {
+        let max = self.options.concurrency as u64;
+        let _ = self
+            .allowed
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            });
+    }
+
+    fn allowed(&self) -> usize {
+        self.allowed.load(Ordering::Relaxed).max(1) as usize
+    }
+
     /// The attempts of one chunk; journals how it ended.
     async fn deliver_chunk(&self, chunk: &Chunk) -> Result<u64> {
         let journal = self.state.journal();
@@ -203,6 +234,7 @@ impl<B: SinkBackend> Shared<B> {
             };
             let (reason, after) = match outcome {
                 Outcome::Delivered => {
+                    self.relieved();
                     let rows = batch.num_rows() as u64;
                     self.metrics
                         .delivered(rows, self.backend.request_bytes(&request) as u64);
@@ -226,9 +258,11 @@ impl<B: SinkBackend> Shared<B> {
                         self.dead_letter(&batch, &rejected, attempt)?;
                     }
                     if retry.is_empty() {
+                        self.relieved();
                         journal.done(&chunk.token)?;
                         return Ok(delivered);
                     }
+                    self.congested();
                     rows = Some(
                         retry
                             .iter()
@@ -246,7 +280,10 @@ impl<B: SinkBackend> Shared<B> {
                     token = format!("{}/retry{attempt}", chunk.token);
                     (format!("{} rows to send again", retry.len()), None)
                 }
-                Outcome::Retry { reason, after } => (reason, after),
+                Outcome::Retry { reason, after } => {
+                    self.congested();
+                    (reason, after)
+                }
                 Outcome::Fatal { reason } => {
                     self.failed(&reason);
                     self.down.store(true, Ordering::Relaxed);
@@ -502,6 +539,7 @@ impl<B: SinkBackend> DataSink for BatchSink<B> {
             staged_parts: AtomicU64::new(0),
             rejected_rows: AtomicU64::new(0),
             last_failure: Mutex::new(None),
+            allowed: AtomicU64::new(self.options.concurrency as u64),
         });
         let o = &self.options;
         let scope = state.scope();
@@ -568,7 +606,7 @@ impl<B: SinkBackend> DataSink for BatchSink<B> {
                     continue;
                 }
                 for (batch, slices) in batcher.take(o, all)? {
-                    while in_flight.len() >= o.concurrency {
+                    while in_flight.len() >= shared.allowed() {
                         if let Some(r) = in_flight.next().await {
                             delivered += joined(r)?;
                         }
