@@ -9,6 +9,7 @@ pub mod elasticsearch;
 #[cfg(feature = "test-backends")]
 pub mod faulty;
 pub mod generate;
+pub mod http;
 pub mod options;
 
 use std::collections::BTreeMap;

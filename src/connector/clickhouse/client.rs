@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use url::Url;
 
+use crate::connector::http::{decode, error_text};
 use crate::error::{Error, Result};
 
 /// What a failed request said.
@@ -170,7 +171,7 @@ impl Client {
         let resp = r.send().await.map_err(|e| ChError {
             status: 0,
             code: None,
-            message: format!("cannot reach ClickHouse at {}: {}", self.base, without_url(&e)),
+            message: format!("cannot reach ClickHouse at {}: {}", self.base, error_text(&e)),
         })?;
         let status = resp.status().as_u16();
         Self::text(resp, status).await
@@ -184,7 +185,7 @@ impl Client {
             code: None,
             message: format!(
                 "the connection broke while reading the answer (HTTP {status}): {}",
-                without_url(&e)
+                error_text(&e)
             ),
         })?;
         if (200..300).contains(&status) {
@@ -217,7 +218,7 @@ impl Client {
             .map_err(|e| ChError {
                 status: 0,
                 code: None,
-                message: format!("cannot reach ClickHouse at {}: {}", self.base, without_url(&e)),
+                message: format!("cannot reach ClickHouse at {}: {}", self.base, error_text(&e)),
             })?;
         let status = resp.status().as_u16();
         if (200..300).contains(&status) {
@@ -266,27 +267,6 @@ impl Client {
         }
         r
     }
-}
-
-fn decode(s: &str) -> String {
-    url::form_urlencoded::parse(format!("x={s}").as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
-        .unwrap_or_default()
-}
-
-/// reqwest errors print the URL; ours has no secret in it, but keep messages short.
-fn without_url(e: &reqwest::Error) -> String {
-    let mut s = e.to_string();
-    if let Some(u) = e.url() {
-        s = s.replace(u.as_str(), "");
-    }
-    let mut src = std::error::Error::source(e);
-    while let Some(inner) = src {
-        s.push_str(&format!(": {inner}"));
-        src = inner.source();
-    }
-    s
 }
 
 /// `Code: 60, e.displayText() = DB::Exception: ...` → 60.

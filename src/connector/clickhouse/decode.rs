@@ -446,7 +446,9 @@ impl<R: Read> ColumnReader<'_, R> {
 
     fn utf8(&self, offsets: Vec<i32>, values: Vec<u8>) -> Result<ArrayRef> {
         let offsets = OffsetBuffer::new(ScalarBuffer::from(offsets));
-        match StringArray::try_new(offsets.clone(), Buffer::from_vec(values.clone()), None) {
+        // Buffers are shared, not copied: the bytes stay at hand to name the bad row.
+        let values = Buffer::from_vec(values);
+        match StringArray::try_new(offsets.clone(), values.clone(), None) {
             Ok(a) => Ok(Arc::new(a)),
             Err(_) => {
                 let row = offsets

@@ -139,11 +139,12 @@ pub struct BulkSpec {
     pub epoch_millis: Vec<usize>,
 }
 
-/// A request: the NDJSON body and, per item, its row and index (for creating indices and for
-/// reading the answer).
+/// A request: the NDJSON body, its item count (to read the answer) and the distinct indices it
+/// writes, in order of first use (to create them).
 #[derive(Debug)]
 pub struct BulkBody {
     pub body: Vec<u8>,
+    pub items: usize,
     pub indices: Vec<String>,
 }
 
@@ -248,7 +249,8 @@ pub fn encode(
         .collect::<Result<_>>()?;
     let rows = batch.num_rows();
     let mut out = Vec::with_capacity(batch.get_array_memory_size() * 2 + rows * 64);
-    let mut indices = Vec::with_capacity(rows);
+    let mut indices: Vec<String> = Vec::new();
+    let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut name = String::new();
     let mut value = String::new();
     for row in 0..rows {
@@ -316,9 +318,15 @@ pub fn encode(
                 out.extend_from_slice(b",\"doc_as_upsert\":true}\n");
             }
         }
-        indices.push(name.clone());
+        if indices.last() != Some(&name) && seen.insert(name.clone()) {
+            indices.push(name.clone());
+        }
     }
-    Ok(BulkBody { body: out, indices })
+    Ok(BulkBody {
+        body: out,
+        items: rows,
+        indices,
+    })
 }
 
 fn row_err(batch: &RecordBatch, col: usize, row: usize, what: &str) -> Error {

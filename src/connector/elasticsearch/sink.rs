@@ -15,6 +15,7 @@ use url::Url;
 use super::bulk::{BulkSpec, ItemOutcome, Op, encode, epoch_millis_columns, parse_index, read_response};
 use super::mapping::{MappingStyle, derive, to_arrow};
 use super::source::EsReader;
+use crate::connector::http::{decode, error_text};
 use crate::connector::options::{OptionSpec, TableOptions};
 use crate::error::{Error, Result};
 use crate::sink::{Outcome, SINK_OPTIONS, SinkBackend, SinkOptions, SinkTable};
@@ -249,7 +250,7 @@ async fn fetch_properties(client: &Client, index: &str) -> Result<Option<serde_j
         .request(reqwest::Method::GET, url)
         .send()
         .await
-        .map_err(|e| Error::Config(format!("cannot reach {}: {}", client.base(), short(&e))))?;
+        .map_err(|e| Error::Config(format!("cannot reach {}: {}", client.base(), error_text(&e))))?;
     let status = resp.status().as_u16();
     let text = resp.text().await.unwrap_or_default();
     match status {
@@ -405,20 +406,13 @@ impl Client {
     }
 }
 
-fn decode(s: &str) -> String {
-    url::form_urlencoded::parse(format!("x={s}").as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
-        .unwrap_or_default()
-}
-
 /// One bulk request.
 #[derive(Debug)]
 pub struct EsRequest {
     body: bytes::Bytes,
+    items: usize,
+    /// The distinct indices the items write.
     indices: Vec<String>,
-    /// `create` items whose ids flumen made: a 409 means an earlier attempt created them.
-    own_ids: bool,
 }
 
 #[derive(Debug)]
@@ -451,10 +445,7 @@ impl EsBackend {
         }
         let missing: Vec<String> = {
             let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
-            let mut m: Vec<String> = indices.iter().filter(|i| !known.contains(*i)).cloned().collect();
-            m.sort();
-            m.dedup();
-            m
+            indices.iter().filter(|i| !known.contains(*i)).cloned().collect()
         };
         for index in missing {
             let url = self.client.url(&index).map_err(|e| Outcome::Fatal {
@@ -472,7 +463,7 @@ impl EsBackend {
                 Ok(r) => r,
                 Err(e) => {
                     return Err(Outcome::Retry {
-                        reason: format!("cannot reach {}: {}", self.client.base(), short(&e)),
+                        reason: format!("cannot reach {}: {}", self.client.base(), error_text(&e)),
                         after: None,
                     });
                 }
@@ -518,19 +509,6 @@ fn first_line(text: &str) -> String {
     text.lines().next().unwrap_or("").chars().take(400).collect()
 }
 
-fn short(e: &reqwest::Error) -> String {
-    let mut s = e.to_string();
-    if let Some(u) = e.url() {
-        s = s.replace(u.as_str(), "");
-    }
-    let mut src = std::error::Error::source(e);
-    while let Some(inner) = src {
-        s.push_str(&format!(": {inner}"));
-        src = inner.source();
-    }
-    s
-}
-
 #[async_trait]
 impl SinkBackend for EsBackend {
     type Request = EsRequest;
@@ -548,8 +526,8 @@ impl SinkBackend for EsBackend {
         let b = encode(batch, &self.spec, &id)?;
         Ok(EsRequest {
             body: b.body.into(),
+            items: b.items,
             indices: b.indices,
-            own_ids: self.spec.id_column.is_none(),
         })
     }
 
@@ -599,7 +577,7 @@ impl SinkBackend for EsBackend {
             Ok(r) => r,
             Err(e) => {
                 return Outcome::Retry {
-                    reason: format!("cannot reach {}: {}", self.client.base(), short(&e)),
+                    reason: format!("cannot reach {}: {}", self.client.base(), error_text(&e)),
                     after: None,
                 };
             }
@@ -615,7 +593,10 @@ impl SinkBackend for EsBackend {
             Ok(b) => b,
             Err(e) => {
                 return Outcome::Retry {
-                    reason: format!("the connection broke while reading the answer: {}", short(&e)),
+                    reason: format!(
+                        "the connection broke while reading the answer: {}",
+                        error_text(&e)
+                    ),
                     after: None,
                 };
             }
@@ -645,7 +626,8 @@ impl SinkBackend for EsBackend {
                 };
             }
         }
-        let items = match read_response(&body, request.indices.len(), self.spec.op, request.own_ids) {
+        // A 409 on `create` with ids flumen made means an earlier attempt created the document.
+        let items = match read_response(&body, request.items, self.spec.op, self.spec.id_column.is_none()) {
             Ok(i) => i,
             Err(e) => {
                 return Outcome::Fatal {

@@ -24,6 +24,7 @@ use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, Pla
 use serde_json::{Value, json};
 
 use super::sink::Client;
+use crate::connector::http::error_text;
 use crate::error::{Error, Result};
 
 /// What reading needs.
@@ -283,7 +284,13 @@ impl ScrollState {
             .body(body.to_string())
             .send()
             .await
-            .map_err(|e| Error::Config(format!("cannot reach {}: {e}", self.reader.client.base())))?;
+            .map_err(|e| {
+                Error::Config(format!(
+                    "cannot reach {}: {}",
+                    self.reader.client.base(),
+                    error_text(&e)
+                ))
+            })?;
         let status = resp.status().as_u16();
         let bytes = resp
             .bytes()
