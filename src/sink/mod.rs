@@ -18,6 +18,7 @@ mod metrics;
 mod options;
 mod retry;
 mod state;
+mod table;
 
 pub use backend::{Outcome, SinkBackend};
 // Shared with the FAULTY test backend (feature `test-backends`).
@@ -34,3 +35,4 @@ pub use state::{
     Manifest, Part, RunLedger, RunState, RunStatus, list_runs, mark_delivered, new_run_id, read_json,
     run_manifests,
 };
+pub use table::{ScanSource, SourceSinkTable};

@@ -8,10 +8,7 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::{Field, Schema, SchemaRef};
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider, TableProviderFactory};
-use datafusion::datasource::TableType;
-use datafusion::logical_expr::dml::InsertOp;
-use datafusion::logical_expr::{CreateExternalTable, Expr, TableProviderFilterPushDown};
-use datafusion::physical_plan::ExecutionPlan;
+use datafusion::logical_expr::CreateExternalTable;
 use tokio::sync::OnceCell;
 
 use super::client::{
@@ -23,7 +20,7 @@ use super::source::Reader;
 use super::types::ChType;
 use crate::connector::options::{OptionSpec, TableOptions};
 use crate::error::{Error, Result};
-use crate::sink::{Outcome, SINK_OPTIONS, SinkBackend, SinkOptions, SinkTable};
+use crate::sink::{Outcome, SINK_OPTIONS, SinkBackend, SinkOptions, SinkTable, SourceSinkTable};
 
 const OPTIONS: &[OptionSpec] = &[
     OptionSpec::new("table", "the ClickHouse table (required)"),
@@ -250,10 +247,10 @@ impl TableProviderFactory for ClickHouseFactory {
             compression,
             tokens,
         };
-        Ok(Arc::new(ClickHouseTable {
-            sink: SinkTable::new(backend, name, sink),
+        Ok(Arc::new(SourceSinkTable::new(
             reader,
-        }))
+            SinkTable::new(backend, name, sink),
+        )))
     }
 }
 
@@ -305,53 +302,6 @@ fn gzip(block: &[u8]) -> Result<Vec<u8>> {
     z.write_all(block)
         .map_err(|e| Error::io("compressing a Native block", e))?;
     z.finish().map_err(|e| Error::io("compressing a Native block", e))
-}
-
-/// A ClickHouse table: `SELECT` through the reader, `INSERT INTO` through the sink.
-#[derive(Debug)]
-struct ClickHouseTable {
-    sink: SinkTable<ClickHouseBackend>,
-    reader: Reader,
-}
-
-#[async_trait]
-impl TableProvider for ClickHouseTable {
-    fn schema(&self) -> SchemaRef {
-        Arc::clone(&self.reader.schema)
-    }
-
-    fn table_type(&self) -> TableType {
-        TableType::Base
-    }
-
-    fn supports_filters_pushdown(
-        &self,
-        filters: &[&Expr],
-    ) -> datafusion::error::Result<Vec<TableProviderFilterPushDown>> {
-        Ok(self.reader.pushdown(filters))
-    }
-
-    async fn scan(
-        &self,
-        state: &dyn Session,
-        projection: Option<&Vec<usize>>,
-        filters: &[Expr],
-        limit: Option<usize>,
-    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
-        let rows = state.config().batch_size();
-        Ok(Arc::new(
-            self.reader.scan(projection, filters, limit, rows).await?,
-        ))
-    }
-
-    async fn insert_into(
-        &self,
-        state: &dyn Session,
-        input: Arc<dyn ExecutionPlan>,
-        insert_op: InsertOp,
-    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
-        self.sink.insert_into(state, input, insert_op).await
-    }
 }
 
 #[async_trait]

@@ -34,6 +34,7 @@ use super::compress::{Decompress, Method};
 use super::decode::BlockReader;
 use super::types::ChType;
 use crate::error::{Error, Result};
+use crate::sink::ScanSource;
 
 /// What reading one ClickHouse table needs.
 #[derive(Debug, Clone)]
@@ -50,9 +51,14 @@ pub struct Reader {
     pub compression: Option<Method>,
 }
 
-impl Reader {
+#[async_trait::async_trait]
+impl ScanSource for Reader {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
     /// Whether a filter can go to ClickHouse as it is (it then need not be checked again).
-    pub fn pushdown(&self, filters: &[&Expr]) -> Vec<TableProviderFilterPushDown> {
+    fn pushdown(&self, filters: &[&Expr]) -> Vec<TableProviderFilterPushDown> {
         filters
             .iter()
             .map(|f| {
@@ -66,13 +72,13 @@ impl Reader {
     }
 
     /// Plans the queries of a scan.
-    pub async fn scan(
+    async fn scan(
         &self,
         projection: Option<&Vec<usize>>,
         filters: &[Expr],
         limit: Option<usize>,
         block_rows: usize,
-    ) -> Result<ClickHouseScanExec> {
+    ) -> Result<Arc<dyn ExecutionPlan>> {
         let indices: Vec<usize> = match projection {
             Some(p) => p.clone(),
             None => (0..self.schema.fields().len()).collect(),
@@ -116,9 +122,16 @@ impl Reader {
                 q
             })
             .collect();
-        Ok(ClickHouseScanExec::new(self.clone(), schema, queries, block_rows))
+        Ok(Arc::new(ClickHouseScanExec::new(
+            self.clone(),
+            schema,
+            queries,
+            block_rows,
+        )))
     }
+}
 
+impl Reader {
     /// Cuts the key's `[min, max]` (under the filters) into `partitions` ranges.
     async fn ranges(&self, col: usize, conds: &[String]) -> Result<Vec<Option<String>>> {
         let name = quote_ident(self.schema.field(col).name());

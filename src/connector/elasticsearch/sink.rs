@@ -18,11 +18,7 @@ use super::source::EsReader;
 use crate::connector::http::{decode, error_text};
 use crate::connector::options::{OptionSpec, TableOptions};
 use crate::error::{Error, Result};
-use crate::sink::{Outcome, SINK_OPTIONS, SinkBackend, SinkOptions, SinkTable};
-use datafusion::datasource::TableType;
-use datafusion::logical_expr::dml::InsertOp;
-use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
-use datafusion::physical_plan::ExecutionPlan;
+use crate::sink::{Outcome, SINK_OPTIONS, SinkBackend, SinkOptions, SinkTable, SourceSinkTable};
 
 const OPTIONS: &[OptionSpec] = &[
     OptionSpec::new(
@@ -216,10 +212,10 @@ impl TableProviderFactory for ElasticsearchFactory {
             params,
             known: Mutex::new(HashSet::new()),
         };
-        Ok(Arc::new(EsTable {
-            sink: SinkTable::new(backend, name, sink),
+        Ok(Arc::new(SourceSinkTable::new(
             reader,
-        }))
+            SinkTable::new(backend, name, sink),
+        )))
     }
 }
 
@@ -275,51 +271,6 @@ async fn fetch_properties(client: &Client, index: &str) -> Result<Option<serde_j
         }
     }
     Ok((!merged.is_empty() || v.as_object().is_some_and(|o| !o.is_empty())).then_some(merged))
-}
-
-/// An index: `SELECT` searches it, `INSERT INTO` bulk-writes it.
-#[derive(Debug)]
-struct EsTable {
-    sink: SinkTable<EsBackend>,
-    reader: EsReader,
-}
-
-#[async_trait]
-impl TableProvider for EsTable {
-    fn schema(&self) -> SchemaRef {
-        Arc::clone(&self.reader.schema)
-    }
-
-    fn table_type(&self) -> TableType {
-        TableType::Base
-    }
-
-    fn supports_filters_pushdown(
-        &self,
-        filters: &[&Expr],
-    ) -> datafusion::error::Result<Vec<TableProviderFilterPushDown>> {
-        Ok(self.reader.pushdown(filters))
-    }
-
-    async fn scan(
-        &self,
-        state: &dyn Session,
-        projection: Option<&Vec<usize>>,
-        filters: &[Expr],
-        limit: Option<usize>,
-    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
-        let page = state.config().batch_size();
-        Ok(Arc::new(self.reader.scan(projection, filters, limit, page)?))
-    }
-
-    async fn insert_into(
-        &self,
-        state: &dyn Session,
-        input: Arc<dyn ExecutionPlan>,
-        insert_op: InsertOp,
-    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
-        self.sink.insert_into(state, input, insert_op).await
-    }
 }
 
 /// HTTP to one cluster; credentials in headers only.

@@ -26,6 +26,7 @@ use serde_json::{Value, json};
 use super::sink::Client;
 use crate::connector::http::error_text;
 use crate::error::{Error, Result};
+use crate::sink::ScanSource;
 
 /// What reading needs.
 #[derive(Debug, Clone)]
@@ -42,8 +43,13 @@ pub struct EsReader {
     pub partitions: usize,
 }
 
-impl EsReader {
-    pub fn pushdown(&self, filters: &[&Expr]) -> Vec<TableProviderFilterPushDown> {
+#[async_trait::async_trait]
+impl ScanSource for EsReader {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn pushdown(&self, filters: &[&Expr]) -> Vec<TableProviderFilterPushDown> {
         filters
             .iter()
             .map(|f| match self.to_query(f) {
@@ -53,13 +59,13 @@ impl EsReader {
             .collect()
     }
 
-    pub fn scan(
+    async fn scan(
         &self,
         projection: Option<&Vec<usize>>,
         filters: &[Expr],
         limit: Option<usize>,
         page: usize,
-    ) -> Result<EsScanExec> {
+    ) -> Result<Arc<dyn ExecutionPlan>> {
         let indices: Vec<usize> = match projection {
             Some(p) => p.clone(),
             None => (0..self.schema.fields().len()).collect(),
@@ -101,9 +107,11 @@ impl EsReader {
                 b
             })
             .collect();
-        Ok(EsScanExec::new(self.clone(), schema, bodies, limit))
+        Ok(Arc::new(EsScanExec::new(self.clone(), schema, bodies, limit)))
     }
+}
 
+impl EsReader {
     /// A filter as query DSL, when the server evaluates it exactly as DataFusion would.
     fn to_query(&self, e: &Expr) -> Option<Value> {
         Some(match e {
