@@ -203,11 +203,10 @@ impl ChType {
             ChType::Int(8) => DataType::Int8,
             ChType::Int(16) => DataType::Int16,
             ChType::Int(32) => DataType::Int32,
-            ChType::Int(64) => DataType::Int64,
-            ChType::Int(0..=63) => DataType::Int64,
             // Arrow has no 128/256-bit integers: Decimal256(76, 0) holds them (all of Int128
             // and UInt128; Int256/UInt256 up to 76 digits).
-            ChType::Int(_) | ChType::UInt(128 | 256) => DataType::Decimal256(76, 0),
+            ChType::Int(128 | 256) | ChType::UInt(128 | 256) => DataType::Decimal256(76, 0),
+            ChType::Int(_) => DataType::Int64,
             ChType::UInt(8) => DataType::UInt8,
             ChType::UInt(16) => DataType::UInt16,
             ChType::UInt(32) => DataType::UInt32,
