@@ -375,3 +375,212 @@ fn full_text_match_runs_on_the_server() {
         "{err}"
     );
 }
+
+#[test]
+fn every_mappable_type_reads_back_as_written() {
+    fresh("flumen-t-rt");
+    let dir = tempfile::tempdir().unwrap();
+    let cols = "id BIGINT NOT NULL, i8 TINYINT, i16 SMALLINT, i32 INT, i64 BIGINT, u8 TINYINT UNSIGNED,\n\
+                u16 SMALLINT UNSIGNED, u32 INT UNSIGNED, u64 BIGINT UNSIGNED, f32 REAL, f64 DOUBLE, dec DECIMAL(12, 2),\n\
+                s VARCHAR, b BOOLEAN, d DATE, ts TIMESTAMP, bin BYTEA, tags VARCHAR[], nums BIGINT[],\n\
+                obj STRUCT<name VARCHAR, n INT, inner STRUCT<x DOUBLE, ok BOOLEAN>>";
+    let script = format!(
+        "CREATE TABLE src ({cols}) AS VALUES\n\
+           (1, -128, -32768, -2147483648, -9223372036854775808, 255, 65535, 4294967295, 18446744073709551615,\n\
+            0.1, 1e300, -9999999999.99, 'héllo \"東京\"\\n\\t\\\\ 🎉', true, DATE '1969-07-20', TIMESTAMP '1969-12-31 23:59:59.5',\n\
+            X'00ff10fe', ['a', 'ü', ''], [1, -2, 9007199254740993],\n\
+            named_struct('name', 'Zürich', 'n', 8001, 'inner', named_struct('x', 1.5, 'ok', false))),\n\
+           (2, 127, 32767, 2147483647, 9223372036854775807, 0, 0, 0, 0,\n\
+            -3.4e38, -0.0, 0.01, '', false, DATE '2262-04-11', TIMESTAMP '2040-01-02 03:04:05.678',\n\
+            X'', [], [], named_struct('name', NULL, 'n', NULL, 'inner', NULL)),\n\
+           (3, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL);\n\
+         CREATE EXTERNAL TABLE t ({cols}) STORED AS ELASTICSEARCH LOCATION 'http://127.0.0.1:9200'\n\
+           OPTIONS ('index' 'flumen-t-rt', 'id_column' 'id', 'refresh' 'true');\n\
+         INSERT INTO t SELECT * FROM src;\n\
+         SELECT (SELECT count(*) FROM t) AS n,\n\
+                (SELECT count(*) FROM (SELECT * FROM src EXCEPT ALL SELECT * FROM t)) AS missing,\n\
+                (SELECT count(*) FROM (SELECT * FROM t EXCEPT ALL SELECT * FROM src)) AS changed;\n\
+         SELECT id, i8 FROM t WHERE id = 2 OR id IN (3, 4) ORDER BY id;\n\
+         CREATE EXTERNAL TABLE back STORED AS ELASTICSEARCH LOCATION 'http://127.0.0.1:9200'\n\
+           OPTIONS ('index' 'flumen-t-rt', 'id_column' '_id');\n\
+         SELECT _id, arrow_typeof(ts) AS ty, ts, u64, bin, dec, tags FROM back WHERE _id IN ('1', '3') ORDER BY _id;\n"
+    );
+    let out = flumen(dir.path(), &script, &["--format", "csv"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    // Written with the declared columns and read back through them: every value equal.
+    assert!(
+        stdout.contains("n,missing,changed\n3,0,0\nid,i8\n2,127\n3,\n"),
+        "{stdout}"
+    );
+    let doc = es("GET", "flumen-t-rt/_doc/1", None);
+    assert_eq!(doc["_source"]["bin"], "AP8Q/g==", "binary as base64");
+    assert_eq!(doc["_source"]["ts"], "1969-12-31T23:59:59.500Z");
+    // Read through the index's own mapping: dates as UTC instants, binary as its base64 text,
+    // scaled_float as a double, keyword arrays as their JSON text, the id from _id.
+    assert!(
+        stdout.ends_with(
+            "_id,ty,ts,u64,bin,dec,tags\n\
+             1,\"Timestamp(ms, \"\"UTC\"\")\",1969-12-31T23:59:59.500Z,18446744073709551615,AP8Q/g==,-9999999999.99,\"[\"\"a\"\",\"\"ü\"\",\"\"\"\"]\"\n\
+             3,\"Timestamp(ms, \"\"UTC\"\")\",,,,,\n"
+        ),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn documents_the_mapping_cannot_foresee_read_per_document() {
+    fresh("flumen-t-multi");
+    es(
+        "PUT",
+        "flumen-t-multi",
+        Some(
+            r#"{"mappings": {"properties": {"k": {"type": "keyword"}, "n": {"type": "long"}, "tb": {"type": "long"},
+                "o": {"type": "object", "enabled": false}, "at": {"type": "date"}}}}"#,
+        ),
+    );
+    let bulk = [
+        r#"{"index": {"_id": "a"}}"#,
+        r#"{"k": "x", "n": 1, "tb": 1, "o": {"p": 1}, "at": "2040-01-02T05:04:05.678+02:00"}"#,
+        r#"{"index": {"_id": "b"}}"#,
+        r#"{"k": ["y", "z"], "n": [2], "tb": 2, "o": [1, 2], "at": "2040-01-02T03:04:05Z"}"#,
+        r#"{"index": {"_id": "c"}}"#,
+        r#"{"k": [], "n": 3, "tb": 2}"#,
+        r#"{"index": {"_id": "d"}}"#,
+        r#"{"n": [4, 5], "tb": 4}"#,
+        r#"{"index": {"_id": "e"}}"#,
+        r#"{"n": 6}"#,
+    ]
+    .join("\n")
+        + "\n";
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-S",
+            "-X",
+            "POST",
+            &format!("{ES}/flumen-t-multi/_bulk?refresh=true"),
+        ])
+        .args(["-H", "content-type: application/x-ndjson", "--data-binary", &bulk])
+        .output()
+        .unwrap();
+    assert!(
+        text(&out.stdout).contains("\"errors\":false"),
+        "{}",
+        text(&out.stdout)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let table = |name: &str, cols: &str, opts: &str| {
+        format!(
+            "CREATE EXTERNAL TABLE {name} {cols} STORED AS ELASTICSEARCH LOCATION 'http://127.0.0.1:9200'\n\
+               OPTIONS ('index' 'flumen-t-multi'{opts});\n"
+        )
+    };
+    // Single values read as one-element lists, one-element arrays as their value, objects and
+    // arrays in string columns as JSON text, offsets as the UTC instant.
+    let script = table(
+        "t",
+        "(_id VARCHAR, k VARCHAR[], n BIGINT, o VARCHAR, at TIMESTAMP, tb BIGINT)",
+        "",
+    ) + "SELECT _id, cardinality(k) AS nk, array_to_string(k, '|') AS k, n, o, at FROM t WHERE tb < 4 ORDER BY n;\n";
+    let out = flumen(dir.path(), &script, &["--format", "csv"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "_id,nk,k,n,o,at\n\
+         a,1,x,1,\"{\"\"p\"\":1}\",2040-01-02T03:04:05.678\n\
+         b,2,y|z,2,\"[1,2]\",2040-01-02T03:04:05\n\
+         c,0,,3,,\n"
+    );
+    // Several values in a scalar column: an error naming the document and the column.
+    let out = flumen(dir.path(), &(table("t", "", "") + "SELECT n FROM t;\n"), &[]);
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("document d: column n holds 2 values")
+            && err.contains("BIGINT[]"),
+        "{err}"
+    );
+
+    // search_after pages by a column that must be unique and present: both are checked.
+    let out = flumen(
+        dir.path(),
+        &(String::from("SET datafusion.execution.batch_size = 2;\n")
+            + &table("t", "", ", 'search_after' 'tb'")
+            + "SELECT k FROM t WHERE tb < 4;\n"),
+        &[],
+    );
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("'tb' is not unique (2 is in 2 documents)"),
+        "{err}"
+    );
+    let out = flumen(
+        dir.path(),
+        &(table("t", "", ", 'search_after' 'tb'") + "SELECT k FROM t;\n"),
+        &[],
+    );
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("1 documents have no 'tb'"),
+        "{err}"
+    );
+}
+
+#[test]
+fn search_after_reads_every_document_once_in_parallel_ranges() {
+    fresh("flumen-t-after");
+    let dir = tempfile::tempdir().unwrap();
+    let script = "CREATE EXTERNAL TABLE src STORED AS GENERATE LOCATION 'orders' OPTIONS ('rows' '20k');\n\
+                  CREATE EXTERNAL TABLE dst (order_id BIGINT NOT NULL, user_id BIGINT, status VARCHAR, amount DECIMAL(18, 2))\n\
+                  STORED AS ELASTICSEARCH LOCATION 'http://127.0.0.1:9200' OPTIONS ('index' 'flumen-t-after');\n\
+                  INSERT INTO dst SELECT order_id, user_id, status, amount FROM src;\n";
+    let out = flumen(dir.path(), script, &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(count("flumen-t-after"), 20_000);
+    let read = "SET datafusion.execution.batch_size = 1500;\n\
+                CREATE EXTERNAL TABLE src STORED AS GENERATE LOCATION 'orders' OPTIONS ('rows' '20k');\n\
+                CREATE EXTERNAL TABLE back (order_id BIGINT NOT NULL, user_id BIGINT, status VARCHAR, amount DECIMAL(18, 2))\n\
+                  STORED AS ELASTICSEARCH LOCATION 'http://127.0.0.1:9200'\n\
+                  OPTIONS ('index' 'flumen-t-after', 'search_after' 'order_id', 'partitions' '3');\n\
+                SELECT (SELECT count(*) FROM back) AS n,\n\
+                  (SELECT count(*) FROM (SELECT order_id, user_id, status, amount FROM src EXCEPT ALL SELECT * FROM back)) AS missing,\n\
+                  (SELECT count(*) FROM (SELECT * FROM back EXCEPT ALL SELECT order_id, user_id, status, amount FROM src)) AS extra;\n";
+    let out = flumen(dir.path(), read, &["--format", "csv"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "n,missing,extra\n20000,0,0\n");
+
+    let path = dir.path().join("explain.sql");
+    let (tables, _) = read.split_once("SELECT (SELECT").unwrap();
+    std::fs::write(
+        &path,
+        format!("{tables}SELECT status FROM back WHERE user_id > 0;\n"),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_flumen"))
+        .args(["explain", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let plan = text(&out.stdout);
+    assert!(
+        plan.contains("search_after(order_id) ranges=3")
+            && plan.contains(r#""range":{"order_id":{"lt":"#)
+            && plan.contains(r#""sort":[{"order_id":"asc"}]"#),
+        "{plan}{}",
+        text(&out.stderr)
+    );
+    // A column that is not unique is refused instead of skipping documents.
+    let out = flumen(
+        dir.path(),
+        &read.replace(
+            "'search_after' 'order_id', 'partitions' '3'",
+            "'search_after' 'status'",
+        ),
+        &[],
+    );
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("'status' is not unique"),
+        "{err}"
+    );
+}

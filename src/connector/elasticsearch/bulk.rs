@@ -8,8 +8,8 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, RecordBatch, StructArray};
-use arrow::datatypes::{DataType, Field};
-use arrow::json::writer::{EncoderOptions, make_encoder};
+use arrow::datatypes::{DataType, Field, FieldRef};
+use arrow::json::writer::{Encoder, EncoderFactory, EncoderOptions, NullableEncoder, make_encoder};
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 
 use crate::error::{Error, Result};
@@ -199,6 +199,56 @@ fn document_columns(batch: &RecordBatch, spec: &BulkSpec) -> Result<(Vec<Arc<Fie
     Ok((fields, columns))
 }
 
+/// Binary values as base64 strings, the form the `binary` field type takes (arrow-json alone
+/// would write hex, which the server would store as different bytes), at any depth.
+#[derive(Debug)]
+struct Base64Binary;
+
+struct Base64Encoder<'a>(&'a dyn Array);
+
+impl Encoder for Base64Encoder<'_> {
+    fn encode(&mut self, idx: usize, out: &mut Vec<u8>) {
+        use arrow::array::AsArray;
+        use base64::Engine as _;
+        let a = self.0;
+        let bytes: &[u8] = match a.data_type() {
+            DataType::Binary => a.as_binary::<i32>().value(idx),
+            DataType::LargeBinary => a.as_binary::<i64>().value(idx),
+            DataType::BinaryView => a.as_binary_view().value(idx),
+            DataType::FixedSizeBinary(_) => a.as_fixed_size_binary().value(idx),
+            _ => &[],
+        };
+        out.push(b'"');
+        let start = out.len();
+        out.resize(start + bytes.len().div_ceil(3) * 4, 0);
+        let n = base64::engine::general_purpose::STANDARD
+            .encode_slice(bytes, &mut out[start..])
+            .unwrap_or(0);
+        out.truncate(start + n);
+        out.push(b'"');
+    }
+}
+
+impl EncoderFactory for Base64Binary {
+    fn make_default_encoder<'a>(
+        &self,
+        _field: &'a FieldRef,
+        array: &'a dyn Array,
+        _options: &'a EncoderOptions,
+    ) -> std::result::Result<Option<NullableEncoder<'a>>, arrow::error::ArrowError> {
+        Ok(match array.data_type() {
+            DataType::Binary
+            | DataType::LargeBinary
+            | DataType::BinaryView
+            | DataType::FixedSizeBinary(_) => Some(NullableEncoder::new(
+                Box::new(Base64Encoder(array)),
+                array.logical_nulls(),
+            )),
+            _ => None,
+        })
+    }
+}
+
 /// The columns whose explicit mapping stores dates as epoch milliseconds (`"format":
 /// "epoch_millis"` first among its formats).
 pub fn epoch_millis_columns(mapping: &serde_json::Value, fields: &[Arc<Field>]) -> Vec<usize> {
@@ -231,7 +281,9 @@ pub fn encode(
     let doc_field = Arc::new(Field::new("doc", DataType::Struct(fields.into()), false));
     // Timestamps without a zone are UTC in flumen (as in DataFusion): written with `Z`, so the
     // server never guesses.
-    let opts = EncoderOptions::default().with_timestamp_format("%Y-%m-%dT%H:%M:%S%.fZ".to_string());
+    let opts = EncoderOptions::default()
+        .with_timestamp_format("%Y-%m-%dT%H:%M:%S%.fZ".to_string())
+        .with_encoder_factory(Arc::new(Base64Binary));
     let mut doc = make_encoder(&doc_field, &docs, &opts)?;
     let fmt_opts = FormatOptions::default();
     let text = |i: usize| -> Result<ArrayFormatter<'_>> {

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arrow::array::RecordBatch;
-use arrow::datatypes::{Field, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider, TableProviderFactory};
 use datafusion::logical_expr::CreateExternalTable;
@@ -14,7 +14,7 @@ use url::Url;
 
 use super::bulk::{BulkSpec, ItemOutcome, Op, encode, epoch_millis_columns, parse_index, read_response};
 use super::mapping::{MappingStyle, derive, to_arrow};
-use super::source::EsReader;
+use super::source::{EsReader, ID};
 use crate::connector::http::{decode, error_text};
 use crate::connector::options::{OptionSpec, TableOptions};
 use crate::error::{Error, Result};
@@ -25,7 +25,10 @@ const OPTIONS: &[OptionSpec] = &[
         "index",
         "index name (required); may hold {column} or {column:%Y.%m.%d} for time-based indices",
     ),
-    OptionSpec::new("id_column", "column whose value is the document _id"),
+    OptionSpec::new(
+        "id_column",
+        "column whose value is the document _id (a column named _id is it by default; '_id' adds one to columns read from the mapping)",
+    ),
     OptionSpec::new(
         "op",
         "'index' (default), 'create', 'update', 'upsert' or 'delete'",
@@ -60,7 +63,14 @@ const OPTIONS: &[OptionSpec] = &[
     ),
     OptionSpec::new("insecure", "'true': accept any TLS certificate (off by default)"),
     OptionSpec::new("query", "reads: a query DSL JSON object every search starts from"),
-    OptionSpec::new("partitions", "reads: parallel scroll slices; default 1"),
+    OptionSpec::new(
+        "partitions",
+        "reads: parallel scroll slices, or ranges of an integer search_after column; default 1",
+    ),
+    OptionSpec::new(
+        "search_after",
+        "reads: page with search_after sorted by this column (a distinct value per document) instead of scroll",
+    ),
 ];
 
 /// Bulk-sized defaults: ~2k rows or 4 MiB of Arrow data per request (about 5-10 MB of JSON).
@@ -105,7 +115,11 @@ impl TableProviderFactory for ElasticsearchFactory {
         let fields: Vec<Arc<Field>> = if !declared.is_empty() {
             declared
         } else if let Some(p) = &mapped {
-            to_arrow(p).into_iter().map(Arc::new).collect()
+            // The document id reads as a column when 'id_column' names `_id`.
+            let id = (o.get("id_column") == Some(ID)).then(|| Arc::new(Field::new(ID, DataType::Utf8, true)));
+            id.into_iter()
+                .chain(to_arrow(p).into_iter().map(Arc::new))
+                .collect()
         } else {
             return Err(Error::Option(format!(
                 "table {name}: index '{read_index}' does not exist; declare the columns: CREATE EXTERNAL TABLE {name} (id BIGINT, ...) STORED AS ELASTICSEARCH"
@@ -125,8 +139,25 @@ impl TableProviderFactory for ElasticsearchFactory {
                 })
                 .transpose()
         };
-        let id_column = col("id_column")?;
+        // A column named `_id` is the document id: read from each hit, never part of `_source`.
+        let id_column = match (col("id_column")?, fields.iter().position(|f| f.name() == ID)) {
+            (Some(c), Some(i)) if c != i => {
+                return Err(Error::Option(format!(
+                    "table {name}: column {ID} is the document id; 'id_column' cannot name another column"
+                ))
+                .into());
+            }
+            (c, i) => c.or(i),
+        };
         let routing_column = col("routing_column")?;
+        let search_after = col("search_after")?;
+        if search_after.is_some() && (search_after == id_column || search_after == routing_column) {
+            return Err(Error::Option(format!(
+                "table {name}: 'search_after' names the id or routing column, which documents do not hold as a field; name a field with a distinct value per document"
+            ))
+            .into());
+        }
+        let search_after = search_after.map(|i| fields[i].name().clone());
         let op = Op::parse(o.choice_or("op", &["index", "create", "update", "upsert", "delete"], "index")?)
             .unwrap_or(Op::Index);
         if op.needs_id() && id_column.is_none() {
@@ -195,6 +226,9 @@ impl TableProviderFactory for ElasticsearchFactory {
             exact_strings,
             base_query,
             partitions: o.parse_or("partitions", 1usize)?.max(1),
+            search_after,
+            id_column: id_column.map(|i| fields[i].name().clone()),
+            routing_column: routing_column.map(|i| fields[i].name().clone()),
         };
         let backend = EsBackend {
             client,
