@@ -11,6 +11,7 @@ pub mod faulty;
 pub mod generate;
 pub mod http;
 pub mod options;
+pub mod sql;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -39,6 +40,12 @@ impl Registry {
         r.register("GENERATE", Arc::new(generate::GenerateFactory));
         r.register("CLICKHOUSE", Arc::new(clickhouse::ClickHouseFactory));
         r.register("ELASTICSEARCH", Arc::new(elasticsearch::ElasticsearchFactory));
+        r.register("MYSQL", Arc::new(sql::SqlFactory(sql::dialect::Dialect::MySql)));
+        r.register(
+            "POSTGRES",
+            Arc::new(sql::SqlFactory(sql::dialect::Dialect::Postgres)),
+        );
+        r.register("SQLITE", Arc::new(sql::SqlFactory(sql::dialect::Dialect::Sqlite)));
         #[cfg(feature = "test-backends")]
         r.register("FAULTY", Arc::new(faulty::FaultyFactory));
         r

@@ -73,6 +73,20 @@ pub trait SinkBackend: Debug + Send + Sync + 'static {
     /// Sends one request and classifies the response.
     async fn send(&self, request: &Self::Request, token: &str) -> Outcome;
 
+    /// Whether the whole statement is one transaction: requests then go one at a time, nothing
+    /// is staged or journaled (a failure rolls everything back, so a rerun starts over), and
+    /// [`SinkBackend::finish`] commits or rolls back.
+    fn all_or_nothing(&self) -> bool {
+        false
+    }
+
+    /// Called once at the end of a statement's writes: `ok` when every request was delivered
+    /// (commit), else after a failure (roll back). Also where work owed to an empty input is
+    /// done (an `overwrite` of zero rows still empties the table).
+    async fn finish(&self, _ok: bool) -> Result<()> {
+        Ok(())
+    }
+
     /// Whether a request with this token was applied, for requests that were in flight when a
     /// run died: `Some` if the backend can tell, `None` if not (they are then sent again).
     async fn was_delivered(&self, _token: &str) -> Option<bool> {

@@ -154,6 +154,9 @@ struct Chunk {
 impl<B: SinkBackend> Shared<B> {
     /// Sends one chunk to the end: delivered, rejected rows dead-lettered, or staged.
     async fn deliver(self: Arc<Self>, chunk: Chunk) -> Result<u64> {
+        if self.backend.all_or_nothing() {
+            return self.deliver_chunk(&chunk).await;
+        }
         let journal = self.state.journal();
         journal.send(&self.key, &chunk.token, &chunk.slices)?;
         if self.down.load(Ordering::Relaxed) && !self.state.resuming() {
@@ -193,7 +196,11 @@ impl<B: SinkBackend> Shared<B> {
 
     /// A request went through: one more in flight, up to the configured concurrency.
     fn relieved(&self) {
-        let max = self.options.concurrency as u64;
+        let max = if self.backend.all_or_nothing() {
+            1
+        } else {
+            self.options.concurrency as u64
+        };
         let _ = self
             .allowed
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
@@ -207,7 +214,9 @@ impl<B: SinkBackend> Shared<B> {
 
     /// The attempts of one chunk; journals how it ended.
     async fn deliver_chunk(&self, chunk: &Chunk) -> Result<u64> {
+        let aon = self.backend.all_or_nothing();
         let journal = self.state.journal();
+        let done = |token: &str| if aon { Ok(()) } else { journal.done(token) };
         let mut batch = chunk.batch.clone();
         let mut token = chunk.token.clone();
         // Row i of `batch` is row rows[i] of the request as first sent (after partial retries).
@@ -238,7 +247,7 @@ impl<B: SinkBackend> Shared<B> {
                     let rows = batch.num_rows() as u64;
                     self.metrics
                         .delivered(rows, self.backend.request_bytes(&request) as u64);
-                    journal.done(&chunk.token)?;
+                    done(&chunk.token)?;
                     return Ok(delivered + rows);
                 }
                 Outcome::Partial { rejected, retry } => {
@@ -259,7 +268,7 @@ impl<B: SinkBackend> Shared<B> {
                     }
                     if retry.is_empty() {
                         self.relieved();
-                        journal.done(&chunk.token)?;
+                        done(&chunk.token)?;
                         return Ok(delivered);
                     }
                     self.congested();
@@ -287,7 +296,7 @@ impl<B: SinkBackend> Shared<B> {
                 Outcome::Fatal { reason } => {
                     self.failed(&reason);
                     self.down.store(true, Ordering::Relaxed);
-                    if self.state.resuming() {
+                    if self.state.resuming() || aon {
                         return Err(self.failure_error(&reason));
                     }
                     self.stage_rows(&batch, &token)?;
@@ -303,7 +312,7 @@ impl<B: SinkBackend> Shared<B> {
                 None => {
                     self.failed(&format!("{reason} (gave up after {attempt} attempts)"));
                     self.down.store(true, Ordering::Relaxed);
-                    if self.state.resuming() || o.on_failure == OnFailure::Fail {
+                    if self.state.resuming() || aon || o.on_failure == OnFailure::Fail {
                         return Err(self.failure_error(&reason));
                     }
                     self.stage_rows(&batch, &token)?;
@@ -539,7 +548,11 @@ impl<B: SinkBackend> DataSink for BatchSink<B> {
             staged_parts: AtomicU64::new(0),
             rejected_rows: AtomicU64::new(0),
             last_failure: Mutex::new(None),
-            allowed: AtomicU64::new(self.options.concurrency as u64),
+            allowed: AtomicU64::new(if self.backend.all_or_nothing() {
+                1
+            } else {
+                self.options.concurrency as u64
+            }),
         });
         let o = &self.options;
         let scope = state.scope();
@@ -635,9 +648,11 @@ impl<B: SinkBackend> DataSink for BatchSink<B> {
         if pipeline.is_err() {
             while in_flight.next().await.is_some() {}
         }
-        let delivered = pipeline?;
-        self.check_rejected(&shared, seen)?;
+        let checked = pipeline.and_then(|n| self.check_rejected(&shared, seen).map(|_| n));
         let staged = shared.staged_rows.load(Ordering::Relaxed);
+        let finished = self.backend.finish(checked.is_ok() && staged == 0).await;
+        let delivered = checked?;
+        finished?;
         if staged > 0 {
             let reason = shared
                 .last_failure

@@ -9,7 +9,10 @@
 #   - chdb (PyPI, the ClickHouse 26.9 engine in-process) in the run folder's venv, which
 #     tests/services/chdb_read.py uses to read the Native files flumen's encoder writes.
 #   - ClickHouse 18.16 (Debian) on 127.0.0.1:8123/9000, data and logs in the run folder;
-#   - osmem-server 0.1.6 (PyPI), an OpenSearch-compatible server, on 127.0.0.1:9200.
+#   - osmem-server 0.1.6 (PyPI), an OpenSearch-compatible server, on 127.0.0.1:9200;
+#   - PostgreSQL 15 (Debian) on 127.0.0.1:5432: user `flumen`, password `flumen-test`, db `flumen`;
+#   - MariaDB 10.11 (Debian, MySQL protocol) on 127.0.0.1:3306: same user, password and db,
+#     `local_infile` on (flumen writes with LOAD DATA LOCAL INFILE).
 # Connector issues add their servers here (PostgreSQL, MariaDB, Redis, ClickHouse, ...), each as
 # a `start_<name>` function that skips what already answers.
 set -euo pipefail
@@ -149,9 +152,53 @@ start_search() {
 }
 
 command -v curl >/dev/null 2>&1 || apt_install curl
+# PostgreSQL from Debian: the packaged cluster, started if it is down; a password user for the
+# tests (TCP logins).
+start_postgres() {
+  command -v pg_ctlcluster >/dev/null 2>&1 || apt_install postgresql
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+    local ver
+    ver=$(ls /etc/postgresql | sort -n | tail -1)
+    $sudo pg_ctlcluster "$ver" main start || true
+    wait_for postgres pg_isready -q -h 127.0.0.1 -p 5432
+  fi
+  local psql=(psql -v ON_ERROR_STOP=1 -q -d postgres)
+  if [ "$(id -u)" -eq 0 ]; then psql=(runuser -u postgres -- "${psql[@]}"); else psql=(sudo -u postgres "${psql[@]}"); fi
+  "${psql[@]}" -c "DO \$\$ BEGIN
+      IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'flumen') THEN
+        CREATE ROLE flumen LOGIN PASSWORD 'flumen-test';
+      END IF; END \$\$;"
+  "${psql[@]}" -tc "SELECT 1 FROM pg_database WHERE datname = 'flumen'" | grep -q 1 \
+    || "${psql[@]}" -c "CREATE DATABASE flumen OWNER flumen"
+  log "postgres: $(PGPASSWORD=flumen-test psql -h 127.0.0.1 -U flumen -d flumen -tAc 'SELECT version()' | cut -d' ' -f1-2)"
+}
+
+# MariaDB from Debian, started if it is down; a TCP user for the tests, local_infile on.
+start_mysql() {
+  command -v mysqld_safe >/dev/null 2>&1 || apt_install mariadb-server mariadb-client
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  if ! mysqladmin --protocol=tcp -h 127.0.0.1 -P 3306 -u flumen -pflumen-test ping >/dev/null 2>&1 \
+     && ! $sudo mysqladmin ping >/dev/null 2>&1; then
+    $sudo install -d -o mysql -g mysql /run/mysqld
+    (cd / && $sudo setsid mysqld_safe --bind-address=127.0.0.1 --local-infile=1 >/dev/null 2>&1 < /dev/null &)
+    wait_for mariadb $sudo mysqladmin ping
+  fi
+  $sudo mysql -u root -e "CREATE DATABASE IF NOT EXISTS flumen;
+    CREATE USER IF NOT EXISTS 'flumen'@'127.0.0.1' IDENTIFIED BY 'flumen-test';
+    CREATE USER IF NOT EXISTS 'flumen'@'localhost' IDENTIFIED BY 'flumen-test';
+    GRANT ALL ON flumen.* TO 'flumen'@'127.0.0.1'; GRANT ALL ON flumen.* TO 'flumen'@'localhost';
+    SET GLOBAL local_infile = 1;"
+  log "mariadb: $(mysql --protocol=tcp -h 127.0.0.1 -u flumen -pflumen-test -N -e 'SELECT VERSION()')"
+}
+
 start_python
 start_s3
 start_chdb
 start_clickhouse
 start_search
+start_postgres
+start_mysql
 log "ready (run folder: $RUN_DIR)"

@@ -1,0 +1,117 @@
+//! What differs between MySQL, PostgreSQL and SQLite when flumen writes SQL for them:
+//! identifier quoting, literals, which filters they evaluate exactly as DataFusion does.
+
+use arrow::datatypes::DataType;
+use datafusion::common::ScalarValue;
+
+/// The three databases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    MySql,
+    Postgres,
+    Sqlite,
+}
+
+impl Dialect {
+    /// The `STORED AS` name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dialect::MySql => "MYSQL",
+            Dialect::Postgres => "POSTGRES",
+            Dialect::Sqlite => "SQLITE",
+        }
+    }
+
+    /// An identifier, quoted (a dotted `schema.table` quotes each part).
+    pub fn ident(self, name: &str) -> String {
+        let q = match self {
+            Dialect::MySql => '`',
+            _ => '"',
+        };
+        let one = |p: &str| format!("{q}{}{q}", p.replace(q, &format!("{q}{q}")));
+        one(name)
+    }
+
+    /// A table name as the user wrote it (`db.table` or `table`), each part quoted.
+    pub fn table(self, name: &str) -> String {
+        name.split('.')
+            .map(|p| self.ident(p))
+            .collect::<Vec<_>>()
+            .join(".")
+    }
+
+    /// A string literal.
+    pub fn string(self, s: &str) -> String {
+        let mut out = s.replace('\'', "''");
+        if self == Dialect::MySql {
+            // MySQL reads backslash escapes in literals unless NO_BACKSLASH_ESCAPES is set.
+            out = out.replace('\\', "\\\\");
+        }
+        format!("'{out}'")
+    }
+
+    /// A literal compared with a column of type `column`, when the database compares them
+    /// exactly as DataFusion would (`exact`), or returns at least the rows DataFusion keeps
+    /// (not `exact`: DataFusion filters again). `None`: not sent.
+    pub fn literal(self, column: &DataType, v: &ScalarValue, equality: bool) -> Option<(String, bool)> {
+        let numeric =
+            column.is_integer() || column.is_floating() || matches!(column, DataType::Decimal128(..));
+        let text = matches!(column, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View);
+        Some(match v {
+            ScalarValue::Int8(Some(x)) if numeric => (x.to_string(), true),
+            ScalarValue::Int16(Some(x)) if numeric => (x.to_string(), true),
+            ScalarValue::Int32(Some(x)) if numeric => (x.to_string(), true),
+            ScalarValue::Int64(Some(x)) if numeric => (x.to_string(), true),
+            ScalarValue::UInt8(Some(x)) if numeric => (x.to_string(), true),
+            ScalarValue::UInt16(Some(x)) if numeric => (x.to_string(), true),
+            ScalarValue::UInt32(Some(x)) if numeric => (x.to_string(), true),
+            ScalarValue::UInt64(Some(x)) if numeric => (x.to_string(), true),
+            ScalarValue::Float64(Some(x)) if numeric && x.is_finite() && column.is_floating() => {
+                (format!("{x:?}"), true)
+            }
+            ScalarValue::Boolean(Some(b)) if *column == DataType::Boolean => match self {
+                Dialect::Postgres => (b.to_string().to_uppercase(), true),
+                _ => ((*b as u8).to_string(), true),
+            },
+            // Strings: only equality (ordering follows the column's collation); MySQL's usual
+            // collations ignore case and trailing spaces, so there DataFusion checks again.
+            ScalarValue::Utf8(Some(s)) | ScalarValue::Utf8View(Some(s)) | ScalarValue::LargeUtf8(Some(s))
+                if text && equality =>
+            {
+                (self.string(s), self != Dialect::MySql)
+            }
+            ScalarValue::Date32(Some(_)) if *column == DataType::Date32 && self != Dialect::Sqlite => {
+                (format!("DATE '{v}'"), true)
+            }
+            _ => return None,
+        })
+    }
+
+    /// `LIMIT n`.
+    pub fn limit(self, n: usize) -> String {
+        format!(" LIMIT {n}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_and_literals_follow_the_dialect() {
+        assert_eq!(Dialect::MySql.ident("a`b"), "`a``b`");
+        assert_eq!(Dialect::Postgres.table("s.t\"x"), "\"s\".\"t\"\"x\"");
+        assert_eq!(Dialect::MySql.string("it's a \\"), "'it''s a \\\\'");
+        assert_eq!(Dialect::Postgres.string("it's a \\"), "'it''s a \\'");
+        let s = ScalarValue::Utf8(Some("x".into()));
+        assert_eq!(
+            Dialect::MySql.literal(&DataType::Utf8, &s, true),
+            Some(("'x'".into(), false))
+        );
+        assert_eq!(Dialect::Sqlite.literal(&DataType::Utf8, &s, false), None);
+        assert_eq!(
+            Dialect::Postgres.literal(&DataType::Date32, &ScalarValue::Date32(Some(0)), false),
+            Some(("DATE '1970-01-01'".into(), true))
+        );
+    }
+}

@@ -1,0 +1,365 @@
+//! MySQL, PostgreSQL and SQLite tables: `STORED AS MYSQL | POSTGRES | SQLITE`.
+//!
+//! Reads go through ConnectorX (`cx.rs`, the only place its arrow 56 appears, and
+//! `source.rs`); writes through each database's bulk path: PostgreSQL binary COPY (`pg.rs`,
+//! `pgcopy.rs`), MySQL `LOAD DATA LOCAL INFILE` (`mysql.rs`), SQLite prepared inserts
+//! (`sqlite.rs`). All writes run through the shared sink machinery (batching, retries, staging,
+//! dead letters), with `'transaction' 'job'` making a statement all-or-nothing instead.
+
+pub mod cx;
+pub mod dialect;
+pub mod mysql;
+pub mod pg;
+pub mod pgcopy;
+pub mod source;
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use async_trait::async_trait;
+use datafusion::catalog::{Session, TableProvider, TableProviderFactory};
+use datafusion::logical_expr::CreateExternalTable;
+use url::Url;
+
+use self::cx::Conn;
+use self::dialect::Dialect;
+use self::source::SqlReader;
+use crate::connector::http::decode;
+use crate::connector::options::{OptionSpec, TableOptions};
+use crate::error::{Error, Result};
+use crate::sink::{SINK_OPTIONS, SinkOptions, SinkTable, SourceSinkTable};
+
+const OPTIONS: &[OptionSpec] = &[
+    OptionSpec::new(
+        "table",
+        "the table read and written ('schema.table' or 'db.table' allowed)",
+    ),
+    OptionSpec::new("query", "reads only: a SELECT whose rows are the table"),
+    OptionSpec::new(
+        "create",
+        "'if_not_exists' (default: created from the columns on the first write), 'never' or 'replace'",
+    ),
+    OptionSpec::new(
+        "mode",
+        "'append' (default), 'overwrite' (one transaction) or 'upsert' (needs 'keys')",
+    ),
+    OptionSpec::new(
+        "keys",
+        "upsert: the key columns, comma-separated (a primary or unique key)",
+    ),
+    OptionSpec::new(
+        "transaction",
+        "'batch' (default: a transaction per request, failures staged for resume) or 'job' (all or nothing)",
+    ),
+    OptionSpec::new(
+        "partition_on",
+        "reads: an integer column whose range is split for parallel reads",
+    ),
+    OptionSpec::new(
+        "partitions",
+        "reads: parallel ranges of partition_on; default the number of cores",
+    ),
+    OptionSpec::new(
+        "partition_range",
+        "reads: 'min,max' of partition_on instead of asking the database",
+    ),
+    OptionSpec::new(
+        "chunk_keys",
+        "reads: key values of partition_on per query (what a partition holds in memory); default 250000",
+    ),
+];
+
+/// When the target table is created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Create {
+    Never,
+    IfNotExists,
+    Replace,
+}
+
+/// How rows meet the rows already there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    Append,
+    Overwrite,
+    Upsert(Vec<String>),
+}
+
+impl Mode {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Mode::Append => "append",
+            Mode::Overwrite => "overwrite",
+            Mode::Upsert(_) => "upsert",
+        }
+    }
+}
+
+/// What every writer needs to know.
+#[derive(Debug, Clone)]
+pub struct WriteSpec {
+    /// The target, quoted for its dialect.
+    pub table: String,
+    pub create: Create,
+    pub mode: Mode,
+    /// One transaction for the whole statement.
+    pub job: bool,
+}
+
+/// Builds MYSQL, POSTGRES and SQLITE tables.
+#[derive(Debug)]
+pub struct SqlFactory(pub Dialect);
+
+/// `LOCATION` as a connection: the URL for ConnectorX and the clients, and its password (kept
+/// out of messages).
+fn connection(d: Dialect, location: &str) -> Result<(Conn, Url)> {
+    let url = Url::parse(location).map_err(|e| {
+        Error::Option(format!(
+            "LOCATION is not a URL like {}: {e}",
+            match d {
+                Dialect::MySql => "mysql://user:${PASSWORD}@host:3306/db",
+                Dialect::Postgres => "postgres://user:${PASSWORD}@host:5432/db",
+                Dialect::Sqlite => "sqlite:///path/to/file.db",
+            }
+        ))
+    })?;
+    let ok = match d {
+        Dialect::MySql => url.scheme() == "mysql",
+        Dialect::Postgres => matches!(url.scheme(), "postgres" | "postgresql"),
+        Dialect::Sqlite => url.scheme() == "sqlite",
+    };
+    if !ok {
+        return Err(Error::Option(format!(
+            "LOCATION scheme '{}' does not fit STORED AS {}",
+            url.scheme(),
+            d.name()
+        )));
+    }
+    let secret = url.password().map(decode);
+    let mut conn_url = url.clone();
+    if d == Dialect::Postgres {
+        conn_url.set_scheme("postgresql").ok();
+    }
+    Ok((
+        Conn {
+            url: conn_url.to_string(),
+            secret,
+        },
+        url,
+    ))
+}
+
+/// ConnectorX's types as the table's: 32-bit offsets, every column nullable.
+fn table_type(t: &DataType) -> DataType {
+    match t {
+        DataType::LargeUtf8 => DataType::Utf8,
+        DataType::LargeBinary => DataType::Binary,
+        DataType::LargeList(f) => {
+            DataType::List(Arc::new(Field::new("item", table_type(f.data_type()), true)))
+        }
+        other => other.clone(),
+    }
+}
+
+#[async_trait]
+impl TableProviderFactory for SqlFactory {
+    async fn create(
+        &self,
+        _state: &dyn Session,
+        cmd: &CreateExternalTable,
+    ) -> datafusion::error::Result<Arc<dyn TableProvider>> {
+        let d = self.0;
+        let name = cmd.name.to_string();
+        let specs: Vec<OptionSpec> = OPTIONS.iter().chain(SINK_OPTIONS).copied().collect();
+        let o = TableOptions::parse(d.name(), &name, &cmd.options, &specs)?;
+        let sink = SinkOptions::from_options(&o)?;
+        let location = cmd.locations.first().cloned().unwrap_or_default();
+        let (conn, url) =
+            connection(d, &location).map_err(|e| Error::Option(format!("table {name}: {e}")))?;
+        let at = |e: Error| Error::Option(format!("table {name}: {e}"));
+        let (from, table) = match (o.get("table"), o.get("query")) {
+            (Some(t), None) => (d.table(t), Some(d.table(t))),
+            (None, Some(q)) => (format!("({q}) AS flumen_q"), None),
+            (Some(_), Some(_)) => {
+                return Err(at(Error::Option("give 'table' or 'query', not both".into())).into());
+            }
+            (None, None) => return Err(at(Error::Option("'table' or 'query' is required".into())).into()),
+        };
+        let declared: Vec<Arc<Field>> = cmd.schema.fields().iter().cloned().collect();
+        let schema: SchemaRef = if !declared.is_empty() {
+            Arc::new(Schema::new(declared))
+        } else {
+            let c = conn.clone();
+            let q = format!("SELECT * FROM {from}");
+            let s = tokio::task::spawn_blocking(move || cx::schema(&c, &q))
+                .await
+                .map_err(|e| at(Error::Config(e.to_string())))?
+                .map_err(|e| {
+                    at(Error::Config(format!(
+                        "cannot read the columns of {from} ({e}); if the table does not exist yet, declare its columns: CREATE EXTERNAL TABLE {name} (id BIGINT, ...) STORED AS {}",
+                        d.name()
+                    )))
+                })?;
+            Arc::new(Schema::new(
+                s.fields()
+                    .iter()
+                    .map(|f| Field::new(f.name(), table_type(f.data_type()), true))
+                    .collect::<Vec<_>>(),
+            ))
+        };
+        let col = |c: &str| -> Result<String> {
+            schema
+                .field_with_name(c)
+                .map(|f| f.name().clone())
+                .map_err(|_| at(Error::Option(format!("'{c}' is not a column of the table"))))
+        };
+        let partition_on = o.get("partition_on").map(col).transpose()?;
+        if let Some(p) = &partition_on {
+            let t = schema.field_with_name(p).map(|f| f.data_type().clone())?;
+            if !t.is_integer() && !matches!(t, DataType::Decimal128(_, 0)) {
+                return Err(at(Error::Option(format!(
+                    "'partition_on' {p} is {t}; it must be an integer column"
+                )))
+                .into());
+            }
+        }
+        let partition_range = o
+            .get("partition_range")
+            .map(|r| {
+                let bad = || {
+                    at(Error::Option(format!(
+                        "'partition_range' '{r}' is not 'min,max' (integers)"
+                    )))
+                };
+                let (a, b) = r.split_once(',').ok_or_else(bad)?;
+                let a: i64 = a.trim().parse().map_err(|_| bad())?;
+                let b: i64 = b.trim().parse().map_err(|_| bad())?;
+                if a > b { Err(bad()) } else { Ok((a, b)) }
+            })
+            .transpose()?;
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let reader = SqlReader {
+            dialect: d,
+            conn: conn.clone(),
+            name: name.clone(),
+            from,
+            schema: Arc::clone(&schema),
+            partition_on,
+            partitions: o.parse_or("partitions", cores)?.max(1),
+            partition_range,
+            chunk_keys: o.count_or("chunk_keys", 250_000)?.max(1),
+        };
+        let mode = match o.choice_or("mode", &["append", "overwrite", "upsert"], "append")? {
+            "overwrite" => Mode::Overwrite,
+            "upsert" => {
+                let keys = o
+                    .get("keys")
+                    .ok_or_else(|| at(Error::Option("'mode' 'upsert' needs 'keys'".into())))?
+                    .split(',')
+                    .map(|k| col(k.trim()))
+                    .collect::<Result<Vec<_>>>()?;
+                Mode::Upsert(keys)
+            }
+            _ => Mode::Append,
+        };
+        let job = o.choice_or("transaction", &["batch", "job"], "batch")? == "job" || mode == Mode::Overwrite;
+        let create = match o.choice_or("create", &["never", "if_not_exists", "replace"], "if_not_exists")? {
+            "never" => Create::Never,
+            "replace" => Create::Replace,
+            _ => Create::IfNotExists,
+        };
+        // A query is read-only: writes need a table.
+        let spec = WriteSpec {
+            table: table.unwrap_or_default(),
+            create,
+            mode,
+            job,
+        };
+        Ok(match d {
+            Dialect::Postgres => {
+                let backend = pg_backend(conn, spec, Arc::clone(&schema), &name).await?;
+                Arc::new(SourceSinkTable::new(reader, SinkTable::new(backend, name, sink)))
+            }
+            Dialect::Sqlite => {
+                let path = location.strip_prefix("sqlite://").map(decode).unwrap_or_default();
+                let _ = url;
+                let backend = sqlite::SqliteBackend {
+                    path,
+                    spec,
+                    schema: Arc::clone(&schema),
+                    conn: Default::default(),
+                    in_job: Default::default(),
+                    prepared: Default::default(),
+                };
+                Arc::new(SourceSinkTable::new(reader, SinkTable::new(backend, name, sink)))
+            }
+            Dialect::MySql => {
+                let backend = mysql::MySqlBackend::new(conn, spec, Arc::clone(&schema))?.shared();
+                Arc::new(SourceSinkTable::new(reader, SinkTable::new(backend, name, sink)))
+            }
+        })
+    }
+}
+
+/// The PostgreSQL writer, with the target's column types from the catalog (or, for a table
+/// not there yet, from the type map it will be created with).
+async fn pg_backend(conn: Conn, spec: WriteSpec, schema: SchemaRef, name: &str) -> Result<pg::PgBackend> {
+    let planned = |f: &Field| pgcopy::PgColumn {
+        name: f.name().clone(),
+        ty: pg::type_for(f.data_type())
+            .map(|(_, t)| t)
+            .unwrap_or_else(|| "text".into()),
+    };
+    let existing = if spec.table.is_empty() || spec.create == Create::Replace {
+        None
+    } else {
+        match pg::connect(&conn.url).await {
+            Ok(client) => pg::catalog(&client, &spec.table).await?,
+            Err(e) => {
+                if e.as_db_error().is_some() {
+                    return Err(Error::Config(format!(
+                        "table {name}: cannot log in: {}",
+                        pg::pg_text(&e)
+                    )));
+                }
+                tracing::warn!(
+                    "table {name}: cannot reach the database ({}); assuming the columns' own types",
+                    pg::pg_text(&e)
+                );
+                None
+            }
+        }
+    };
+    let targets = match existing {
+        Some(cols) => schema
+            .fields()
+            .iter()
+            .map(|f| {
+                cols.iter().find(|c| c.name == *f.name()).cloned().ok_or_else(|| {
+                    Error::Option(format!(
+                        "table {name}: column {} is not in {} (it has {})",
+                        f.name(),
+                        spec.table,
+                        cols.iter()
+                            .map(|c| c.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?,
+        None => schema.fields().iter().map(|f| planned(f)).collect(),
+    };
+    Ok(pg::PgBackend {
+        url: conn.url,
+        spec,
+        schema,
+        targets,
+        pool: Default::default(),
+        job: Default::default(),
+        prepared: Default::default(),
+        sent: Default::default(),
+        seq: Default::default(),
+    })
+}
