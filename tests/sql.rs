@@ -1,0 +1,174 @@
+//! MYSQL, POSTGRES and SQLITE tables against the real servers `tests/services/start.sh` starts:
+//! PostgreSQL 15 and MariaDB 10.11 (MySQL protocol) on 127.0.0.1, user `flumen`, password
+//! `flumen-test`, database `flumen`; SQLite files in a temporary folder.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+const PG: &str = "postgres://flumen:${PW}@127.0.0.1:5432/flumen";
+const MY: &str = "mysql://flumen:${PW}@127.0.0.1:3306/flumen";
+
+fn run(cmd: &mut Command, what: &str) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what} runs ({e}); start the servers with `bash tests/services/start.sh`"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\nis the server running? start it with `bash tests/services/start.sh`",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Runs SQL in PostgreSQL; the output unaligned, tuples only.
+fn pg(sql: &str) -> String {
+    run(
+        Command::new("psql")
+            .args(["-h", "127.0.0.1", "-U", "flumen", "-d", "flumen", "-v", "ON_ERROR_STOP=1", "-qtAc", sql])
+            .env("PGPASSWORD", "flumen-test"),
+        "psql",
+    )
+}
+
+/// Runs SQL in MariaDB; tab-separated, no headers.
+fn my(sql: &str) -> String {
+    run(
+        Command::new("mysql")
+            .args(["--protocol=tcp", "--default-character-set=utf8mb4", "-h", "127.0.0.1", "-u", "flumen", "-pflumen-test", "-N", "-B", "flumen", "-e", sql]),
+        "mysql",
+    )
+}
+
+/// Runs SQL in a SQLite file (Python's sqlite3); rows as `|`-joined lines.
+fn lite(path: &Path, sql: &str) -> String {
+    let code = "import sqlite3,sys\nc=sqlite3.connect(sys.argv[1])\nr=c.executescript(sys.argv[2]) if ';' in sys.argv[2].strip()[:-1] else None\n\
+                rows=c.execute(sys.argv[2]).fetchall() if r is None else []\nc.commit()\nprint('\\n'.join('|'.join('' if v is None else str(v) for v in row) for row in rows))";
+    run(
+        Command::new("python3").args(["-c", code]).arg(path).arg(sql),
+        "python3 sqlite3",
+    )
+}
+
+fn flumen(dir: &Path, script: &str, extra: &[&str]) -> Output {
+    let path = dir.join("job.sql");
+    std::fs::write(&path, script).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_flumen"))
+        .args(["run", path.to_str().unwrap(), "-q", "--set", "PW=flumen-test", "--state-dir"])
+        .arg(dir.join("state"))
+        .args(extra)
+        .output()
+        .expect("flumen runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn ok(out: &Output) -> String {
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+#[test]
+fn postgres_types_survive_a_copy_through_flumen() {
+    let cols = "id INT PRIMARY KEY, i2 SMALLINT, i4 INTEGER, i8 BIGINT, f4 REAL, f8 DOUBLE PRECISION, \
+                n NUMERIC(28, 10), money NUMERIC(10, 2), vc VARCHAR(20), t TEXT, b BYTEA, d DATE, tm TIME, \
+                ts TIMESTAMP, tz TIMESTAMPTZ, ok BOOLEAN, j JSONB, u UUID, ia INTEGER[], ta TEXT[]";
+    pg(&format!(
+        "DROP TABLE IF EXISTS rt_src, rt_dst; CREATE TABLE rt_src ({cols}); CREATE TABLE rt_dst ({cols});
+         INSERT INTO rt_src VALUES
+         (1, -32768, -2147483648, -9223372036854775808, -3.4e38, 1e300, 123456789012345678.1234567891, -99999999.99,
+          'héllo', E'tab\\there \"q\" \\\\ new\\nline 東京 🎉', '\\x00ff10'::bytea, '1969-07-20', '23:59:59.999999',
+          '1969-12-31 23:59:59.5', '2040-01-02 03:04:05.678+02', true, '{{\"a\": [1, \"x\"], \"b\": null}}',
+          'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '{{1,NULL,-3}}', '{{\"x\",\"\",NULL}}'),
+         (2, 32767, 2147483647, 9223372036854775807, 1.5, -0.0, 0, 0.01, '', '', '', '2262-04-11', '00:00:00',
+          '2040-01-02 03:04:05.678', '1970-01-01 00:00:00+00', false, '[]', '00000000-0000-0000-0000-000000000000', '{{}}', '{{}}'),
+         (3, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL);"
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let out = flumen(
+        dir.path(),
+        &format!(
+            "CREATE EXTERNAL TABLE src STORED AS POSTGRES LOCATION '{PG}' OPTIONS ('table' 'rt_src');\n\
+             CREATE EXTERNAL TABLE dst STORED AS POSTGRES LOCATION '{PG}' OPTIONS ('table' 'rt_dst', 'create' 'never');\n\
+             INSERT INTO dst SELECT * FROM src;\n"
+        ),
+        &[],
+    );
+    ok(&out);
+    assert_eq!(pg("SELECT count(*) FROM rt_dst"), "3");
+    assert_eq!(
+        pg("SELECT count(*) FROM (SELECT * FROM rt_src EXCEPT SELECT * FROM rt_dst) x"),
+        "0",
+        "rows differ: {}",
+        pg("SELECT * FROM rt_src EXCEPT SELECT * FROM rt_dst")
+    );
+}
+
+#[test]
+fn mysql_types_survive_a_copy_through_flumen() {
+    let cols = "id INT PRIMARY KEY, i1 TINYINT, i2 SMALLINT, i4 INT, i8 BIGINT, u1 TINYINT UNSIGNED, u8 BIGINT UNSIGNED, \
+                f FLOAT, d DOUBLE, n DECIMAL(28, 10), money DECIMAL(10, 2), vc VARCHAR(20), t TEXT, b BLOB, dt DATE, \
+                tm TIME(6), ts DATETIME(6), ok BOOLEAN, j JSON, e ENUM('red', 'green')";
+    my(&format!(
+        "DROP TABLE IF EXISTS rt_src, rt_dst; CREATE TABLE rt_src ({cols}) CHARACTER SET utf8mb4; CREATE TABLE rt_dst LIKE rt_src;
+         INSERT INTO rt_src VALUES
+         (1, -128, -32768, -2147483648, -9223372036854775808, 255, 18446744073709551615, -3.4e38, 1e300,
+          123456789012345678.1234567891, -99999999.99, 'héllo', 'tab\\there \"q\" \\\\ new\\nline 東京 🎉', X'00ff10',
+          '1000-01-01', '23:59:59.999999', '1969-12-31 23:59:59.5', true, '{{\"a\": [1, \"x\"]}}', 'green'),
+         (2, 127, 32767, 2147483647, 9223372036854775807, 0, 0, 1.5, -0.5, 0, 0.01, '', '', X'', '9999-12-31',
+          '00:00:00', '2040-01-02 03:04:05.678', false, '[]', 'red'),
+         (3, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL);"
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let out = flumen(
+        dir.path(),
+        &format!(
+            "CREATE EXTERNAL TABLE src STORED AS MYSQL LOCATION '{MY}' OPTIONS ('table' 'rt_src');\n\
+             CREATE EXTERNAL TABLE dst STORED AS MYSQL LOCATION '{MY}' OPTIONS ('table' 'rt_dst', 'create' 'never');\n\
+             INSERT INTO dst SELECT * FROM src;\n"
+        ),
+        &[],
+    );
+    ok(&out);
+    assert_eq!(my("SELECT count(*) FROM rt_dst"), "3");
+    assert_eq!(
+        my("SELECT count(*) FROM (SELECT * FROM rt_src EXCEPT SELECT * FROM rt_dst) x"),
+        "0",
+        "rows differ: {}",
+        my("SELECT * FROM rt_src EXCEPT SELECT * FROM rt_dst")
+    );
+}
+
+#[test]
+fn sqlite_types_survive_a_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    let loc = format!("sqlite://{}", db.display());
+    let cols = "id BIGINT NOT NULL, i8 TINYINT, u32 INT UNSIGNED, f DOUBLE, dec DECIMAL(20, 4), s VARCHAR, b BYTEA, \
+                ok BOOLEAN, d DATE, ts TIMESTAMP, tags VARCHAR[]";
+    let out = flumen(
+        dir.path(),
+        &format!(
+            "CREATE TABLE src ({cols}) AS VALUES\n\
+               (1, -128, 4294967295, 1e300, 1234567890123456.7891, 'tab\there ''q'' 東京', X'00ff', true, DATE '1969-07-20',\n\
+                TIMESTAMP '1969-12-31 23:59:59.5', ['a', 'b']),\n\
+               (2, 127, 0, -0.5, -0.0001, '', X'', false, DATE '2262-04-11', TIMESTAMP '2040-01-02 03:04:05.678', []),\n\
+               (3, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL);\n\
+             CREATE EXTERNAL TABLE t ({cols}) STORED AS SQLITE LOCATION '{loc}' OPTIONS ('table' 'rt');\n\
+             INSERT INTO t SELECT * FROM src;\n\
+             CREATE EXTERNAL TABLE back (id BIGINT NOT NULL, i8 TINYINT, u32 INT UNSIGNED, f DOUBLE, dec DECIMAL(20, 4),\n\
+               s VARCHAR, b BYTEA, ok BOOLEAN, d DATE, ts TIMESTAMP, tags VARCHAR)\n\
+               STORED AS SQLITE LOCATION '{loc}' OPTIONS ('table' 'rt');\n\
+             SELECT count(*) AS n FROM (SELECT id, i8, u32, f, dec, s, b, ok, d, ts FROM src\n\
+               EXCEPT ALL SELECT id, i8, u32, f, dec, s, b, ok, d, ts FROM back) x;\n\
+             SELECT id, tags FROM back ORDER BY id;\n"
+        ),
+        &["--format", "csv"],
+    );
+    assert_eq!(ok(&out), "3 rows written\nn\n0\nid,tags\n1,\"[\"\"a\"\",\"\"b\"\"]\"\n2,[]\n3,\n");
+    assert_eq!(
+        lite(&db, "SELECT typeof(id), typeof(f), typeof(dec), typeof(b), d, ts FROM rt WHERE id = 1"),
+        "integer|real|text|blob|1969-07-20|1969-12-31 23:59:59.500"
+    );
+}
