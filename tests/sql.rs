@@ -172,3 +172,120 @@ fn sqlite_types_survive_a_round_trip() {
         "integer|real|text|blob|1969-07-20|1969-12-31 23:59:59.500"
     );
 }
+
+/// The three databases, each with its LOCATION and a way to run SQL in it.
+fn targets(dir: &Path) -> Vec<(&'static str, String, Box<dyn Fn(&str) -> String>)> {
+    let db = dir.join("t.db");
+    let loc = format!("sqlite://{}", db.display());
+    vec![
+        ("POSTGRES", PG.to_string(), Box::new(pg)),
+        ("MYSQL", MY.to_string(), Box::new(my)),
+        ("SQLITE", loc, Box::new(move |sql: &str| lite(&db, sql))),
+    ]
+}
+
+#[test]
+fn a_job_transaction_failing_at_60_percent_leaves_the_table_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    for (kind, loc, sql) in targets(dir.path()) {
+        let t = format!("job_{}", kind.to_lowercase());
+        sql(&format!("DROP TABLE IF EXISTS {t}"));
+        sql(&format!("CREATE TABLE {t} (id BIGINT PRIMARY KEY, v BIGINT NOT NULL)"));
+        sql(&format!("INSERT INTO {t} VALUES (-1, 7), (-2, 8)"));
+        // 10 requests of 1,000 rows; row 6,000 has a NULL the table refuses.
+        let script = format!(
+            "CREATE EXTERNAL TABLE t (id BIGINT, v BIGINT) STORED AS {kind} LOCATION '{loc}'\n\
+               OPTIONS ('table' '{t}', 'transaction' 'job', 'batch_rows' '1000');\n\
+             INSERT INTO t SELECT value, CASE WHEN value = 6000 THEN NULL ELSE value * 2 END FROM generate_series(1, 10000);\n"
+        );
+        let out = flumen(dir.path(), &script, &[]);
+        let err = text(&out.stderr);
+        assert!(!out.status.success(), "{kind}: the job should fail");
+        assert!(err.contains("rolled back") || err.contains("NOT NULL") || err.contains("null"), "{kind}: {err}");
+        assert_eq!(
+            sql(&format!("SELECT count(*), sum(v) FROM {t}")).replace('\t', "|"),
+            "2|15",
+            "{kind}: the table changed"
+        );
+        // The same job without the bad row commits all of it.
+        let out = flumen(dir.path(), &script.replace("value = 6000", "value = -6000"), &[]);
+        ok(&out);
+        assert_eq!(
+            sql(&format!("SELECT count(*), sum(v) FROM {t}")).replace('\t', "|"),
+            "10002|100010015",
+            "{kind}"
+        );
+    }
+}
+
+#[test]
+fn upserting_twice_updates_without_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    for (kind, loc, sql) in targets(dir.path()) {
+        let t = format!("up_{}", kind.to_lowercase());
+        sql(&format!("DROP TABLE IF EXISTS {t}"));
+        let script = |factor: u32| {
+            format!(
+                "CREATE EXTERNAL TABLE t (id BIGINT NOT NULL, name VARCHAR, v BIGINT) STORED AS {kind} LOCATION '{loc}'\n\
+                   OPTIONS ('table' '{t}', 'mode' 'upsert', 'keys' 'id', 'batch_rows' '700');\n\
+                 INSERT INTO t SELECT value % 1500, 'n' || value, value * {factor} FROM generate_series(1, 3000);\n"
+            )
+        };
+        ok(&flumen(dir.path(), &script(1), &[]));
+        ok(&flumen(dir.path(), &script(10), &[]));
+        // 1,500 keys; each holds its last row (value 1501..3000) times 10.
+        assert_eq!(
+            sql(&format!("SELECT count(*), count(DISTINCT id), sum(v), min(name) FROM {t}")).replace('\t', "|"),
+            format!("1500|1500|{}|n1501", (1501..=3000u64).sum::<u64>() * 10),
+            "{kind}"
+        );
+    }
+}
+
+#[test]
+fn connection_and_option_mistakes_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    pg("DROP TABLE IF EXISTS err_t; CREATE TABLE err_t (id BIGINT, name TEXT)");
+    for (script, want) in [
+        (
+            "CREATE EXTERNAL TABLE t STORED AS POSTGRES LOCATION 'postgres://flumen:${PW}@127.0.0.1:1/flumen' OPTIONS ('table' 'err_t');\n",
+            "connect",
+        ),
+        (
+            "CREATE EXTERNAL TABLE t STORED AS POSTGRES LOCATION 'postgres://flumen:wrong-secret@127.0.0.1:5432/flumen' OPTIONS ('table' 'err_t');\n",
+            "password authentication failed",
+        ),
+        (
+            "CREATE EXTERNAL TABLE t STORED AS MYSQL LOCATION 'mysql://flumen:wrong-secret@127.0.0.1:3306/flumen' OPTIONS ('table' 'err_t');\n",
+            "Access denied",
+        ),
+        (
+            "CREATE EXTERNAL TABLE t STORED AS POSTGRES LOCATION 'postgres://flumen:${PW}@127.0.0.1:5432/flumen' OPTIONS ('table' 'no_such_table');\n",
+            "no_such_table",
+        ),
+        (
+            "CREATE EXTERNAL TABLE t STORED AS POSTGRES LOCATION 'postgres://flumen:${PW}@127.0.0.1:5432/flumen' OPTIONS ('table' 'err_t', 'partition_on' 'name');\n",
+            "'partition_on' name is Utf8; it must be an integer column",
+        ),
+        (
+            "CREATE EXTERNAL TABLE t STORED AS POSTGRES LOCATION 'postgres://flumen:${PW}@127.0.0.1:5432/flumen' OPTIONS ('table' 'err_t', 'partition_on' 'nope');\n",
+            "'nope' is not a column",
+        ),
+        (
+            "CREATE EXTERNAL TABLE t STORED AS POSTGRES LOCATION 'mysql://h/db' OPTIONS ('table' 'err_t');\n",
+            "does not fit STORED AS POSTGRES",
+        ),
+        (
+            "CREATE EXTERNAL TABLE t STORED AS POSTGRES LOCATION 'postgres://flumen:${PW}@127.0.0.1:5432/flumen' OPTIONS ('tabel' 'err_t');\n",
+            "did you mean 'table'",
+        ),
+    ] {
+        let out = flumen(dir.path(), &(script.to_string() + "SELECT * FROM t;\n"), &[]);
+        let err = text(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(want) && !err.contains("panicked"),
+            "{script}: {err}"
+        );
+        assert!(!err.contains("wrong-secret") && !err.contains("flumen-test"), "a password leaked: {err}");
+    }
+}

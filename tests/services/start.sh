@@ -172,6 +172,14 @@ start_postgres() {
       END IF; END \$\$;"
   "${psql[@]}" -tc "SELECT 1 FROM pg_database WHERE datname = 'flumen'" | grep -q 1 \
     || "${psql[@]}" -c "CREATE DATABASE flumen OWNER flumen"
+  # The packaged cluster may trust every local login: the tests' user must give its password
+  # (the wrong-password test), so a rule for it goes first.
+  local hba
+  hba=$("${psql[@]}" -tAc "SHOW hba_file")
+  if ! $sudo grep -q "^host all flumen 127.0.0.1/32" "$hba"; then
+    $sudo sed -i '1i host all flumen 127.0.0.1/32 scram-sha-256' "$hba"
+    "${psql[@]}" -c "SELECT pg_reload_conf()" >/dev/null
+  fi
   log "postgres: $(PGPASSWORD=flumen-test psql -h 127.0.0.1 -U flumen -d flumen -tAc 'SELECT version()' | cut -d' ' -f1-2)"
 }
 

@@ -186,7 +186,10 @@ impl TableProviderFactory for SqlFactory {
             }
             (None, None) => return Err(at(Error::Option("'table' or 'query' is required".into())).into()),
         };
+        // One connection first, with the database's own client: a clear error (wrong password,
+        // unknown database) at once, instead of ConnectorX's pool timing out on "db error".
         let declared: Vec<Arc<Field>> = cmd.schema.fields().iter().cloned().collect();
+        check_connection(d, &conn, &location, !declared.is_empty()).await.map_err(at)?;
         let schema: SchemaRef = if !declared.is_empty() {
             Arc::new(Schema::new(declared))
         } else {
@@ -264,6 +267,12 @@ impl TableProviderFactory for SqlFactory {
             _ => Mode::Append,
         };
         let job = o.choice_or("transaction", &["batch", "job"], "batch")? == "job" || mode == Mode::Overwrite;
+        // Upserts apply requests one at a time, in input order: with a key repeated across
+        // requests, the last row wins.
+        let mut sink = sink;
+        if matches!(mode, Mode::Upsert(_)) {
+            sink.concurrency = 1;
+        }
         let create = match o.choice_or("create", &["never", "if_not_exists", "replace"], "if_not_exists")? {
             "never" => Create::Never,
             "replace" => Create::Replace,
@@ -299,6 +308,45 @@ impl TableProviderFactory for SqlFactory {
                 Arc::new(SourceSinkTable::new(reader, SinkTable::new(backend, name, sink)))
             }
         })
+    }
+}
+
+/// Connects once (reads need the server at planning time; a table with declared columns may be
+/// written later, so an unreachable server is then only a warning).
+async fn check_connection(d: Dialect, conn: &Conn, location: &str, declared: bool) -> Result<()> {
+    let r: std::result::Result<(), (bool, String)> = match d {
+        Dialect::Postgres => match pg::connect(&conn.url).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err((e.as_db_error().is_some(), pg::pg_text(&e))),
+        },
+        Dialect::MySql => {
+            let url = conn.url.clone();
+            tokio::task::spawn_blocking(move || match ::mysql::Opts::from_url(&url) {
+                Ok(o) => ::mysql::Conn::new(o)
+                    .map(|_| ())
+                    .map_err(|e| (matches!(e, ::mysql::Error::MySqlError(_)), self::mysql::my_text(&e))),
+                Err(e) => Err((true, e.to_string())),
+            })
+            .await
+            .map_err(|e| Error::Config(e.to_string()))?
+        }
+        Dialect::Sqlite => {
+            let path = location.strip_prefix("sqlite://").map(decode).unwrap_or_default();
+            match std::path::Path::new(&path).parent() {
+                Some(p) if !p.as_os_str().is_empty() && !p.exists() => {
+                    Err((true, format!("the folder of {path} does not exist")))
+                }
+                _ => Ok(()),
+            }
+        }
+    };
+    match r {
+        Ok(()) => Ok(()),
+        Err((false, why)) if declared => {
+            tracing::warn!("{}", conn.scrub(&format!("cannot reach {} ({why}); using the declared columns", d.name())));
+            Ok(())
+        }
+        Err((_, why)) => Err(Error::Config(conn.scrub(&format!("cannot connect to {}: {why}", d.name())))),
     }
 }
 
