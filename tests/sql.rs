@@ -289,3 +289,80 @@ fn connection_and_option_mistakes_are_clear_errors() {
         assert!(!err.contains("wrong-secret") && !err.contains("flumen-test"), "a password leaked: {err}");
     }
 }
+
+#[test]
+fn refused_rows_go_to_dead_letters_and_the_rest_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    for (kind, loc, sql) in targets(dir.path()) {
+        let t = format!("dl_{}", kind.to_lowercase());
+        sql(&format!("DROP TABLE IF EXISTS {t}"));
+        sql(&format!("CREATE TABLE {t} (id BIGINT PRIMARY KEY, v BIGINT NOT NULL)"));
+        let state = dir.path().join(format!("state-{kind}"));
+        let script = format!(
+            "CREATE EXTERNAL TABLE t (id BIGINT, v BIGINT) STORED AS {kind} LOCATION '{loc}'\n\
+               OPTIONS ('table' '{t}', 'batch_rows' '1000', 'max_rejected' '10');\n\
+             INSERT INTO t SELECT value, CASE WHEN value IN (17, 1500, 2999) THEN NULL ELSE value END FROM generate_series(1, 3000);\n"
+        );
+        let path = dir.path().join("dl.sql");
+        std::fs::write(&path, script).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_flumen"))
+            .args(["run", path.to_str().unwrap(), "-q", "--set", "PW=flumen-test", "--state-dir"])
+            .arg(&state)
+            .output()
+            .unwrap();
+        ok(&out);
+        assert_eq!(
+            sql(&format!("SELECT count(*), sum(v) FROM {t}")).replace('\t', "|"),
+            format!("2997|{}", (1..=3000u64).sum::<u64>() - 17 - 1500 - 2999),
+            "{kind}"
+        );
+        let dead = std::fs::read_dir(state.join("dead_letter")).unwrap().next().unwrap().unwrap().path();
+        let out = Command::new(env!("CARGO_BIN_EXE_flumen"))
+            .args(["sql", "-q", "--format", "csv", "-e"])
+            .arg(format!(
+                "SELECT string_agg(CAST(id AS VARCHAR), ',' ORDER BY id) AS ids, min(_error) AS reason FROM '{}/t/'",
+                dead.display()
+            ))
+            .output()
+            .unwrap();
+        let csv = ok(&out);
+        assert!(csv.starts_with("ids,reason\n\"17,1500,2999\","), "{kind}: {csv}");
+        assert!(csv.to_lowercase().contains("null"), "{kind}: the reason names the fault: {csv}");
+    }
+}
+
+#[test]
+fn a_million_rows_go_mysql_to_postgres_and_back_with_a_transformation() {
+    my("DROP TABLE IF EXISTS mill_src, mill_back");
+    pg("DROP TABLE IF EXISTS mill_pg");
+    let dir = tempfile::tempdir().unwrap();
+    let script = format!(
+        "CREATE EXTERNAL TABLE gen STORED AS GENERATE LOCATION 'orders' OPTIONS ('rows' '1M');\n\
+         CREATE EXTERNAL TABLE m (order_id BIGINT NOT NULL, user_id BIGINT, created_at TIMESTAMP, status VARCHAR, amount DECIMAL(18, 2))\n\
+           STORED AS MYSQL LOCATION '{MY}' OPTIONS ('table' 'mill_src');\n\
+         INSERT INTO m SELECT order_id, user_id, created_at, status, amount FROM gen;\n\
+         CREATE EXTERNAL TABLE src STORED AS MYSQL LOCATION '{MY}' OPTIONS ('table' 'mill_src', 'partition_on' 'order_id', 'partitions' '3', 'chunk_keys' '200000');\n\
+         CREATE EXTERNAL TABLE p (order_id BIGINT NOT NULL, user_id BIGINT, created_at TIMESTAMP, status VARCHAR, amount2 DECIMAL(19, 2))\n\
+           STORED AS POSTGRES LOCATION '{PG}' OPTIONS ('table' 'mill_pg');\n\
+         INSERT INTO p SELECT order_id, user_id, created_at, upper(status), CAST(amount * 2 AS DECIMAL(19, 2)) FROM src;\n\
+         CREATE EXTERNAL TABLE pin STORED AS POSTGRES LOCATION '{PG}' OPTIONS ('table' 'mill_pg', 'partition_on' 'order_id', 'partitions' '2');\n\
+         CREATE EXTERNAL TABLE back (order_id BIGINT NOT NULL, user_id BIGINT, created_at TIMESTAMP, status VARCHAR, amount DECIMAL(18, 2))\n\
+           STORED AS MYSQL LOCATION '{MY}' OPTIONS ('table' 'mill_back');\n\
+         INSERT INTO back SELECT order_id, user_id, created_at, lower(status), CAST(amount2 / 2 AS DECIMAL(18, 2)) FROM pin;\n"
+    );
+    let out = flumen(dir.path(), &script, &[]);
+    ok(&out);
+    let sums = "count(*), sum(order_id), sum(user_id % 1000003), sum(length(status))";
+    let mysrc = my(&format!("SELECT {sums}, sum(amount) * 2, count(DISTINCT created_at) FROM mill_src"));
+    let pgmid = pg(&format!(
+        "SELECT {sums}, sum(amount2), count(DISTINCT created_at) FROM mill_pg WHERE status = upper(status)"
+    ));
+    assert_eq!(mysrc.split('\t').next(), Some("1000000"));
+    assert_eq!(mysrc.replace('\t', "|"), pgmid, "MySQL source vs PostgreSQL");
+    // Back in MySQL: every row equals its source row.
+    assert_eq!(
+        my("SELECT count(*) FROM (SELECT * FROM mill_src EXCEPT SELECT * FROM mill_back) x"),
+        "0"
+    );
+    assert_eq!(my("SELECT count(*) FROM mill_back"), "1000000");
+}
