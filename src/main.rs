@@ -148,12 +148,11 @@ fn kv_arg(s: &str) -> Result<(String, String), String> {
 }
 
 fn init_logging(g: &Global) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FLUMEN_LOG")
-        .unwrap_or_else(|_| {
-            // The connection pools inside ConnectorX log each failed attempt; flumen reports the
-            // failure itself, once.
-            tracing_subscriber::EnvFilter::new(if g.quiet { "warn,r2d2=off" } else { "info,r2d2=off" })
-        });
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLUMEN_LOG").unwrap_or_else(|_| {
+        // The connection pools inside ConnectorX log each failed attempt; flumen reports the
+        // failure itself, once.
+        tracing_subscriber::EnvFilter::new(if g.quiet { "warn,r2d2=off" } else { "info,r2d2=off" })
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -9,9 +9,9 @@ const PG: &str = "postgres://flumen:${PW}@127.0.0.1:5432/flumen";
 const MY: &str = "mysql://flumen:${PW}@127.0.0.1:3306/flumen";
 
 fn run(cmd: &mut Command, what: &str) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("{what} runs ({e}); start the servers with `bash tests/services/start.sh`"));
+    let out = cmd.output().unwrap_or_else(|e| {
+        panic!("{what} runs ({e}); start the servers with `bash tests/services/start.sh`")
+    });
     assert!(
         out.status.success(),
         "{what} failed: {}\nis the server running? start it with `bash tests/services/start.sh`",
@@ -24,7 +24,18 @@ fn run(cmd: &mut Command, what: &str) -> String {
 fn pg(sql: &str) -> String {
     run(
         Command::new("psql")
-            .args(["-h", "127.0.0.1", "-U", "flumen", "-d", "flumen", "-v", "ON_ERROR_STOP=1", "-qtAc", sql])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "flumen",
+                "-d",
+                "flumen",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-qtAc",
+                sql,
+            ])
             .env("PGPASSWORD", "flumen-test"),
         "psql",
     )
@@ -33,8 +44,20 @@ fn pg(sql: &str) -> String {
 /// Runs SQL in MariaDB; tab-separated, no headers.
 fn my(sql: &str) -> String {
     run(
-        Command::new("mysql")
-            .args(["--protocol=tcp", "--default-character-set=utf8mb4", "-h", "127.0.0.1", "-u", "flumen", "-pflumen-test", "-N", "-B", "flumen", "-e", sql]),
+        Command::new("mysql").args([
+            "--protocol=tcp",
+            "--default-character-set=utf8mb4",
+            "-h",
+            "127.0.0.1",
+            "-u",
+            "flumen",
+            "-pflumen-test",
+            "-N",
+            "-B",
+            "flumen",
+            "-e",
+            sql,
+        ]),
         "mysql",
     )
 }
@@ -53,7 +76,14 @@ fn flumen(dir: &Path, script: &str, extra: &[&str]) -> Output {
     let path = dir.join("job.sql");
     std::fs::write(&path, script).unwrap();
     Command::new(env!("CARGO_BIN_EXE_flumen"))
-        .args(["run", path.to_str().unwrap(), "-q", "--set", "PW=flumen-test", "--state-dir"])
+        .args([
+            "run",
+            path.to_str().unwrap(),
+            "-q",
+            "--set",
+            "PW=flumen-test",
+            "--state-dir",
+        ])
         .arg(dir.join("state"))
         .args(extra)
         .output()
@@ -166,9 +196,15 @@ fn sqlite_types_survive_a_round_trip() {
         ),
         &["--format", "csv"],
     );
-    assert_eq!(ok(&out), "3 rows written\nn\n0\nid,tags\n1,\"[\"\"a\"\",\"\"b\"\"]\"\n2,[]\n3,\n");
     assert_eq!(
-        lite(&db, "SELECT typeof(id), typeof(f), typeof(dec), typeof(b), d, ts FROM rt WHERE id = 1"),
+        ok(&out),
+        "3 rows written\nn\n0\nid,tags\n1,\"[\"\"a\"\",\"\"b\"\"]\"\n2,[]\n3,\n"
+    );
+    assert_eq!(
+        lite(
+            &db,
+            "SELECT typeof(id), typeof(f), typeof(dec), typeof(b), d, ts FROM rt WHERE id = 1"
+        ),
         "integer|real|text|blob|1969-07-20|1969-12-31 23:59:59.500"
     );
 }
@@ -190,7 +226,9 @@ fn a_job_transaction_failing_at_60_percent_leaves_the_table_unchanged() {
     for (kind, loc, sql) in targets(dir.path()) {
         let t = format!("job_{}", kind.to_lowercase());
         sql(&format!("DROP TABLE IF EXISTS {t}"));
-        sql(&format!("CREATE TABLE {t} (id BIGINT PRIMARY KEY, v BIGINT NOT NULL)"));
+        sql(&format!(
+            "CREATE TABLE {t} (id BIGINT PRIMARY KEY, v BIGINT NOT NULL)"
+        ));
         sql(&format!("INSERT INTO {t} VALUES (-1, 7), (-2, 8)"));
         // 10 requests of 1,000 rows; row 6,000 has a NULL the table refuses.
         let script = format!(
@@ -201,7 +239,10 @@ fn a_job_transaction_failing_at_60_percent_leaves_the_table_unchanged() {
         let out = flumen(dir.path(), &script, &[]);
         let err = text(&out.stderr);
         assert!(!out.status.success(), "{kind}: the job should fail");
-        assert!(err.contains("rolled back") || err.contains("NOT NULL") || err.contains("null"), "{kind}: {err}");
+        assert!(
+            err.contains("rolled back") || err.contains("NOT NULL") || err.contains("null"),
+            "{kind}: {err}"
+        );
         assert_eq!(
             sql(&format!("SELECT count(*), sum(v) FROM {t}")).replace('\t', "|"),
             "2|15",
@@ -235,7 +276,10 @@ fn upserting_twice_updates_without_duplicates() {
         ok(&flumen(dir.path(), &script(10), &[]));
         // 1,500 keys; each holds its last row (value 1501..3000) times 10.
         assert_eq!(
-            sql(&format!("SELECT count(*), count(DISTINCT id), sum(v), min(name) FROM {t}")).replace('\t', "|"),
+            sql(&format!(
+                "SELECT count(*), count(DISTINCT id), sum(v), min(name) FROM {t}"
+            ))
+            .replace('\t', "|"),
             format!("1500|1500|{}|n1501", (1501..=3000u64).sum::<u64>() * 10),
             "{kind}"
         );
@@ -286,7 +330,10 @@ fn connection_and_option_mistakes_are_clear_errors() {
             !out.status.success() && err.contains(want) && !err.contains("panicked"),
             "{script}: {err}"
         );
-        assert!(!err.contains("wrong-secret") && !err.contains("flumen-test"), "a password leaked: {err}");
+        assert!(
+            !err.contains("wrong-secret") && !err.contains("flumen-test"),
+            "a password leaked: {err}"
+        );
     }
 }
 
@@ -296,7 +343,9 @@ fn refused_rows_go_to_dead_letters_and_the_rest_is_written() {
     for (kind, loc, sql) in targets(dir.path()) {
         let t = format!("dl_{}", kind.to_lowercase());
         sql(&format!("DROP TABLE IF EXISTS {t}"));
-        sql(&format!("CREATE TABLE {t} (id BIGINT PRIMARY KEY, v BIGINT NOT NULL)"));
+        sql(&format!(
+            "CREATE TABLE {t} (id BIGINT PRIMARY KEY, v BIGINT NOT NULL)"
+        ));
         let state = dir.path().join(format!("state-{kind}"));
         let script = format!(
             "CREATE EXTERNAL TABLE t (id BIGINT, v BIGINT) STORED AS {kind} LOCATION '{loc}'\n\
@@ -306,7 +355,14 @@ fn refused_rows_go_to_dead_letters_and_the_rest_is_written() {
         let path = dir.path().join("dl.sql");
         std::fs::write(&path, script).unwrap();
         let out = Command::new(env!("CARGO_BIN_EXE_flumen"))
-            .args(["run", path.to_str().unwrap(), "-q", "--set", "PW=flumen-test", "--state-dir"])
+            .args([
+                "run",
+                path.to_str().unwrap(),
+                "-q",
+                "--set",
+                "PW=flumen-test",
+                "--state-dir",
+            ])
             .arg(&state)
             .output()
             .unwrap();
@@ -316,7 +372,12 @@ fn refused_rows_go_to_dead_letters_and_the_rest_is_written() {
             format!("2997|{}", (1..=3000u64).sum::<u64>() - 17 - 1500 - 2999),
             "{kind}"
         );
-        let dead = std::fs::read_dir(state.join("dead_letter")).unwrap().next().unwrap().unwrap().path();
+        let dead = std::fs::read_dir(state.join("dead_letter"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
         let out = Command::new(env!("CARGO_BIN_EXE_flumen"))
             .args(["sql", "-q", "--format", "csv", "-e"])
             .arg(format!(
@@ -327,7 +388,10 @@ fn refused_rows_go_to_dead_letters_and_the_rest_is_written() {
             .unwrap();
         let csv = ok(&out);
         assert!(csv.starts_with("ids,reason\n\"17,1500,2999\","), "{kind}: {csv}");
-        assert!(csv.to_lowercase().contains("null"), "{kind}: the reason names the fault: {csv}");
+        assert!(
+            csv.to_lowercase().contains("null"),
+            "{kind}: the reason names the fault: {csv}"
+        );
     }
 }
 
@@ -353,7 +417,9 @@ fn a_million_rows_go_mysql_to_postgres_and_back_with_a_transformation() {
     let out = flumen(dir.path(), &script, &[]);
     ok(&out);
     let sums = "count(*), sum(order_id), sum(user_id % 1000003), sum(length(status))";
-    let mysrc = my(&format!("SELECT {sums}, sum(amount) * 2, count(DISTINCT created_at) FROM mill_src"));
+    let mysrc = my(&format!(
+        "SELECT {sums}, sum(amount) * 2, count(DISTINCT created_at) FROM mill_src"
+    ));
     let pgmid = pg(&format!(
         "SELECT {sums}, sum(amount2), count(DISTINCT created_at) FROM mill_pg WHERE status = upper(status)"
     ));

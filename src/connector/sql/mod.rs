@@ -189,7 +189,9 @@ impl TableProviderFactory for SqlFactory {
         // One connection first, with the database's own client: a clear error (wrong password,
         // unknown database) at once, instead of ConnectorX's pool timing out on "db error".
         let declared: Vec<Arc<Field>> = cmd.schema.fields().iter().cloned().collect();
-        check_connection(d, &conn, &location, !declared.is_empty()).await.map_err(at)?;
+        check_connection(d, &conn, &location, !declared.is_empty())
+            .await
+            .map_err(at)?;
         let schema: SchemaRef = if !declared.is_empty() {
             Arc::new(Schema::new(declared))
         } else {
@@ -322,9 +324,12 @@ async fn check_connection(d: Dialect, conn: &Conn, location: &str, declared: boo
         Dialect::MySql => {
             let url = conn.url.clone();
             tokio::task::spawn_blocking(move || match ::mysql::Opts::from_url(&url) {
-                Ok(o) => ::mysql::Conn::new(o)
-                    .map(|_| ())
-                    .map_err(|e| (matches!(e, ::mysql::Error::MySqlError(_)), self::mysql::my_text(&e))),
+                Ok(o) => ::mysql::Conn::new(o).map(|_| ()).map_err(|e| {
+                    (
+                        matches!(e, ::mysql::Error::MySqlError(_)),
+                        self::mysql::my_text(&e),
+                    )
+                }),
                 Err(e) => Err((true, e.to_string())),
             })
             .await
@@ -343,10 +348,18 @@ async fn check_connection(d: Dialect, conn: &Conn, location: &str, declared: boo
     match r {
         Ok(()) => Ok(()),
         Err((false, why)) if declared => {
-            tracing::warn!("{}", conn.scrub(&format!("cannot reach {} ({why}); using the declared columns", d.name())));
+            tracing::warn!(
+                "{}",
+                conn.scrub(&format!(
+                    "cannot reach {} ({why}); using the declared columns",
+                    d.name()
+                ))
+            );
             Ok(())
         }
-        Err((_, why)) => Err(Error::Config(conn.scrub(&format!("cannot connect to {}: {why}", d.name())))),
+        Err((_, why)) => Err(Error::Config(
+            conn.scrub(&format!("cannot connect to {}: {why}", d.name())),
+        )),
     }
 }
 
