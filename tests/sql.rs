@@ -103,17 +103,18 @@ fn ok(out: &Output) -> String {
 fn postgres_types_survive_a_copy_through_flumen() {
     let cols = "id INT PRIMARY KEY, i2 SMALLINT, i4 INTEGER, i8 BIGINT, f4 REAL, f8 DOUBLE PRECISION, \
                 n NUMERIC(28, 10), money NUMERIC(10, 2), vc VARCHAR(20), t TEXT, b BYTEA, d DATE, tm TIME, \
-                ts TIMESTAMP, tz TIMESTAMPTZ, ok BOOLEAN, j JSONB, u UUID, ia INTEGER[], ta TEXT[]";
+                ts TIMESTAMP, tz TIMESTAMPTZ, ok BOOLEAN, j JSONB, u UUID, ia INTEGER[], ta TEXT[], m mood";
     pg(&format!(
-        "DROP TABLE IF EXISTS rt_src, rt_dst; CREATE TABLE rt_src ({cols}); CREATE TABLE rt_dst ({cols});
+        "DROP TABLE IF EXISTS rt_src, rt_dst; DROP TYPE IF EXISTS mood; CREATE TYPE mood AS ENUM ('sad', 'happy');
+         CREATE TABLE rt_src ({cols}); CREATE TABLE rt_dst ({cols});
          INSERT INTO rt_src VALUES
          (1, -32768, -2147483648, -9223372036854775808, -3.4e38, 1e300, 123456789012345678.1234567891, -99999999.99,
           'héllo', E'tab\\there \"q\" \\\\ new\\nline 東京 🎉', '\\x00ff10'::bytea, '1969-07-20', '23:59:59.999999',
           '1969-12-31 23:59:59.5', '2040-01-02 03:04:05.678+02', true, '{{\"a\": [1, \"x\"], \"b\": null}}',
-          'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '{{1,NULL,-3}}', '{{\"x\",\"\",NULL}}'),
+          'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '{{1,NULL,-3}}', '{{\"x\",\"\",NULL}}', 'happy'),
          (2, 32767, 2147483647, 9223372036854775807, 1.5, -0.0, 0, 0.01, '', '', '', '2262-04-11', '00:00:00',
-          '2040-01-02 03:04:05.678', '1970-01-01 00:00:00+00', false, '[]', '00000000-0000-0000-0000-000000000000', '{{}}', '{{}}'),
-         (3, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL);"
+          '2040-01-02 03:04:05.678', '1970-01-01 00:00:00+00', false, '[]', '00000000-0000-0000-0000-000000000000', '{{}}', '{{}}', 'sad'),
+         (3, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL);"
     ));
     let dir = tempfile::tempdir().unwrap();
     let out = flumen(
@@ -209,8 +210,11 @@ fn sqlite_types_survive_a_round_trip() {
     );
 }
 
+/// Runs SQL in one database.
+type Runner = Box<dyn Fn(&str) -> String>;
+
 /// The three databases, each with its LOCATION and a way to run SQL in it.
-fn targets(dir: &Path) -> Vec<(&'static str, String, Box<dyn Fn(&str) -> String>)> {
+fn targets(dir: &Path) -> Vec<(&'static str, String, Runner)> {
     let db = dir.join("t.db");
     let loc = format!("sqlite://{}", db.display());
     vec![

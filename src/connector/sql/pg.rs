@@ -99,7 +99,9 @@ pub async fn connect(url: &str) -> std::result::Result<Client, tokio_postgres::E
 pub async fn catalog(client: &Client, table: &str) -> Result<Option<Vec<PgColumn>>> {
     let rows = client
         .query(
-            "SELECT a.attname::text, t.typname::text FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
+            // Enums travel as their labels' text in binary COPY.
+            "SELECT a.attname::text, CASE WHEN t.typtype = 'e' THEN 'text' ELSE t.typname::text END \
+             FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
              WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
              ORDER BY a.attnum",
             &[&table],
