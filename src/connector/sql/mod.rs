@@ -206,10 +206,20 @@ impl TableProviderFactory for SqlFactory {
                         d.name()
                     )))
                 })?;
+            let decimals = match o.get("table") {
+                Some(t) => declared_decimals(d, &conn, t).await,
+                None => Default::default(),
+            };
             Arc::new(Schema::new(
                 s.fields()
                     .iter()
-                    .map(|f| Field::new(f.name(), table_type(f.data_type()), true))
+                    .map(|f| {
+                        let t = match (f.data_type(), decimals.get(f.name())) {
+                            (DataType::Decimal128(..), Some((p, s))) => DataType::Decimal128(*p, *s),
+                            (t, _) => table_type(t),
+                        };
+                        Field::new(f.name(), t, true)
+                    })
                     .collect::<Vec<_>>(),
             ))
         };
@@ -311,6 +321,71 @@ impl TableProviderFactory for SqlFactory {
             }
         })
     }
+}
+
+/// The declared precision and scale of a table's DECIMAL columns (ConnectorX reads every
+/// decimal as Decimal(38, 10)); empty when the catalog cannot tell. Only those that fit
+/// Decimal128 with at most ConnectorX's 10 fraction digits.
+async fn declared_decimals(
+    d: Dialect,
+    conn: &Conn,
+    table: &str,
+) -> std::collections::HashMap<String, (u8, i8)> {
+    let lit = |s: &str| d.string(s);
+    let (schema, name) = match table.rsplit_once('.') {
+        Some((s, n)) => (Some(s), n),
+        None => (None, table),
+    };
+    let q = match d {
+        Dialect::Postgres => format!(
+            "SELECT column_name::text, numeric_precision::int, numeric_scale::int FROM information_schema.columns \
+             WHERE table_name = {} AND table_schema = {} AND data_type = 'numeric' AND numeric_precision IS NOT NULL",
+            lit(name),
+            schema.map_or("current_schema()".to_string(), lit)
+        ),
+        Dialect::MySql => format!(
+            "SELECT COLUMN_NAME, CAST(NUMERIC_PRECISION AS SIGNED), CAST(NUMERIC_SCALE AS SIGNED) FROM information_schema.COLUMNS \
+             WHERE TABLE_NAME = {} AND TABLE_SCHEMA = {} AND DATA_TYPE = 'decimal'",
+            lit(name),
+            schema.map_or("DATABASE()".to_string(), lit)
+        ),
+        Dialect::Sqlite => return Default::default(),
+    };
+    let c = conn.clone();
+    let rows = tokio::task::spawn_blocking(move || {
+        let out = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = Arc::clone(&out);
+        cx::read(&c, q, 1024, move |b| sink.lock().map(|mut v| v.push(b)).is_ok())?;
+        let v = std::mem::take(&mut *out.lock().map_err(|_| Error::Config("reader state".into()))?);
+        Ok::<_, Error>(v)
+    })
+    .await;
+    let mut out = std::collections::HashMap::new();
+    let Ok(Ok(batches)) = rows else {
+        return out;
+    };
+    for b in batches {
+        let (Ok(n), Ok(p), Ok(s)) = (
+            arrow::compute::cast(b.column(0), &DataType::Utf8),
+            arrow::compute::cast(b.column(1), &DataType::Int64),
+            arrow::compute::cast(b.column(2), &DataType::Int64),
+        ) else {
+            continue;
+        };
+        use arrow::array::AsArray;
+        let (n, p, s) = (
+            n.as_string::<i32>(),
+            p.as_primitive::<arrow::datatypes::Int64Type>(),
+            s.as_primitive::<arrow::datatypes::Int64Type>(),
+        );
+        for i in 0..b.num_rows() {
+            let (pi, si) = (p.value(i), s.value(i));
+            if (1..=38).contains(&pi) && (0..=10).contains(&si) && si <= pi {
+                out.insert(n.value(i).to_string(), (pi as u8, si as i8));
+            }
+        }
+    }
+    out
 }
 
 /// Connects once (reads need the server at planning time; a table with declared columns may be
