@@ -293,7 +293,8 @@ fn upserting_twice_updates_without_duplicates() {
 #[test]
 fn connection_and_option_mistakes_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
-    pg("DROP TABLE IF EXISTS err_t; CREATE TABLE err_t (id BIGINT, name TEXT)");
+    pg("DROP TABLE IF EXISTS err_t, err_big; CREATE TABLE err_t (id BIGINT, name TEXT);
+        CREATE TABLE err_big (id INT, n NUMERIC(38, 0)); INSERT INTO err_big VALUES (1, 12345678901234567890123456789012345)");
     for (script, want) in [
         (
             "CREATE EXTERNAL TABLE t STORED AS POSTGRES LOCATION 'postgres://flumen:${PW}@127.0.0.1:1/flumen' OPTIONS ('table' 'err_t');\n",
@@ -318,6 +319,11 @@ fn connection_and_option_mistakes_are_clear_errors() {
         (
             "CREATE EXTERNAL TABLE t STORED AS POSTGRES LOCATION 'postgres://flumen:${PW}@127.0.0.1:5432/flumen' OPTIONS ('table' 'err_t', 'partition_on' 'nope');\n",
             "'nope' is not a column",
+        ),
+        (
+            // 35 digits: more than ConnectorX's decimals hold.
+            "CREATE EXTERNAL TABLE t STORED AS POSTGRES LOCATION 'postgres://flumen:${PW}@127.0.0.1:5432/flumen' OPTIONS ('table' 'err_big');\n",
+            "table t (column n cannot be read as Decimal128(38, 0))",
         ),
         (
             "CREATE EXTERNAL TABLE t STORED AS POSTGRES LOCATION 'mysql://h/db' OPTIONS ('table' 'err_t');\n",

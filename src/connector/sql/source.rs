@@ -384,7 +384,18 @@ impl ExecutionPlan for SqlScanExec {
                     tx2.blocking_send(out).is_ok() && !failed
                 });
                 if let Err(e) = r {
-                    let _ = tx.blocking_send(Err(Error::Config(format!("table {}: {e}", reader.name))));
+                    let e = e.to_string();
+                    // ConnectorX names a column by its position in the query: add its name.
+                    let column = e
+                        .split("FromSql(")
+                        .nth(1)
+                        .and_then(|r| r.split(')').next())
+                        .and_then(|i| i.parse::<usize>().ok())
+                        .and_then(|i| schema.fields().get(i))
+                        .map(|f| format!(" (column {} cannot be read as {})", f.name(), f.data_type()))
+                        .unwrap_or_default();
+                    let _ =
+                        tx.blocking_send(Err(Error::Config(format!("table {}{column}: {e}", reader.name))));
                     return;
                 }
                 if tx.is_closed() {
