@@ -10,7 +10,10 @@ pub mod elasticsearch;
 pub mod faulty;
 pub mod generate;
 pub mod http;
+pub mod mongodb;
 pub mod options;
+pub mod redis;
+pub mod scan;
 pub mod sql;
 
 use std::collections::BTreeMap;
@@ -46,6 +49,8 @@ impl Registry {
             Arc::new(sql::SqlFactory(sql::dialect::Dialect::Postgres)),
         );
         r.register("SQLITE", Arc::new(sql::SqlFactory(sql::dialect::Dialect::Sqlite)));
+        r.register("REDIS", Arc::new(redis::RedisFactory));
+        r.register("MONGODB", Arc::new(mongodb::MongoFactory));
         #[cfg(feature = "test-backends")]
         r.register("FAULTY", Arc::new(faulty::FaultyFactory));
         r

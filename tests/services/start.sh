@@ -12,7 +12,10 @@
 #   - osmem-server 0.1.6 (PyPI), an OpenSearch-compatible server, on 127.0.0.1:9200;
 #   - PostgreSQL 15 (Debian) on 127.0.0.1:5432: user `flumen`, password `flumen-test`, db `flumen`;
 #   - MariaDB 10.11 (Debian, MySQL protocol) on 127.0.0.1:3306: same user, password and db,
-#     `local_infile` on (flumen writes with LOAD DATA LOCAL INFILE).
+#     `local_infile` on (flumen writes with LOAD DATA LOCAL INFILE);
+#   - Redis 7 (Debian): 127.0.0.1:6380 with password `flumen-test`, and a three-master cluster
+#     on 127.0.0.1:7101-7103;
+#   - SecantusDB 0.7.0b3 (PyPI), a MongoDB-wire server, on 127.0.0.1:27018.
 # Connector issues add their servers here (PostgreSQL, MariaDB, Redis, ClickHouse, ...), each as
 # a `start_<name>` function that skips what already answers.
 set -euo pipefail
@@ -202,6 +205,59 @@ start_mysql() {
   log "mariadb: $(mysql --protocol=tcp -h 127.0.0.1 -u flumen -pflumen-test -N -e 'SELECT VERSION()')"
 }
 
+# Redis from Debian: a password-protected server for the tests on 127.0.0.1:6380 (the machine's
+# own 6379 is left alone), and a three-master cluster on 127.0.0.1:7101-7103.
+REDIS_PORT="${FLUMEN_REDIS_PORT:-6380}"
+REDIS_CLUSTER_PORTS=(7101 7102 7103)
+start_redis() {
+  command -v redis-server >/dev/null 2>&1 || apt_install redis-server
+  local cli=(redis-cli -h 127.0.0.1 --no-auth-warning)
+  if ! "${cli[@]}" -p "$REDIS_PORT" -a flumen-test ping 2>/dev/null | grep -q PONG; then
+    mkdir -p "$RUN_DIR/redis"
+    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --requirepass flumen-test --daemonize yes \
+      --dir "$RUN_DIR/redis" --logfile "$RUN_DIR/redis.log" --pidfile "$RUN_DIR/redis.pid" \
+      --save '' --appendonly no
+    wait_for redis sh -c "${cli[*]} -p $REDIS_PORT -a flumen-test ping | grep -q PONG"
+  fi
+  local nodes=()
+  for p in "${REDIS_CLUSTER_PORTS[@]}"; do
+    nodes+=("127.0.0.1:$p")
+    if ! "${cli[@]}" -p "$p" ping 2>/dev/null | grep -q PONG; then
+      rm -rf "$RUN_DIR/redis-cluster/$p"; mkdir -p "$RUN_DIR/redis-cluster/$p"
+      redis-server --port "$p" --bind 127.0.0.1 --cluster-enabled yes --cluster-config-file nodes.conf \
+        --cluster-node-timeout 5000 --daemonize yes --dir "$RUN_DIR/redis-cluster/$p" \
+        --logfile "$RUN_DIR/redis-cluster/$p.log" --pidfile "$RUN_DIR/redis-cluster/$p.pid" \
+        --save '' --appendonly no
+      wait_for "redis-cluster/$p" sh -c "${cli[*]} -p $p ping | grep -q PONG"
+    fi
+  done
+  if ! "${cli[@]}" -p "${REDIS_CLUSTER_PORTS[0]}" cluster info | grep -q 'cluster_state:ok'; then
+    for p in "${REDIS_CLUSTER_PORTS[@]}"; do
+      "${cli[@]}" -p "$p" flushall >/dev/null; "${cli[@]}" -p "$p" cluster reset hard >/dev/null
+    done
+    redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes >"$RUN_DIR/redis-cluster.log" 2>&1
+    wait_for redis-cluster sh -c "${cli[*]} -p ${REDIS_CLUSTER_PORTS[0]} cluster info | grep -q cluster_state:ok"
+  fi
+  log "redis: $(redis-server --version | cut -d' ' -f3) on 127.0.0.1:$REDIS_PORT (password) and a cluster on ${nodes[*]}"
+}
+
+# MongoDB wire protocol: SecantusDB (PyPI, a reimplementation in Python; no mongod can be
+# installed here) on 127.0.0.1:27018, data in the run folder. Clients need ?directConnection=true.
+MONGO_PORT="${FLUMEN_MONGO_PORT:-27018}"
+start_mongo() {
+  if "$VENV/bin/python" -c "import pymongo,sys; pymongo.MongoClient('mongodb://127.0.0.1:$MONGO_PORT/?directConnection=true', serverSelectionTimeoutMS=500).admin.command('ping')" >/dev/null 2>&1; then
+    log "mongo (SecantusDB): already answering on 127.0.0.1:$MONGO_PORT"
+    return 0
+  fi
+  pip_install "SecantusDB==0.7.0b3" "pymongo==4.20.0"
+  mkdir -p "$RUN_DIR/mongo"
+  nohup "$VENV/bin/secantusd-py" --host 127.0.0.1 --port "$MONGO_PORT" --storage-path "$RUN_DIR/mongo" \
+    > "$RUN_DIR/mongo.log" 2>&1 &
+  echo $! > "$RUN_DIR/mongo.pid"
+  wait_for mongo "$VENV/bin/python" -c "import pymongo; pymongo.MongoClient('mongodb://127.0.0.1:$MONGO_PORT/?directConnection=true', serverSelectionTimeoutMS=500).admin.command('ping')"
+  log "mongo (SecantusDB 0.7.0b3): started on 127.0.0.1:$MONGO_PORT (pid $(cat "$RUN_DIR/mongo.pid"))"
+}
+
 start_python
 start_s3
 start_chdb
@@ -209,4 +265,6 @@ start_clickhouse
 start_search
 start_postgres
 start_mysql
+start_redis
+start_mongo
 log "ready (run folder: $RUN_DIR)"
