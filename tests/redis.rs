@@ -369,7 +369,10 @@ fn bad_connections_and_options_say_what_is_wrong() {
     let err = case(
         "CREATE EXTERNAL TABLE t STORED AS REDIS LOCATION 'redis://:wrong-secret@127.0.0.1:6380/0' OPTIONS ('key_pattern' 'x:*');",
     );
-    assert!(err.contains("127.0.0.1:6380") && err.contains("authentication failed"), "{err}");
+    assert!(
+        err.contains("127.0.0.1:6380") && err.contains("authentication failed"),
+        "{err}"
+    );
     assert!(
         !err.contains("wrong-secret"),
         "the password is never shown: {err}"

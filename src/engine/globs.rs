@@ -34,7 +34,9 @@ pub async fn expand(ctx: &SessionContext, plan: LogicalPlan) -> Result<LogicalPl
     let LogicalPlan::Ddl(DdlStatement::CreateExternalTable(cmd)) = &plan else {
         return Ok(plan);
     };
-    if !cmd.locations.iter().any(|l| split_remote_glob(l).is_some()) {
+    // Connector locations are URLs whose `?` starts a query string, not a glob.
+    let files = crate::connector::FILE_FORMATS.contains(&cmd.file_type.to_ascii_uppercase().as_str());
+    if !files || !cmd.locations.iter().any(|l| split_remote_glob(l).is_some()) {
         return Ok(plan);
     }
     let mut locations = Vec::new();

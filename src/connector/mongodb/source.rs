@@ -106,7 +106,12 @@ impl MongoReader {
             t if t.is_numeric()
                 || matches!(
                     t,
-                    DataType::Utf8 | DataType::Boolean | DataType::Timestamp(..) | DataType::Date32
+                    DataType::Utf8
+                        | DataType::Utf8View
+                        | DataType::LargeUtf8
+                        | DataType::Boolean
+                        | DataType::Timestamp(..)
+                        | DataType::Date32
                 ) =>
             {
                 Some((f.name().clone(), t.clone()))
@@ -440,7 +445,7 @@ pub fn decode(r: &MongoReader, docs: &[Document], schema: &SchemaRef) -> Result<
     let json_fields: Vec<Arc<Field>> = schema
         .fields()
         .iter()
-        .filter(|f| *f.data_type() != DataType::Binary)
+        .filter(|f| !is_binary(f.data_type()))
         .cloned()
         .collect();
     let rows = |docs: &[Document]| -> Vec<serde_json::Value> {
@@ -487,7 +492,7 @@ pub fn decode(r: &MongoReader, docs: &[Document], schema: &SchemaRef) -> Result<
     };
     let mut cols: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
     for f in schema.fields() {
-        if *f.data_type() == DataType::Binary {
+        if is_binary(f.data_type()) {
             let mut b = BinaryBuilder::new();
             for d in docs {
                 match d.get(f.name()) {
@@ -496,7 +501,7 @@ pub fn decode(r: &MongoReader, docs: &[Document], schema: &SchemaRef) -> Result<
                     _ => b.append_null(),
                 }
             }
-            cols.push(Arc::new(b.finish()));
+            cols.push(arrow::compute::cast(&b.finish(), f.data_type())?);
         } else {
             let c = decoded
                 .as_ref()
@@ -518,4 +523,8 @@ pub fn decode(r: &MongoReader, docs: &[Document], schema: &SchemaRef) -> Result<
         cols,
         &opts,
     )?)
+}
+
+fn is_binary(t: &DataType) -> bool {
+    matches!(t, DataType::Binary | DataType::LargeBinary | DataType::BinaryView)
 }

@@ -202,6 +202,10 @@ pub fn plain_decimal(s: &str) -> Option<String> {
 /// A BSON value as the JSON arrow-json decodes into a column of type `t`. Values of another
 /// kind are passed on as they are (the decoder then names the problem).
 pub fn shape(b: &Bson, t: &DataType) -> Value {
+    let t = match t {
+        DataType::Utf8View | DataType::LargeUtf8 => &DataType::Utf8,
+        t => t,
+    };
     match (t, b) {
         (_, Bson::Null | Bson::Undefined) => Value::Null,
         (DataType::Utf8, Bson::String(s)) => Value::String(s.clone()),
@@ -233,7 +237,7 @@ pub fn shape(b: &Bson, t: &DataType) -> Value {
                 })
                 .collect(),
         ),
-        (DataType::List(item), Bson::Array(a)) => {
+        (DataType::List(item) | DataType::LargeList(item), Bson::Array(a)) => {
             Value::Array(a.iter().map(|v| shape(v, item.data_type())).collect())
         }
         (DataType::Binary, Bson::Binary(_)) => Value::Null,

@@ -541,8 +541,11 @@ fn members(v: Value) -> Vec<Vec<u8>> {
     }
 }
 
+/// A hash's or a stream entry's field-value pairs.
+type Fields = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Stream entries of an XRANGE reply: (id, fields).
-fn entries(v: Value) -> Vec<(Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>)> {
+fn entries(v: Value) -> Vec<(Vec<u8>, Fields)> {
     match v {
         Value::Array(a) => a
             .into_iter()
