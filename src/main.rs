@@ -446,6 +446,9 @@ fn tune_allocator() {}
 
 fn main() -> ExitCode {
     tune_allocator();
+    // One TLS crypto provider for the whole process (two are compiled in); Err means one is
+    // already installed, which is as good.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     init_logging(&cli.global);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

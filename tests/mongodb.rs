@@ -273,6 +273,14 @@ fn bad_connections_and_options_say_what_is_wrong() {
         "{err}"
     );
     assert!(!err.contains("s3cret-pw"), "{err}");
+    let err = case(
+        "CREATE EXTERNAL TABLE t STORED AS MONGODB LOCATION 'mongodb://nobody:wrong-secret@127.0.0.1:27018/flumen_t?directConnection=true' OPTIONS ('collection' 'c');",
+    );
+    assert!(
+        err.contains("127.0.0.1:27018") && err.to_lowercase().contains("authentication failed"),
+        "{err}"
+    );
+    assert!(!err.contains("wrong-secret"), "{err}");
     let err = case(&format!(
         "CREATE EXTERNAL TABLE t STORED AS MONGODB LOCATION '{URI}';"
     ));

@@ -412,3 +412,42 @@ fn bad_connections_and_options_say_what_is_wrong() {
     let err = case("CREATE EXTERNAL TABLE t (a BIGINT) STORED AS REDIS LOCATION 'http://127.0.0.1:6380';");
     assert!(err.contains("redis://"), "{err}");
 }
+
+#[test]
+fn tls_with_a_private_ca() {
+    let services = std::env::var("FLUMEN_SERVICES_DIR").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/flumen-services",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    });
+    let ca = format!("{services}/redis-tls/ca.crt");
+    assert!(
+        Path::new(&ca).exists(),
+        "{ca} is missing; start the servers with `bash tests/services/start.sh`"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = flumen(
+        dir.path(),
+        &format!(
+            "CREATE EXTERNAL TABLE t (id BIGINT, v VARCHAR) STORED AS REDIS LOCATION 'rediss://:${{PW}}@127.0.0.1:6381/2'\n\
+               OPTIONS ('key' 'tls:{{id}}', 'ca_cert' '{ca}');\n\
+             INSERT INTO t VALUES (1, 'over TLS'), (2, 'ok');\n\
+             SELECT id, v FROM t ORDER BY id;\n"
+        ),
+        &["--format", "csv"],
+    );
+    assert_eq!(ok(&out), "id,v\n1,over TLS\n2,ok\n");
+    // Without the CA, the server's certificate is refused.
+    let err = fails(&flumen(
+        dir.path(),
+        "CREATE EXTERNAL TABLE t (id BIGINT) STORED AS REDIS LOCATION 'rediss://:${PW}@127.0.0.1:6381/2'\n\
+           OPTIONS ('key_pattern' 'tls:*');\n\
+         SELECT * FROM t;\n",
+        &[],
+    ));
+    assert!(
+        err.contains("127.0.0.1:6381") && err.to_lowercase().contains("certificate"),
+        "{err}"
+    );
+}

@@ -6,6 +6,7 @@
 #   Redis reads:   flumen hashes -> Parquet                      vs  redis-py SCAN + pipelined HGETALL -> pyarrow -> Parquet
 #   Mongo writes:  flumen Parquet -> collection                  vs  pymongo insert_many of 1,000
 #   Mongo reads:   flumen collection -> Parquet                  vs  pymongo find -> pyarrow -> Parquet
+#                  (one partition: SecantusDB scans the whole collection for each _id range)
 # ROWS (default 1M) generated orders. Prints rows/s, ratios and peak RSS; checks every count.
 source "$(dirname "$0")/common.sh"
 ROWS="${ROWS:-1M}"
@@ -58,10 +59,13 @@ if what.startswith("redis"):
         pq.write_table(pa.Table.from_pylist(rows), path)
 else:
     import pymongo
+    from bson import Decimal128
+    from decimal import Decimal
     db = pymongo.MongoClient("mongodb://127.0.0.1:27018/?directConnection=true").flumen_bench
     if what == "mongo_write":
         for batch in pq.ParquetFile(path).iter_batches(batch_size=B):
-            docs = [{("_id" if k == "order_id" else k): v for k, v in row.items() if v is not None} for row in batch.to_pylist()]
+            docs = [{("_id" if k == "order_id" else k): (Decimal128(v) if isinstance(v, Decimal) else v)
+                     for k, v in row.items() if v is not None} for row in batch.to_pylist()]
             db.p_orders.insert_many(docs, ordered=False)
     else:
         docs = list(db.p_orders.find({}, batch_size=B))
@@ -106,7 +110,7 @@ SQL
 timed mongo_w_flumen "$FLUMEN" run -q --state-dir "$D/state" "$D/mongo_write.sql"
 got=$(mpy "print(db.f_orders.count_documents({}))"); [ "$got" = "$N" ] || { echo "f_orders holds $got, expected $N" >&2; exit 1; }
 cat > "$D/mongo_read.sql" <<SQL
-CREATE EXTERNAL TABLE m STORED AS MONGODB LOCATION '$MU' OPTIONS ('collection' 'f_orders');
+CREATE EXTERNAL TABLE m STORED AS MONGODB LOCATION '$MU' OPTIONS ('collection' 'f_orders', 'partitions' '1');
 COPY (SELECT * FROM m) TO '$D/mongo_flumen.parquet' STORED AS PARQUET;
 SQL
 timed mongo_r_flumen "$FLUMEN" run -q --state-dir "$D/state" "$D/mongo_read.sql"

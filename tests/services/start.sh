@@ -13,8 +13,9 @@
 #   - PostgreSQL 15 (Debian) on 127.0.0.1:5432: user `flumen`, password `flumen-test`, db `flumen`;
 #   - MariaDB 10.11 (Debian, MySQL protocol) on 127.0.0.1:3306: same user, password and db,
 #     `local_infile` on (flumen writes with LOAD DATA LOCAL INFILE);
-#   - Redis 7 (Debian): 127.0.0.1:6380 with password `flumen-test`, and a three-master cluster
-#     on 127.0.0.1:7101-7103;
+#   - Redis 7 (Debian): 127.0.0.1:6380 with password `flumen-test`, the same over TLS on 6381
+#     (a CA made here: redis-tls/ca.crt in the run folder), and a three-master cluster on
+#     127.0.0.1:7101-7103;
 #   - SecantusDB 0.7.0b3 (PyPI), a MongoDB-wire server, on 127.0.0.1:27018.
 # Connector issues add their servers here (PostgreSQL, MariaDB, Redis, ClickHouse, ...), each as
 # a `start_<name>` function that skips what already answers.
@@ -208,6 +209,7 @@ start_mysql() {
 # Redis from Debian: a password-protected server for the tests on 127.0.0.1:6380 (the machine's
 # own 6379 is left alone), and a three-master cluster on 127.0.0.1:7101-7103.
 REDIS_PORT="${FLUMEN_REDIS_PORT:-6380}"
+REDIS_TLS_PORT="${FLUMEN_REDIS_TLS_PORT:-6381}"
 REDIS_CLUSTER_PORTS=(7101 7102 7103)
 start_redis() {
   command -v redis-server >/dev/null 2>&1 || apt_install redis-server
@@ -238,7 +240,26 @@ start_redis() {
     redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes >"$RUN_DIR/redis-cluster.log" 2>&1
     wait_for redis-cluster sh -c "${cli[*]} -p ${REDIS_CLUSTER_PORTS[0]} cluster info | grep -q cluster_state:ok"
   fi
-  log "redis: $(redis-server --version | cut -d' ' -f3) on 127.0.0.1:$REDIS_PORT (password) and a cluster on ${nodes[*]}"
+  # TLS: a CA and a server certificate for 127.0.0.1 made here, the server on 6381.
+  local tls="$RUN_DIR/redis-tls"
+  if [ ! -f "$tls/server.crt" ]; then
+    command -v openssl >/dev/null 2>&1 || apt_install openssl
+    mkdir -p "$tls"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=flumen test CA" \
+      -keyout "$tls/ca.key" -out "$tls/ca.crt" 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" -keyout "$tls/server.key" -out "$tls/server.csr" 2>/dev/null
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' > "$tls/san.ext"
+    openssl x509 -req -in "$tls/server.csr" -CA "$tls/ca.crt" -CAkey "$tls/ca.key" -CAcreateserial -days 3650 \
+      -extfile "$tls/san.ext" -out "$tls/server.crt" 2>/dev/null
+  fi
+  if ! "${cli[@]}" -p "$REDIS_TLS_PORT" --tls --cacert "$tls/ca.crt" -a flumen-test ping 2>/dev/null | grep -q PONG; then
+    redis-server --port 0 --tls-port "$REDIS_TLS_PORT" --bind 127.0.0.1 --requirepass flumen-test \
+      --tls-cert-file "$tls/server.crt" --tls-key-file "$tls/server.key" --tls-ca-cert-file "$tls/ca.crt" \
+      --tls-auth-clients no --daemonize yes --dir "$tls" --logfile "$RUN_DIR/redis-tls.log" \
+      --pidfile "$RUN_DIR/redis-tls.pid" --save '' --appendonly no
+    wait_for redis-tls sh -c "${cli[*]} -p $REDIS_TLS_PORT --tls --cacert $tls/ca.crt -a flumen-test ping | grep -q PONG"
+  fi
+  log "redis: $(redis-server --version | cut -d' ' -f3) on 127.0.0.1:$REDIS_PORT (password), TLS on $REDIS_TLS_PORT (CA $tls/ca.crt), a cluster on ${nodes[*]}"
 }
 
 # MongoDB wire protocol: SecantusDB (PyPI, a reimplementation in Python; no mongod can be

@@ -54,6 +54,8 @@ pub struct Redis {
     /// Multiplexed connections kept per node.
     pub per_node: usize,
     pub timeout: Duration,
+    /// PEM of the CA for rediss://, when not the web PKI's.
+    ca: Option<Vec<u8>>,
     topology: Arc<Mutex<Option<Arc<Topology>>>>,
     pool: Arc<Mutex<HashMap<String, Vec<MultiplexedConnection>>>>,
     next: Arc<AtomicUsize>,
@@ -67,7 +69,13 @@ impl std::fmt::Debug for Redis {
 
 impl Redis {
     /// `redis://[user][:password]@host[:port][/db]` or `rediss://` (TLS).
-    pub fn new(location: &str, cluster: ClusterMode, per_node: usize, timeout: Duration) -> Result<Self> {
+    pub fn new(
+        location: &str,
+        cluster: ClusterMode,
+        per_node: usize,
+        timeout: Duration,
+        ca: Option<Vec<u8>>,
+    ) -> Result<Self> {
         let url = Url::parse(location).map_err(|e| {
             Error::Option(format!(
                 "LOCATION is not a URL like redis://:${{PASSWORD}}@host:6379/0: {e}"
@@ -87,6 +95,7 @@ impl Redis {
             cluster,
             per_node: per_node.max(1),
             timeout,
+            ca,
             topology: Default::default(),
             pool: Default::default(),
             next: Default::default(),
@@ -109,8 +118,18 @@ impl Redis {
 
     /// A new connection of its own (scans keep one per partition).
     pub async fn connect(&self, node: &str) -> Result<MultiplexedConnection> {
-        let client = redis::Client::open(self.url_for(node)?.as_str())
-            .map_err(|e| Error::Config(format!("redis {node}: {}", text(&e))))?;
+        let url = self.url_for(node)?;
+        let client = match &self.ca {
+            Some(pem) => redis::Client::build_with_tls(
+                url.as_str(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                },
+            ),
+            None => redis::Client::open(url.as_str()),
+        }
+        .map_err(|e| Error::Config(format!("redis {node}: {}", text(&e))))?;
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(10)))
             .set_response_timeout(Some(self.timeout));

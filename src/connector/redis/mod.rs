@@ -80,6 +80,10 @@ const OPTIONS: &[OptionSpec] = &[
     ),
     OptionSpec::new("stream_end", "stream reads: last entry id (default +)"),
     OptionSpec::new(
+        "ca_cert",
+        "rediss://: a PEM file with the CA that signed the server's certificate (default: the web PKI roots)",
+    ),
+    OptionSpec::new(
         "dedupe",
         "reads: drop keys SCAN returns twice (it may while the keyspace is resized; default true, 16 bytes per key)",
     ),
@@ -264,7 +268,11 @@ impl TableProviderFactory for RedisFactory {
             _ => ClusterMode::Auto,
         };
         let location = cmd.locations.first().cloned().unwrap_or_default();
-        let redis = Redis::new(&location, cluster, sink.concurrency, sink.timeout).map_err(at)?;
+        let ca = o
+            .get("ca_cert")
+            .map(|p| std::fs::read(p).map_err(|e| o.bad_value("ca_cert", p, &format!("cannot read it: {e}"))))
+            .transpose()?;
+        let redis = Redis::new(&location, cluster, sink.concurrency, sink.timeout, ca).map_err(at)?;
         let key_name = o.get("key_column").unwrap_or("_key").to_string();
         let value_name = o.get("value_column").unwrap_or("value").to_string();
         let ttl = o

@@ -184,6 +184,7 @@ async fn read_node(
     let mut sent = 0usize;
     let mut explicit = keys;
     let batch_rows = batch_rows.max(1);
+    let mut inflight = Fetches::new();
     loop {
         let done = if let Some(k) = explicit.take() {
             pending.extend(k);
@@ -211,24 +212,60 @@ async fn read_node(
         while pending.len() >= batch_rows || (done && !pending.is_empty()) {
             let n = pending.len().min(batch_rows);
             let page: Vec<Vec<u8>> = pending.drain(..n).collect();
-            for batch in fetch(l, &mut conn, node, page, want, schema, batch_rows).await? {
-                let batch = match limit {
-                    Some(lim) if sent + batch.num_rows() > lim => batch.slice(0, lim - sent),
-                    _ => batch,
-                };
-                sent += batch.num_rows();
-                if batch.num_rows() > 0 && !tx.send(Ok(batch)).await {
-                    return Ok(());
-                }
-                if limit.is_some_and(|lim| sent >= lim) {
-                    return Ok(());
-                }
+            // Pages are fetched and decoded as tasks of their own, FETCHES_IN_FLIGHT at a time,
+            // while the scan goes on; batches are sent in page order.
+            let (layout, mut c, node) = (Arc::clone(&r.layout), conn.clone(), node.to_string());
+            let (want, schema) = (want.to_vec(), Arc::clone(schema));
+            inflight.push_back(tokio::spawn(async move {
+                fetch(&layout, &mut c, &node, page, &want, &schema, batch_rows).await
+            }));
+            if inflight.len() >= FETCHES_IN_FLIGHT && !emit(&mut inflight, &mut sent, limit, tx).await? {
+                return Ok(());
             }
         }
         if done {
+            while !inflight.is_empty() {
+                if !emit(&mut inflight, &mut sent, limit, tx).await? {
+                    return Ok(());
+                }
+            }
             return Ok(());
         }
     }
+}
+
+/// Pages of keys fetched at once per partition.
+const FETCHES_IN_FLIGHT: usize = 3;
+
+type Fetches = futures::stream::FuturesOrdered<tokio::task::JoinHandle<Result<Vec<RecordBatch>>>>;
+
+/// Sends the batches of the oldest fetch in flight; false once the consumer is gone or the
+/// limit is reached.
+async fn emit(
+    inflight: &mut Fetches,
+    sent: &mut usize,
+    limit: Option<usize>,
+    tx: &BatchSender,
+) -> Result<bool> {
+    use futures::StreamExt;
+    let Some(done) = inflight.next().await else {
+        return Ok(true);
+    };
+    let batches = done.map_err(|e| Error::Config(format!("redis fetch task failed: {e}")))??;
+    for batch in batches {
+        let batch = match limit {
+            Some(lim) if *sent + batch.num_rows() > lim => batch.slice(0, lim - *sent),
+            _ => batch,
+        };
+        *sent += batch.num_rows();
+        if batch.num_rows() > 0 && !tx.send(Ok(batch)).await {
+            return Ok(false);
+        }
+        if limit.is_some_and(|lim| *sent >= lim) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// One cell before it is typed.
