@@ -451,3 +451,23 @@ fn tls_with_a_private_ca() {
         "{err}"
     );
 }
+
+#[test]
+fn hashes_without_the_asked_fields_are_still_rows() {
+    cli(db(7), &["FLUSHDB"]);
+    cli(db(7), &["HSET", "p:1", "a", "1"]);
+    cli(db(7), &["HSET", "p:2", "b", "2"]);
+    let dir = tempfile::tempdir().unwrap();
+    let out = flumen(
+        dir.path(),
+        &format!(
+            "CREATE EXTERNAL TABLE p (_key VARCHAR, a BIGINT, b BIGINT) STORED AS REDIS LOCATION '{}' OPTIONS ('key_pattern' 'p:*');\n\
+             SELECT count(*) AS n, count(a) AS with_a FROM p;\n\
+             SELECT _key FROM p WHERE a IS NULL;\n\
+             SELECT count(*) AS n FROM p;\n",
+            loc(7)
+        ),
+        &["--format", "csv"],
+    );
+    assert_eq!(ok(&out), "n,with_a\n2,1\n_key\np:2\nn\n2\n");
+}

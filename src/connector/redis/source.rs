@@ -155,6 +155,28 @@ fn fail(l: &Layout, node: &str, what: &str, e: redis::RedisError) -> Error {
     Error::Config(format!("table {}: redis {node}: {what}: {}", l.table, text(&e)))
 }
 
+/// The hasher of a set of [`h128`] values: they are hashes already.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.0 ^= u64::from_le_bytes(b);
+        }
+    }
+
+    fn write_u128(&mut self, v: u128) {
+        self.0 = v as u64;
+    }
+}
+
 /// A 128-bit hash of a key, for dropping repeats.
 fn h128(k: &[u8]) -> u128 {
     let mut a = std::collections::hash_map::DefaultHasher::new();
@@ -178,7 +200,7 @@ async fn read_node(
 ) -> Result<()> {
     let l = &r.layout;
     let mut conn = r.redis.connect(node).await?;
-    let mut seen: HashSet<u128> = HashSet::new();
+    let mut seen: HashSet<u128, std::hash::BuildHasherDefault<Prehashed>> = HashSet::default();
     let mut pending: Vec<Vec<u8>> = Vec::new();
     let mut cursor: u64 = 0;
     let mut sent = 0usize;
@@ -459,12 +481,12 @@ fn parse(
 
 /// A column's cells as its type.
 fn typed(l: &Layout, f: &Field, cells: &[Cell], keys: &[Vec<u8>]) -> Result<ArrayRef> {
-    let one = |c: &'_ Cell| -> Option<Vec<u8>> {
+    fn one(c: &Cell) -> Option<&[u8]> {
         match c {
-            Cell::One(v) => Some(v.clone()),
+            Cell::One(v) => Some(v.as_slice()),
             _ => None,
         }
-    };
+    }
     let rows: Vec<usize> = (0..cells.len()).collect();
     match f.data_type() {
         DataType::Binary | DataType::LargeBinary | DataType::BinaryView => {
@@ -516,8 +538,7 @@ fn typed(l: &Layout, f: &Field, cells: &[Cell], keys: &[Vec<u8>]) -> Result<Arra
             )?))
         }
         t => {
-            let owned: Vec<Option<Vec<u8>>> = cells.iter().map(one).collect();
-            let s = utf8(l, f, owned.iter().map(|v| v.as_deref()).zip(0..), keys)?;
+            let s = utf8(l, f, cells.iter().map(one).zip(0..), keys)?;
             parse(l, &format!("field {}", f.name()), &s, t, &rows, keys)
         }
     }
@@ -633,16 +654,32 @@ async fn fetch(
     schema: &SchemaRef,
     batch_rows: usize,
 ) -> Result<Vec<RecordBatch>> {
+    // Hashes: only the asked fields (HMGET; EXISTS when none is asked), so a wide hash costs
+    // what is read of it.
+    let hash_fields: Vec<usize> = l.fields.iter().copied().filter(|i| want.contains(i)).collect();
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
     for k in &page {
-        pipe.add_command(read_cmd(l, k, batch_rows));
+        pipe.add_command(match l.kind {
+            Kind::Hash if hash_fields.is_empty() => redis::cmd("EXISTS").arg(k).clone(),
+            Kind::Hash => {
+                let mut c = redis::cmd("HMGET");
+                c.arg(k);
+                for &i in &hash_fields {
+                    c.arg(l.schema.field(i).name().as_bytes());
+                }
+                c
+            }
+            _ => read_cmd(l, k, batch_rows),
+        });
     }
     let replies: Vec<Value> = pipe
         .query_async(conn)
         .await
         .map_err(|e| fail(l, node, "fetching keys", e))?;
     let mut out = Vec::new();
+    // Hashes with none of the asked fields: rows if the key still exists.
+    let mut recheck: Vec<Vec<u8>> = Vec::new();
     if l.kind == Kind::Json {
         let docs: Vec<(Vec<u8>, Vec<u8>)> = page
             .into_iter()
@@ -677,19 +714,26 @@ async fn fetch(
             )));
         }
         match l.kind {
-            Kind::Hash => {
-                let fields = pairs(reply);
-                if fields.is_empty() {
-                    continue;
-                }
-                let mut by_col: Vec<Cell> = vec![Cell::Null; l.schema.fields().len()];
-                for (f, v) in fields {
-                    if let Some(&i) = name_of.get(f.as_slice()) {
-                        by_col[i] = Cell::One(v);
+            Kind::Hash => match reply {
+                Value::Int(n) => {
+                    if n > 0 {
+                        rows.push(&key, |_| Cell::Null);
                     }
                 }
-                rows.push(&key, |i| std::mem::replace(&mut by_col[i], Cell::Null));
-            }
+                Value::Array(values) => {
+                    if values.iter().all(|v| matches!(v, Value::Nil)) {
+                        recheck.push(key);
+                        continue;
+                    }
+                    // Values come in the order of hash_fields, which follows the columns.
+                    let mut values = hash_fields.iter().copied().zip(values).peekable();
+                    rows.push(&key, |i| match values.next_if(|(c, _)| *c == i) {
+                        Some((_, v)) => bytes(v).map_or(Cell::Null, Cell::One),
+                        None => Cell::Null,
+                    });
+                }
+                _ => {}
+            },
             Kind::String => {
                 let Some(v) = bytes(reply) else { continue };
                 let mut v = Some(v);
@@ -765,6 +809,24 @@ async fn fetch(
         }
         if rows.len() >= batch_rows {
             out.push(std::mem::replace(&mut rows, Rows::new(l)).finish(want, schema)?);
+        }
+    }
+    if !recheck.is_empty() {
+        let mut pipe = redis::pipe();
+        for k in &recheck {
+            pipe.add_command(redis::cmd("EXISTS").arg(k).clone());
+        }
+        let exists: Vec<i64> = pipe
+            .query_async(conn)
+            .await
+            .map_err(|e| fail(l, node, "EXISTS", e))?;
+        for (key, n) in recheck.into_iter().zip(exists) {
+            if n > 0 {
+                rows.push(&key, |_| Cell::Null);
+            }
+            if rows.len() >= batch_rows {
+                out.push(std::mem::replace(&mut rows, Rows::new(l)).finish(want, schema)?);
+            }
         }
     }
     if rows.len() > 0 {
