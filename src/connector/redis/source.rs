@@ -715,11 +715,7 @@ async fn fetch(
         }
         match l.kind {
             Kind::Hash => match reply {
-                Value::Int(n) => {
-                    if n > 0 {
-                        rows.push(&key, |_| Cell::Null);
-                    }
-                }
+                Value::Int(n) if n > 0 => rows.push(&key, |_| Cell::Null),
                 Value::Array(values) => {
                     if values.iter().all(|v| matches!(v, Value::Nil)) {
                         recheck.push(key);
