@@ -97,11 +97,14 @@ fn field_mapping(t: &DataType, style: &MappingStyle, name: &str) -> Result<Value
 
 /// The field names and types of an index's mapping (`GET index/_mapping`), flattened to the
 /// top-level properties, as Arrow fields (every field nullable: any document may lack it).
+/// Columns are in name order, whatever order the server's JSON has.
 pub fn to_arrow(properties: &Map<String, Value>) -> Vec<Field> {
-    properties
+    let mut fields: Vec<Field> = properties
         .iter()
         .map(|(name, m)| Field::new(name, arrow_type(m), true))
-        .collect()
+        .collect();
+    fields.sort_by(|a, b| a.name().cmp(b.name()));
+    fields
 }
 
 fn arrow_type(m: &Value) -> DataType {
