@@ -3,19 +3,16 @@
 //! real mongod can be installed here. Documents are set up and checked with pymongo from the
 //! services' venv.
 
-use std::path::Path;
-use std::process::{Command, Output};
+mod common;
+
+use std::process::Command;
+
+use common::{dead_letters, fails, flumen, ok, services_dir};
 
 const URI: &str = "mongodb://127.0.0.1:27018/flumen_t?directConnection=true";
 
 fn python() -> String {
-    let dir = std::env::var("FLUMEN_SERVICES_DIR").unwrap_or_else(|_| {
-        format!(
-            "{}/.cache/flumen-services",
-            std::env::var("HOME").unwrap_or_default()
-        )
-    });
-    format!("{dir}/venv/bin/python")
+    format!("{}/venv/bin/python", services_dir())
 }
 
 /// Runs Python with `db` bound to the test database (pymongo); returns its output.
@@ -37,59 +34,6 @@ fn py(code: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-fn flumen(dir: &Path, script: &str, extra: &[&str]) -> Output {
-    let path = dir.join("job.sql");
-    std::fs::write(&path, script).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_flumen"))
-        .args(["run", path.to_str().unwrap(), "-q", "--state-dir"])
-        .arg(dir.join("state"))
-        .args(extra)
-        .output()
-        .expect("flumen runs")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// The run's output without the "N rows written" lines of its INSERTs.
-fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    text(&out.stdout)
-        .lines()
-        .filter(|l| !l.ends_with(" rows written"))
-        .map(|l| format!("{l}\n"))
-        .collect()
-}
-
-fn fails(out: &Output) -> String {
-    assert!(
-        !out.status.success(),
-        "should fail; printed {}",
-        text(&out.stdout)
-    );
-    text(&out.stderr)
-}
-
-/// Dead letters of the run in `state`, table `t`, as CSV `id,_error`.
-fn dead_letters(state: &Path, table: &str, id: &str) -> String {
-    let run = std::fs::read_dir(state.join("dead_letter"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    let out = Command::new(env!("CARGO_BIN_EXE_flumen"))
-        .args(["sql", "-q", "--format", "csv", "-e"])
-        .arg(format!(
-            "SELECT {id}, _error FROM '{}/{table}/' ORDER BY {id}",
-            run.display()
-        ))
-        .output()
-        .unwrap();
-    ok(&out)
 }
 
 #[test]

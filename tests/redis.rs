@@ -2,8 +2,12 @@
 //! 127.0.0.1:6380 with password `flumen-test` (each test its own database number), and a
 //! three-master cluster on 127.0.0.1:7101-7103.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
+
+use common::{dead_letters, fails, ok, services_dir, text};
 
 const CLUSTER: &str = "redis://127.0.0.1:7101";
 
@@ -35,45 +39,11 @@ fn db(n: u32) -> (u16, Option<u32>) {
     (6380, Some(n))
 }
 
+/// A script run with the test password as `${PW}`.
 fn flumen(dir: &Path, script: &str, extra: &[&str]) -> Output {
-    let path = dir.join("job.sql");
-    std::fs::write(&path, script).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_flumen"))
-        .args([
-            "run",
-            path.to_str().unwrap(),
-            "-q",
-            "--set",
-            "PW=flumen-test",
-            "--state-dir",
-        ])
-        .arg(dir.join("state"))
-        .args(extra)
-        .output()
-        .expect("flumen runs")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// The run's output without the "N rows written" lines of its INSERTs.
-fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    text(&out.stdout)
-        .lines()
-        .filter(|l| !l.ends_with(" rows written"))
-        .map(|l| format!("{l}\n"))
-        .collect()
-}
-
-fn fails(out: &Output) -> String {
-    assert!(
-        !out.status.success(),
-        "should fail; printed {}",
-        text(&out.stdout)
-    );
-    text(&out.stderr)
+    let mut args = vec!["--set", "PW=flumen-test"];
+    args.extend_from_slice(extra);
+    common::flumen(dir, script, &args)
 }
 
 const COLS: &str = "id BIGINT NOT NULL, n INT, f DOUBLE, dec DECIMAL(20, 4), s VARCHAR, ok BOOLEAN, d DATE, \
@@ -336,21 +306,7 @@ fn refused_rows_go_to_dead_letters() {
     let err = text(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert_eq!(cli(db(5), &["HGET", "w:4", "v"]), "d");
-    let run = std::fs::read_dir(dir.path().join("state").join("dead_letter"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    let out = Command::new(env!("CARGO_BIN_EXE_flumen"))
-        .args(["sql", "-q", "--format", "csv", "-e"])
-        .arg(format!(
-            "SELECT id, _error FROM '{}/w/' ORDER BY id",
-            run.display()
-        ))
-        .output()
-        .unwrap();
-    let dead = ok(&out);
+    let dead = dead_letters(&dir.path().join("state"), "w", "id");
     assert!(
         dead.starts_with("id,_error\n2,redis WRONGTYPE") && dead.contains("3,key column k is NULL"),
         "dead letters name the reason: {dead}\n{err}"
@@ -415,12 +371,7 @@ fn bad_connections_and_options_say_what_is_wrong() {
 
 #[test]
 fn tls_with_a_private_ca() {
-    let services = std::env::var("FLUMEN_SERVICES_DIR").unwrap_or_else(|_| {
-        format!(
-            "{}/.cache/flumen-services",
-            std::env::var("HOME").unwrap_or_default()
-        )
-    });
+    let services = services_dir();
     let ca = format!("{services}/redis-tls/ca.crt");
     assert!(
         Path::new(&ca).exists(),

@@ -94,9 +94,10 @@ impl MongoBackend {
     }
 }
 
-/// The documents of one request (`None`: a row refused before sending, with the reason).
+/// The documents of one request with their BSON sizes (`Err`: a row refused before sending,
+/// with the reason).
 pub struct MongoRequest {
-    items: Vec<std::result::Result<Document, String>>,
+    items: Vec<std::result::Result<(Document, usize), String>>,
     bytes: usize,
 }
 
@@ -110,6 +111,47 @@ fn derived_id(token: &str, row: u32) -> ObjectId {
     bytes[..8].copy_from_slice(&a.finish().to_be_bytes());
     bytes[8..].copy_from_slice(&b.finish().to_be_bytes()[..4]);
     ObjectId::from_bytes(bytes)
+}
+
+impl MongoBackend {
+    /// One statement of an `update` command: the keys' match, and the row as `$set` (its
+    /// NULL columns `$unset`, `_id` only on insert) or as the whole replacement document.
+    fn update(&self, d: &Document) -> Bson {
+        let q: Document = self
+            .keys
+            .iter()
+            .filter_map(|k| d.get(k).map(|v| (k.clone(), v.clone())))
+            .collect();
+        let u = if self.op == Op::Replace {
+            d.clone()
+        } else {
+            let mut set = Document::new();
+            let mut on_insert = Document::new();
+            for (k, v) in d {
+                if k == "_id" {
+                    on_insert.insert(k, v.clone());
+                } else {
+                    set.insert(k, v.clone());
+                }
+            }
+            let unset: Document = self
+                .schema
+                .fields()
+                .iter()
+                .filter(|f| !d.contains_key(f.name()) && f.name() != "_id")
+                .map(|f| (f.name().clone(), Bson::String(String::new())))
+                .collect();
+            let mut u = doc! {"$set": set};
+            if !on_insert.is_empty() {
+                u.insert("$setOnInsert", on_insert);
+            }
+            if !unset.is_empty() {
+                u.insert("$unset", unset);
+            }
+            u
+        };
+        Bson::Document(doc! {"q": q, "u": u, "upsert": true})
+    }
 }
 
 #[async_trait]
@@ -143,8 +185,9 @@ impl SinkBackend for MongoBackend {
                 items.push(Err(format!("key column {k} is NULL")));
                 continue;
             }
-            bytes += mongodb::bson::to_vec(&d).map(|v| v.len()).unwrap_or(0);
-            items.push(Ok(d));
+            let size = mongodb::bson::to_vec(&d).map(|v| v.len()).unwrap_or(0);
+            bytes += size;
+            items.push(Ok((d, size)));
         }
         Ok(MongoRequest { items, bytes })
     }
@@ -200,20 +243,19 @@ impl SinkBackend for MongoBackend {
             }
         }
         // Commands of at most ~8 MiB and 50,000 documents.
-        let mut chunk: Vec<(usize, Document)> = Vec::new();
+        let mut chunk: Vec<(usize, &Document)> = Vec::new();
         let mut size = 0;
-        let mut pending: Vec<Vec<(usize, Document)>> = Vec::new();
+        let mut pending: Vec<Vec<(usize, &Document)>> = Vec::new();
         for (i, item) in req.items.iter().enumerate() {
             match item {
                 Err(why) => rejected.push((i, why.clone())),
-                Ok(d) => {
-                    let s = mongodb::bson::to_vec(d).map(|v| v.len()).unwrap_or(0);
+                Ok((d, s)) => {
                     if !chunk.is_empty() && (size + s > 8 << 20 || chunk.len() >= 50_000) {
                         pending.push(std::mem::take(&mut chunk));
                         size = 0;
                     }
                     size += s;
-                    chunk.push((i, d.clone()));
+                    chunk.push((i, d));
                 }
             }
         }
@@ -225,48 +267,11 @@ impl SinkBackend for MongoBackend {
             let cmd = match self.op {
                 Op::Insert => doc! {
                     "insert": &self.collection,
-                    "documents": chunk.iter().map(|(_, d)| Bson::Document(d.clone())).collect::<Vec<_>>(),
+                    "documents": chunk.iter().map(|(_, d)| Bson::Document((*d).clone())).collect::<Vec<_>>(),
                     "ordered": false,
                 },
                 Op::Upsert | Op::Replace => {
-                    let updates: Vec<Bson> = chunk
-                        .iter()
-                        .map(|(_, d)| {
-                            let q: Document = self
-                                .keys
-                                .iter()
-                                .filter_map(|k| d.get(k).map(|v| (k.clone(), v.clone())))
-                                .collect();
-                            let u = if self.op == Op::Replace {
-                                d.clone()
-                            } else {
-                                let mut set = Document::new();
-                                let mut on_insert = Document::new();
-                                for (k, v) in d {
-                                    if k == "_id" {
-                                        on_insert.insert(k, v.clone());
-                                    } else {
-                                        set.insert(k, v.clone());
-                                    }
-                                }
-                                let mut unset = Document::new();
-                                for f in self.schema.fields() {
-                                    if !d.contains_key(f.name()) && f.name() != "_id" {
-                                        unset.insert(f.name(), "");
-                                    }
-                                }
-                                let mut u = doc! {"$set": set};
-                                if !on_insert.is_empty() {
-                                    u.insert("$setOnInsert", on_insert);
-                                }
-                                if !unset.is_empty() {
-                                    u.insert("$unset", unset);
-                                }
-                                u
-                            };
-                            Bson::Document(doc! {"q": q, "u": u, "upsert": true})
-                        })
-                        .collect();
+                    let updates: Vec<Bson> = chunk.iter().map(|(_, d)| self.update(d)).collect();
                     doc! {"update": &self.collection, "updates": updates, "ordered": false}
                 }
             };

@@ -100,6 +100,7 @@ impl ScanSource for RedisReader {
         }
         let topo = self.redis.topology().await?;
         let nodes = topo.nodes.clone();
+        let parts = nodes.len();
         let per_node: Option<Vec<Vec<Vec<u8>>>> = keys.as_ref().map(|keys| {
             let mut v = vec![Vec::new(); nodes.len()];
             let mut seen = HashSet::new();
@@ -140,7 +141,6 @@ impl ScanSource for RedisReader {
                 }
             })
         });
-        let parts = self.redis.topology().await?.nodes.len();
         Ok(Arc::new(StreamScanExec::new(
             "RedisScanExec",
             label,
@@ -620,10 +620,19 @@ fn entries(v: Value) -> Vec<(Vec<u8>, Fields)> {
     }
 }
 
-/// The command reading one key.
-fn read_cmd(l: &Layout, key: &[u8], count: usize) -> redis::Cmd {
+/// The command reading one key: for a hash, the asked fields (`hash_fields`), or whether it
+/// exists when none is asked.
+fn read_cmd(l: &Layout, key: &[u8], count: usize, hash_fields: &[usize]) -> redis::Cmd {
     match l.kind {
-        Kind::Hash => redis::cmd("HGETALL").arg(key).clone(),
+        Kind::Hash if hash_fields.is_empty() => redis::cmd("EXISTS").arg(key).clone(),
+        Kind::Hash => {
+            let mut c = redis::cmd("HMGET");
+            c.arg(key);
+            for &i in hash_fields {
+                c.arg(l.schema.field(i).name().as_bytes());
+            }
+            c
+        }
         Kind::String | Kind::Json => redis::cmd("GET").arg(key).clone(),
         Kind::List => redis::cmd("LRANGE").arg(key).arg(0).arg(-1).clone(),
         Kind::Set => redis::cmd("SMEMBERS").arg(key).clone(),
@@ -660,18 +669,7 @@ async fn fetch(
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
     for k in &page {
-        pipe.add_command(match l.kind {
-            Kind::Hash if hash_fields.is_empty() => redis::cmd("EXISTS").arg(k).clone(),
-            Kind::Hash => {
-                let mut c = redis::cmd("HMGET");
-                c.arg(k);
-                for &i in &hash_fields {
-                    c.arg(l.schema.field(i).name().as_bytes());
-                }
-                c
-            }
-            _ => read_cmd(l, k, batch_rows),
-        });
+        pipe.add_command(read_cmd(l, k, batch_rows, &hash_fields));
     }
     let replies: Vec<Value> = pipe
         .query_async(conn)

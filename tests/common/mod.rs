@@ -1,0 +1,72 @@
+//! What the connector tests share: running a script with the flumen binary, reading its output
+//! and its dead letters, and where `tests/services/start.sh` keeps its run folder.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// The services' run folder (`FLUMEN_SERVICES_DIR`, as `tests/services/start.sh` uses it).
+pub fn services_dir() -> String {
+    std::env::var("FLUMEN_SERVICES_DIR").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/flumen-services",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    })
+}
+
+/// Runs `script` (written to `dir/job.sql`) with `flumen run -q`, state under `dir/state`.
+pub fn flumen(dir: &Path, script: &str, extra: &[&str]) -> Output {
+    let path = dir.join("job.sql");
+    std::fs::write(&path, script).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_flumen"))
+        .args(["run", path.to_str().unwrap(), "-q", "--state-dir"])
+        .arg(dir.join("state"))
+        .args(extra)
+        .output()
+        .expect("flumen runs")
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// The run's output without the "N rows written" lines of its INSERTs.
+pub fn ok(out: &Output) -> String {
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout)
+        .lines()
+        .filter(|l| !l.ends_with(" rows written"))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+/// The error of a run that must fail.
+pub fn fails(out: &Output) -> String {
+    assert!(
+        !out.status.success(),
+        "should fail; printed {}",
+        text(&out.stdout)
+    );
+    text(&out.stderr)
+}
+
+/// The dead letters of the (only) run in `state` for `table`, as CSV `id,_error` ordered by id.
+pub fn dead_letters(state: &Path, table: &str, id: &str) -> String {
+    let run = std::fs::read_dir(state.join("dead_letter"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let out = Command::new(env!("CARGO_BIN_EXE_flumen"))
+        .args(["sql", "-q", "--format", "csv", "-e"])
+        .arg(format!(
+            "SELECT {id}, _error FROM '{}/{table}/' ORDER BY {id}",
+            run.display()
+        ))
+        .output()
+        .unwrap();
+    ok(&out)
+}
