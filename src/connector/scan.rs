@@ -31,6 +31,16 @@ impl BatchSender {
     pub async fn send(&self, batch: Result<RecordBatch>) -> bool {
         self.0.send(batch).await.is_ok()
     }
+
+    /// `send` from a blocking thread (never from an async task).
+    pub fn blocking_send(&self, batch: Result<RecordBatch>) -> bool {
+        self.0.blocking_send(batch).is_ok()
+    }
+
+    /// Whether the consumer is gone.
+    pub fn is_closed(&self) -> bool {
+        self.0.is_closed()
+    }
 }
 
 /// Produces the batches of one partition.

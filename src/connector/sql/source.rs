@@ -7,24 +7,16 @@
 //! partition holds in memory (ConnectorX's own channel is unbounded). Rows whose key is NULL are
 //! read by the first partition. Without `partition_on` the query is read as one stream.
 
-use std::fmt;
 use std::sync::Arc;
 
 use arrow::array::{Array, RecordBatch, RecordBatchOptions};
 use arrow::datatypes::{DataType, SchemaRef};
-use datafusion::common::DataFusionError;
-use datafusion::common::tree_node::TreeNodeRecursion;
-use datafusion::error::Result as DfResult;
-use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::{BinaryExpr, Expr, Operator, TableProviderFilterPushDown, expr::InList};
-use datafusion::physical_expr::{EquivalenceProperties, Partitioning, PhysicalExpr};
-use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
-use datafusion::physical_plan::metrics::{BaselineMetrics, ExecutionPlanMetricsSet, MetricsSet};
-use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
-use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties};
+use datafusion::physical_plan::ExecutionPlan;
 
 use super::cx::{self, Conn};
 use super::dialect::Dialect;
+use crate::connector::scan::{BatchSender, Producer, StreamScanExec};
 use crate::error::{Error, Result};
 use crate::sink::ScanSource;
 
@@ -131,7 +123,7 @@ impl ScanSource for SqlReader {
             }
             _ => vec![vec![query(None)]],
         };
-        Ok(Arc::new(SqlScanExec::new(
+        Ok(Arc::new(scan_exec(
             self.clone(),
             schema,
             parts,
@@ -278,151 +270,85 @@ impl SqlReader {
     }
 }
 
-/// One stream per partition; each reads its queries (chunks) one after another.
-#[derive(Debug)]
-pub struct SqlScanExec {
+/// The scan: one partition per key range, each reading its queries (chunks) one after another
+/// on a blocking thread (ConnectorX is synchronous), into the shared bounded channel.
+fn scan_exec(
     reader: SqlReader,
     schema: SchemaRef,
     parts: Vec<Vec<String>>,
     batch_rows: usize,
-    metrics: ExecutionPlanMetricsSet,
-    properties: Arc<PlanProperties>,
-}
-
-impl SqlScanExec {
-    fn new(reader: SqlReader, schema: SchemaRef, parts: Vec<Vec<String>>, batch_rows: usize) -> Self {
-        let properties = Arc::new(PlanProperties::new(
-            EquivalenceProperties::new(Arc::clone(&schema)),
-            Partitioning::UnknownPartitioning(parts.len()),
-            EmissionType::Incremental,
-            Boundedness::Bounded,
-        ));
-        Self {
-            reader,
-            schema,
-            parts,
-            batch_rows,
-            metrics: ExecutionPlanMetricsSet::new(),
-            properties,
-        }
-    }
-}
-
-impl DisplayAs for SqlScanExec {
-    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
-        let chunks: usize = self.parts.iter().map(Vec::len).sum();
-        write!(
-            f,
-            "{}ScanExec: table={}, partitions={}, queries={chunks}, sql={}",
-            match self.reader.dialect {
-                Dialect::MySql => "MySql",
-                Dialect::Postgres => "Postgres",
-                Dialect::Sqlite => "Sqlite",
-            },
-            self.reader.name,
-            self.parts.len(),
-            self.parts
-                .first()
-                .and_then(|p| p.first())
-                .cloned()
-                .unwrap_or_default()
-        )
-    }
-}
-
-impl ExecutionPlan for SqlScanExec {
-    fn name(&self) -> &'static str {
-        "SqlScanExec"
-    }
-
-    fn properties(&self) -> &Arc<PlanProperties> {
-        &self.properties
-    }
-
-    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
-        vec![]
-    }
-
-    fn apply_expressions(
-        &self,
-        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> DfResult<TreeNodeRecursion>,
-    ) -> DfResult<TreeNodeRecursion> {
-        Ok(TreeNodeRecursion::Continue)
-    }
-
-    fn with_new_children(
-        self: Arc<Self>,
-        _children: Vec<Arc<dyn ExecutionPlan>>,
-    ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        Ok(self)
-    }
-
-    fn execute(&self, partition: usize, _ctx: Arc<TaskContext>) -> DfResult<SendableRecordBatchStream> {
-        let queries = self
-            .parts
-            .get(partition)
-            .cloned()
-            .ok_or_else(|| DataFusionError::Internal(format!("no partition {partition}")))?;
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<RecordBatch>>(2);
-        let reader = self.reader.clone();
-        let schema = Arc::clone(&self.schema);
-        let batch_rows = self.batch_rows;
-        tokio::task::spawn_blocking(move || {
-            for q in queries {
-                let tx2 = tx.clone();
-                let schema2 = Arc::clone(&schema);
-                let name = reader.name.clone();
-                let r = cx::read(&reader.conn, q, batch_rows, move |b| {
-                    let out = if schema2.fields().is_empty() {
-                        let opts = RecordBatchOptions::new().with_row_count(Some(b.num_rows()));
-                        RecordBatch::try_new_with_options(Arc::clone(&schema2), vec![], &opts)
-                            .map_err(Error::from)
-                    } else {
-                        cx::conform(&b, &schema2, &name)
-                    };
-                    let failed = out.is_err();
-                    tx2.blocking_send(out).is_ok() && !failed
-                });
-                if let Err(e) = r {
-                    let e = e.to_string();
-                    // ConnectorX names a column by its position in the query: add its name.
-                    let column = e
-                        .split("FromSql(")
-                        .nth(1)
-                        .and_then(|r| r.split(')').next())
-                        .and_then(|i| i.parse::<usize>().ok())
-                        .and_then(|i| schema.fields().get(i))
-                        .map(|f| format!(" (column {} cannot be read as {})", f.name(), f.data_type()))
-                        .unwrap_or_default();
-                    let _ =
-                        tx.blocking_send(Err(Error::Config(format!("table {}{column}: {e}", reader.name))));
-                    return;
-                }
-                if tx.is_closed() {
-                    return;
-                }
+) -> StreamScanExec {
+    let chunks: usize = parts.iter().map(Vec::len).sum();
+    let label = format!(
+        "table={}, partitions={}, queries={chunks}, sql={}",
+        reader.name,
+        parts.len(),
+        parts.first().and_then(|p| p.first()).cloned().unwrap_or_default()
+    );
+    let name = match reader.dialect {
+        Dialect::MySql => "MySqlScanExec",
+        Dialect::Postgres => "PostgresScanExec",
+        Dialect::Sqlite => "SqliteScanExec",
+    };
+    let count = parts.len();
+    let out_schema = Arc::clone(&schema);
+    let producer: Producer = Arc::new(move |p, tx| {
+        let queries = parts.get(p).cloned().unwrap_or_default();
+        let (reader, schema) = (reader.clone(), Arc::clone(&schema));
+        Box::pin(async move {
+            let sender = tx.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                read_queries(&reader, &schema, queries, batch_rows, &sender)
+            });
+            if let Err(e) = read.await {
+                tx.send(Err(Error::Config(format!("reading partition {p} failed: {e}"))))
+                    .await;
             }
-        });
-        let baseline = BaselineMetrics::new(&self.metrics, partition);
-        let stream = futures::stream::poll_fn(move |cx| {
-            rx.poll_recv(cx).map(|o| {
-                o.map(|r| match r {
-                    Ok(b) => {
-                        baseline.record_output(b.num_rows());
-                        Ok(b)
-                    }
-                    Err(e) => Err(DataFusionError::from(e)),
-                })
-            })
-        });
-        Ok(Box::pin(RecordBatchStreamAdapter::new(
-            Arc::clone(&self.schema),
-            stream,
-        )))
-    }
+        })
+    });
+    StreamScanExec::new(name, label, out_schema, count, producer)
+}
 
-    fn metrics(&self) -> Option<MetricsSet> {
-        Some(self.metrics.clone_inner())
+/// Reads a partition's queries in turn; stops at the first error (sent on) or when the consumer
+/// is gone.
+fn read_queries(
+    reader: &SqlReader,
+    schema: &SchemaRef,
+    queries: Vec<String>,
+    batch_rows: usize,
+    tx: &BatchSender,
+) {
+    for q in queries {
+        let tx2 = tx.clone();
+        let schema2 = Arc::clone(schema);
+        let name = reader.name.clone();
+        let r = cx::read(&reader.conn, q, batch_rows, move |b| {
+            let out = if schema2.fields().is_empty() {
+                let opts = RecordBatchOptions::new().with_row_count(Some(b.num_rows()));
+                RecordBatch::try_new_with_options(Arc::clone(&schema2), vec![], &opts).map_err(Error::from)
+            } else {
+                cx::conform(&b, &schema2, &name)
+            };
+            let failed = out.is_err();
+            tx2.blocking_send(out) && !failed
+        });
+        if let Err(e) = r {
+            let e = e.to_string();
+            // ConnectorX names a column by its position in the query: add its name.
+            let column = e
+                .split("FromSql(")
+                .nth(1)
+                .and_then(|r| r.split(')').next())
+                .and_then(|i| i.parse::<usize>().ok())
+                .and_then(|i| schema.fields().get(i))
+                .map(|f| format!(" (column {} cannot be read as {})", f.name(), f.data_type()))
+                .unwrap_or_default();
+            tx.blocking_send(Err(Error::Config(format!("table {}{column}: {e}", reader.name))));
+            return;
+        }
+        if tx.is_closed() {
+            return;
+        }
     }
 }
 
