@@ -67,6 +67,8 @@ pub struct PlanCounters {
     pub rows_read: u64,
     /// Bytes read by sources that report it.
     pub bytes_read: Option<u64>,
+    /// Pages fetched and requests retried, by sources that page (HTTP APIs).
+    pub pages: Option<(u64, u64)>,
 }
 
 /// What is known up front about a plan's input.
@@ -184,18 +186,27 @@ impl PlanCounters {
     /// Reads the live counters of a running plan.
     pub fn of(plan: &Arc<dyn ExecutionPlan>) -> Self {
         let mut bytes: Option<u64> = None;
-        fn walk(p: &Arc<dyn ExecutionPlan>, bytes: &mut Option<u64>) {
-            if let Some(v) = p.metrics().and_then(|m| m.sum_by_name("bytes_scanned")) {
-                *bytes = Some(bytes.unwrap_or(0) + v.as_usize() as u64);
+        let mut pages: Option<(u64, u64)> = None;
+        fn walk(p: &Arc<dyn ExecutionPlan>, bytes: &mut Option<u64>, pages: &mut Option<(u64, u64)>) {
+            if let Some(m) = p.metrics() {
+                if let Some(v) = m.sum_by_name("bytes_scanned") {
+                    *bytes = Some(bytes.unwrap_or(0) + v.as_usize() as u64);
+                }
+                if let Some(v) = m.sum_by_name("pages") {
+                    let retries = m.sum_by_name("retries").map_or(0, |r| r.as_usize() as u64);
+                    let (p0, r0) = pages.unwrap_or((0, 0));
+                    *pages = Some((p0 + v.as_usize() as u64, r0 + retries));
+                }
             }
             for c in p.children() {
-                walk(c, bytes);
+                walk(c, bytes, pages);
             }
         }
-        walk(plan, &mut bytes);
+        walk(plan, &mut bytes, &mut pages);
         Self {
             rows_read: source_rows(plan).unwrap_or(0),
             bytes_read: bytes,
+            pages,
         }
     }
 }
@@ -303,6 +314,13 @@ pub fn describe(c: &PlanCounters, input: &PlanInput, elapsed: Duration) -> Strin
         (Some(b), _) => msg.push_str(&format!(", {}", human_bytes(b))),
         (None, Some(t)) => msg.push_str(&format!(", input {}", human_bytes(t))),
         (None, None) => {}
+    }
+    if let Some((pages, retries)) = c.pages {
+        msg.push_str(&format!(
+            ", {} pages ({:.1}/s), {retries} retries",
+            human_count(pages),
+            pages as f64 / secs
+        ));
     }
     let rate = c.rows_read as f64 / secs;
     msg.push_str(&format!(
@@ -432,6 +450,7 @@ mod tests {
         let c = PlanCounters {
             rows_read: 250,
             bytes_read: Some(2048),
+            pages: None,
         };
         let input = PlanInput {
             total_rows: Some(1000),
@@ -450,6 +469,7 @@ mod tests {
         let c = PlanCounters {
             rows_read: 2_500_000,
             bytes_read: None,
+            pages: Some((120, 3)),
         };
         let input = PlanInput {
             total_rows: None,
@@ -457,7 +477,10 @@ mod tests {
             total_bytes: Some(3 << 30),
         };
         let msg = describe(&c, &input, Duration::from_secs(2));
-        assert_eq!(msg, "2.50M rows read, input 3.0 GiB, 1.25M rows/s, 00:02 elapsed");
+        assert_eq!(
+            msg,
+            "2.50M rows read, input 3.0 GiB, 120 pages (60.0/s), 3 retries, 1.25M rows/s, 00:02 elapsed"
+        );
     }
 
     #[test]

@@ -51,6 +51,7 @@ impl Registry {
         r.register("SQLITE", Arc::new(sql::SqlFactory(sql::dialect::Dialect::Sqlite)));
         r.register("REDIS", Arc::new(redis::RedisFactory));
         r.register("MONGODB", Arc::new(mongodb::MongoFactory));
+        r.register("HTTP", Arc::new(http::HttpFactory));
         #[cfg(feature = "test-backends")]
         r.register("FAULTY", Arc::new(faulty::FaultyFactory));
         r

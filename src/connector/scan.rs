@@ -88,6 +88,15 @@ impl StreamScanExec {
     }
 }
 
+impl StreamScanExec {
+    /// Uses `metrics` (where the producers keep counters of their own, such as pages fetched)
+    /// instead of a fresh set.
+    pub fn with_metrics(mut self, metrics: ExecutionPlanMetricsSet) -> Self {
+        self.metrics = metrics;
+        self
+    }
+}
+
 impl DisplayAs for StreamScanExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
         write!(f, "{}: {}", self.name, self.label)

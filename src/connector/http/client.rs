@@ -1,0 +1,458 @@
+//! The HTTP source's requests: one pooled reqwest client (keep-alive, gzip/zstd/deflate,
+//! timeouts), authentication, a shared rate limit, and retries of network errors, 429 and 5xx
+//! with full-jitter backoff that honours `Retry-After`. Every URL and message it shows has the
+//! credentials masked.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use datafusion::physical_plan::metrics::Count;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use url::Url;
+
+use super::error_text;
+use crate::engine::{MASK, Redactor};
+use crate::error::{Error, Result};
+use crate::sink::Backoff;
+
+/// Requests per interval, spaced evenly: at most one request every `interval`, whatever the
+/// concurrency (no bursts, so a server's per-second window never sees more than the limit).
+#[derive(Debug)]
+pub struct RateLimit {
+    interval: Duration,
+    next: Mutex<Option<Instant>>,
+}
+
+impl RateLimit {
+    /// Parses `20/s`, `600/min`, `1000/h`, `2.5/s`.
+    pub fn parse(v: &str) -> std::result::Result<Self, String> {
+        let (n, per) = v
+            .split_once('/')
+            .ok_or_else(|| format!("'{v}' is not a rate such as 20/s or 600/min"))?;
+        let n: f64 = n
+            .trim()
+            .parse()
+            .map_err(|_| format!("'{v}' is not a rate such as 20/s or 600/min"))?;
+        let per = match per.trim() {
+            "s" | "sec" | "second" => 1.0,
+            "m" | "min" | "minute" => 60.0,
+            "h" | "hour" => 3600.0,
+            other => return Err(format!("unknown unit '{other}' (use s, min, h)")),
+        };
+        if !(n.is_finite() && n > 0.0) {
+            return Err(format!("'{v}' must allow at least some requests"));
+        }
+        Ok(Self {
+            interval: Duration::from_secs_f64(per / n),
+            next: Mutex::new(None),
+        })
+    }
+
+    /// Waits for this request's slot.
+    pub async fn acquire(&self) {
+        let slot = {
+            let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            let slot = next.map_or(now, |n| n.max(now));
+            *next = Some(slot + self.interval);
+            slot
+        };
+        tokio::time::sleep_until(slot.into()).await;
+    }
+
+    /// Requests per second.
+    pub fn per_second(&self) -> f64 {
+        1.0 / self.interval.as_secs_f64()
+    }
+}
+
+/// The live counters of one scan (shown as progress and in `explain analyze`).
+#[derive(Debug, Clone, Default)]
+pub struct Counters {
+    pub pages: Count,
+    pub retries: Count,
+    pub bytes: Count,
+    /// Set once the scan needs no more pages: requests still in flight give up quietly.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// A successful response.
+#[derive(Debug)]
+pub struct Fetched {
+    pub body: Bytes,
+    /// The `rel="next"` target of a `Link` header.
+    pub link_next: Option<String>,
+}
+
+/// How a table's requests are made.
+#[derive(Debug)]
+pub struct Api {
+    pub table: String,
+    client: reqwest::Client,
+    headers: HeaderMap,
+    /// `api_key` sent as a query parameter: (name, value).
+    key_param: Option<(String, String)>,
+    /// Values masked in every message.
+    secrets: Vec<String>,
+    limit: Option<RateLimit>,
+    max_retries: u32,
+}
+
+/// Authentication, as the options give it.
+#[derive(Debug, Default)]
+pub struct Auth {
+    pub bearer: Option<String>,
+    /// `user:password`.
+    pub basic: Option<String>,
+    pub api_key: Option<String>,
+    pub api_key_header: Option<String>,
+    pub api_key_param: Option<String>,
+}
+
+impl Api {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        table: &str,
+        headers: &[(String, String)],
+        auth: Auth,
+        limit: Option<RateLimit>,
+        concurrency: usize,
+        timeout: Duration,
+        max_retries: u32,
+    ) -> Result<Self> {
+        let bad = |what: &str, why: String| Error::Option(format!("table {table}: {what}: {why}"));
+        let mut map = HeaderMap::new();
+        let mut secrets = Vec::new();
+        for (k, v) in headers {
+            let name = HeaderName::from_bytes(k.as_bytes())
+                .map_err(|e| bad("'headers'", format!("'{k}' is not a header name: {e}")))?;
+            let mut value = HeaderValue::from_str(v).map_err(|e| {
+                bad(
+                    "'headers'",
+                    format!("the value of {k} is not a header value: {e}"),
+                )
+            })?;
+            if Redactor::is_secret_name(k) || name == reqwest::header::AUTHORIZATION {
+                value.set_sensitive(true);
+                secrets.push(v.clone());
+            }
+            map.insert(name, value);
+        }
+        let mut auth_value = |v: String| -> Result<()> {
+            let mut value = HeaderValue::from_str(&v)
+                .map_err(|e| bad("authentication", format!("not a header value: {e}")))?;
+            value.set_sensitive(true);
+            map.insert(reqwest::header::AUTHORIZATION, value);
+            Ok(())
+        };
+        if let Some(t) = &auth.bearer {
+            secrets.push(t.clone());
+            auth_value(format!("Bearer {t}"))?;
+        }
+        if let Some(b) = &auth.basic {
+            let (user, password) = b
+                .split_once(':')
+                .ok_or_else(|| bad("'basic_auth'", "expected user:password".to_string()))?;
+            if password.len() >= 3 {
+                secrets.push(password.to_string());
+            }
+            use base64::Engine;
+            let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+            secrets.push(encoded.clone());
+            auth_value(format!("Basic {encoded}"))?;
+        }
+        let mut key_param = None;
+        if let Some(key) = &auth.api_key {
+            secrets.push(key.clone());
+            match (&auth.api_key_param, &auth.api_key_header) {
+                (Some(p), _) => key_param = Some((p.clone(), key.clone())),
+                (None, h) => {
+                    let h = h.as_deref().unwrap_or("X-API-Key");
+                    let name = HeaderName::from_bytes(h.as_bytes())
+                        .map_err(|e| bad("'api_key_header'", e.to_string()))?;
+                    let mut value = HeaderValue::from_str(key)
+                        .map_err(|e| bad("'api_key'", format!("not a header value: {e}")))?;
+                    value.set_sensitive(true);
+                    map.insert(name, value);
+                }
+            }
+        }
+        secrets.retain(|s| !s.is_empty());
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("flumen/", env!("CARGO_PKG_VERSION")))
+            .pool_max_idle_per_host(concurrency.max(1))
+            .tcp_nodelay(true)
+            .connect_timeout(timeout.min(Duration::from_secs(30)))
+            .timeout(timeout)
+            .build()
+            .map_err(|e| bad("client", error_text(&e)))?;
+        Ok(Self {
+            table: table.to_string(),
+            client,
+            headers: map,
+            key_param,
+            secrets,
+            limit,
+            max_retries,
+        })
+    }
+
+    /// `text` with every credential masked.
+    pub fn scrub(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for s in &self.secrets {
+            if out.contains(s.as_str()) {
+                out = out.replace(s.as_str(), MASK);
+            }
+        }
+        out
+    }
+
+    /// A URL as messages show it: password and secret-looking query values masked.
+    pub fn shown(&self, url: &Url) -> String {
+        let mut u = url.clone();
+        if u.password().is_some() {
+            let _ = u.set_password(Some(MASK));
+        }
+        if u.query().is_some() {
+            let pairs: Vec<(String, String)> = u
+                .query_pairs()
+                .map(|(k, v)| {
+                    let secret =
+                        Redactor::is_secret_name(&k) || self.key_param.as_ref().is_some_and(|(p, _)| *p == k);
+                    (
+                        k.into_owned(),
+                        if secret { MASK.to_string() } else { v.into_owned() },
+                    )
+                })
+                .collect();
+            u.query_pairs_mut().clear().extend_pairs(pairs);
+        }
+        self.scrub(u.as_str())
+    }
+
+    /// The request rate allowed, if limited.
+    pub fn rate(&self) -> Option<f64> {
+        self.limit.as_ref().map(RateLimit::per_second)
+    }
+
+    /// GETs `url`, retrying what may succeed later. A 4xx other than 429 (or 408) ends the scan
+    /// with the status and the first lines of the body.
+    pub async fn get(&self, url: &Url, counters: &Counters) -> Result<Fetched> {
+        let mut target = url.clone();
+        if let Some((p, v)) = &self.key_param {
+            super::source::set_param(&mut target, p, v);
+        }
+        let started = Instant::now();
+        let seed = url
+            .as_str()
+            .bytes()
+            .fold(17u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
+        let mut backoff = Backoff::new(
+            Duration::from_millis(250),
+            Duration::from_secs(30),
+            self.max_retries + 1,
+            Duration::from_secs(15 * 60),
+            seed,
+        );
+        let mut attempt = 0u32;
+        loop {
+            if let Some(l) = &self.limit {
+                l.acquire().await;
+            }
+            attempt += 1;
+            let sent = self
+                .client
+                .get(target.clone())
+                .headers(self.headers.clone())
+                .send()
+                .await;
+            let (why, retry_after) = match sent {
+                Ok(resp) => {
+                    let status = resp.status();
+                    if status.is_success() {
+                        let link_next = resp
+                            .headers()
+                            .get_all(reqwest::header::LINK)
+                            .iter()
+                            .filter_map(|v| v.to_str().ok())
+                            .find_map(next_link);
+                        match resp.bytes().await {
+                            Ok(body) => {
+                                counters.pages.add(1);
+                                counters.bytes.add(body.len());
+                                return Ok(Fetched { body, link_next });
+                            }
+                            Err(e) => (format!("reading the body: {}", error_text(&e)), None),
+                        }
+                    } else if status.as_u16() == 429 || status.as_u16() == 408 || status.is_server_error() {
+                        (format!("HTTP {status}"), retry_after(resp.headers()))
+                    } else {
+                        let body = resp.text().await.unwrap_or_default();
+                        return Err(self.refused(&target, status, &body));
+                    }
+                }
+                Err(e) => (error_text(&e), None),
+            };
+            if counters.stop.load(Ordering::Relaxed) {
+                return Err(Error::Config(format!("table {}: the scan ended", self.table)));
+            }
+            match backoff.next_delay(attempt, started.elapsed(), retry_after) {
+                Some(delay) => {
+                    counters.retries.add(1);
+                    tracing::warn!(
+                        "table {}: GET {}: {} (attempt {attempt} of {}); retrying in {:.1}s",
+                        self.table,
+                        self.shown(&target),
+                        self.scrub(&why),
+                        self.max_retries + 1,
+                        delay.as_secs_f64()
+                    );
+                    tokio::time::sleep(delay).await;
+                }
+                None => {
+                    return Err(Error::Config(format!(
+                        "table {}: GET {} failed after {attempt} attempts: {}",
+                        self.table,
+                        self.shown(&target),
+                        self.scrub(&why)
+                    )));
+                }
+            }
+        }
+    }
+
+    fn refused(&self, url: &Url, status: reqwest::StatusCode, body: &str) -> Error {
+        let lines: Vec<&str> = body.lines().filter(|l| !l.trim().is_empty()).take(5).collect();
+        let mut shown: String = lines.join("\n  ").chars().take(600).collect();
+        if shown.is_empty() {
+            shown = "(empty body)".into();
+        }
+        let hint = match status.as_u16() {
+            401 | 403 => " (check the credentials: 'bearer_token', 'basic_auth' or 'api_key')",
+            404 => " (check the LOCATION and 'params')",
+            _ => "",
+        };
+        Error::Config(format!(
+            "table {}: GET {} returned HTTP {status}{hint}; the body begins:\n  {}",
+            self.table,
+            self.shown(url),
+            self.scrub(&shown)
+        ))
+    }
+}
+
+/// The wait a `Retry-After` header asks for (seconds, or an HTTP date), capped at 5 minutes.
+fn retry_after(h: &HeaderMap) -> Option<Duration> {
+    let v = h.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    let d = match v.parse::<f64>() {
+        Ok(s) if s.is_finite() && s >= 0.0 => Duration::from_secs_f64(s),
+        _ => {
+            let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+            let ms = at.timestamp_millis() - chrono::Utc::now().timestamp_millis();
+            Duration::from_millis(ms.max(0) as u64)
+        }
+    };
+    Some(d.min(Duration::from_secs(300)))
+}
+
+/// The target of `rel="next"` in one `Link` header value (`<url>; rel="next", <url>; rel="last"`).
+fn next_link(v: &str) -> Option<String> {
+    let mut rest = v;
+    while let Some(open) = rest.find('<') {
+        let close = open + rest[open..].find('>')?;
+        let target = &rest[open + 1..close];
+        let params_end = rest[close..].find('<').map_or(rest.len(), |i| close + i);
+        let params = &rest[close + 1..params_end];
+        let is_next = params.split(';').any(|p| {
+            let p = p.trim().trim_end_matches(',');
+            p.strip_prefix("rel=")
+                .map(|r| {
+                    r.trim_matches('"')
+                        .split_whitespace()
+                        .any(|r| r.eq_ignore_ascii_case("next"))
+                })
+                .unwrap_or(false)
+        });
+        if is_next {
+            return Some(target.to_string());
+        }
+        rest = &rest[params_end..];
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_headers() {
+        assert_eq!(
+            next_link(r#"<https://a/x?page=3>; rel="next", <https://a/x?page=9>; rel="last""#).as_deref(),
+            Some("https://a/x?page=3")
+        );
+        assert_eq!(
+            next_link(r#"<https://a/x?page=1>; rel="first", <https://a/x?page=2>; rel=next"#).as_deref(),
+            Some("https://a/x?page=2")
+        );
+        assert_eq!(next_link(r#"<https://a/x?page=1>; rel="prev""#), None);
+    }
+
+    #[test]
+    fn rates() {
+        assert_eq!(
+            RateLimit::parse("20/s").unwrap().interval,
+            Duration::from_millis(50)
+        );
+        assert_eq!(
+            RateLimit::parse("600/min").unwrap().interval,
+            Duration::from_millis(100)
+        );
+        assert!(RateLimit::parse("20").is_err());
+        assert!(RateLimit::parse("0/s").is_err());
+        assert!(RateLimit::parse("5/fortnight").is_err());
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        let mut h = HeaderMap::new();
+        h.insert(reqwest::header::RETRY_AFTER, HeaderValue::from_static("2"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(2)));
+        h.insert(
+            reqwest::header::RETRY_AFTER,
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
+        assert_eq!(retry_after(&h), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn urls_and_messages_hide_credentials() {
+        let api = Api::new(
+            "t",
+            &[("X-Trace".into(), "abc".into())],
+            Auth {
+                bearer: Some("tok-123456".into()),
+                api_key: Some("key-987".into()),
+                api_key_param: Some("apikey".into()),
+                ..Auth::default()
+            },
+            None,
+            1,
+            Duration::from_secs(5),
+            0,
+        )
+        .unwrap();
+        let u = Url::parse("https://u:pw@h/x?apikey=key-987&access_token=zzz&page=2").unwrap();
+        let s = api.shown(&u);
+        assert!(
+            !s.contains("key-987") && !s.contains("zzz") && !s.contains("pw@"),
+            "{s}"
+        );
+        assert!(s.contains("page=2"), "{s}");
+        assert_eq!(api.scrub("bad token tok-123456"), "bad token ***");
+    }
+}
