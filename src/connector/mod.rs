@@ -4,6 +4,7 @@
 //! `src/connector/`, one line in [`Registry::builtin`], and its tests. Files (CSV, JSON, PARQUET,
 //! AVRO, ARROW) stay DataFusion's own factories and are not listed here.
 
+pub mod broker;
 pub mod clickhouse;
 pub mod elasticsearch;
 #[cfg(feature = "test-backends")]
@@ -52,6 +53,7 @@ impl Registry {
         r.register("REDIS", Arc::new(redis::RedisFactory));
         r.register("MONGODB", Arc::new(mongodb::MongoFactory));
         r.register("HTTP", Arc::new(http::HttpFactory));
+        r.register("REDIS_STREAM", Arc::new(redis::stream::RedisStreamFactory));
         #[cfg(feature = "test-backends")]
         r.register("FAULTY", Arc::new(faulty::FaultyFactory));
         r

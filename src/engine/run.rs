@@ -270,17 +270,29 @@ impl Flumen {
         let mut table = None;
         match (running.kind, running.stream.take()) {
             (StatementKind::Query, Some(stream)) => {
-                (returned, table) = write_result(stream, &opts.result, out).await?;
+                let r = write_result(stream, &opts.result, out).await;
+                // A query peeks at broker tables: what it read is delivered again.
+                self.run.pending().release().await;
+                (returned, table) = r?;
             }
             (StatementKind::Write, Some(mut stream)) => {
-                while let Some(batch) = stream.next().await {
-                    written += count_of(&batch?);
+                let drained = async {
+                    while let Some(batch) = stream.next().await {
+                        written += count_of(&batch?);
+                    }
+                    running.commit()
                 }
-                running.commit()?;
+                .await;
+                if let Err(e) = drained {
+                    self.run.pending().release().await;
+                    return Err(e);
+                }
+                // The sink has committed: acknowledge the broker messages the write consumed.
+                self.run.pending().commit().await?;
                 // A replay of this run need not run this write again.
                 self.run.record_progress(&progress_key, "done")?;
             }
-            _ => {}
+            _ => self.run.pending().release().await,
         }
         let mut stats = tracker.finish().await;
         if let Some(table) = table {
@@ -314,13 +326,21 @@ impl Flumen {
                     schema: Arc::new(Schema::empty()),
                     batches: Vec::new(),
                 };
-                if let Some(mut s) = running.stream.take() {
-                    out.schema = s.schema();
-                    while let Some(b) = s.next().await {
-                        out.batches.push(b?);
+                let drained = async {
+                    if let Some(mut s) = running.stream.take() {
+                        out.schema = s.schema();
+                        while let Some(b) = s.next().await {
+                            out.batches.push(b?);
+                        }
                     }
+                    running.commit()
                 }
-                running.commit()?;
+                .await;
+                match (&drained, out.kind) {
+                    (Ok(()), StatementKind::Write) => self.run.pending().commit().await?,
+                    _ => self.run.pending().release().await,
+                }
+                drained?;
                 Ok::<_, Error>(out)
             };
             last = run.await.map_err(|e| self.at(&c.stmt, e))?;

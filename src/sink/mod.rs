@@ -21,8 +21,7 @@ mod state;
 mod table;
 
 pub use backend::{Outcome, SinkBackend};
-// Shared with the FAULTY test backend (feature `test-backends`).
-#[cfg_attr(not(feature = "test-backends"), allow(unused_imports))]
+// Shared with the broker sources' dead letters and the FAULTY test backend.
 pub(crate) use datasink::write_parquet;
 pub use datasink::{BatchSink, SinkTable};
 pub use journal::{Replay, SinkReplay, Slice, fingerprint};

@@ -135,6 +135,8 @@ pub struct RunState {
     manifests: Mutex<HashMap<String, Manifest>>,
     parts: Mutex<HashMap<String, Arc<AtomicU64>>>,
     progress: Mutex<BTreeMap<String, String>>,
+    /// Broker consumers of the running statement, waiting for its outcome.
+    pending: crate::connector::broker::Pending,
 }
 
 fn now() -> String {
@@ -176,7 +178,14 @@ impl RunState {
             manifests: Mutex::default(),
             parts: Mutex::default(),
             progress: Mutex::default(),
+            pending: Default::default(),
         }
+    }
+
+    /// The broker consumers whose messages the running statement read: the engine acknowledges
+    /// them when the statement commits and gives them back when it fails.
+    pub fn pending(&self) -> &crate::connector::broker::Pending {
+        &self.pending
     }
 
     /// The run id.

@@ -30,6 +30,7 @@
 pub mod conn;
 mod sink;
 pub mod source;
+pub mod stream;
 
 use std::sync::Arc;
 use std::time::Duration;
