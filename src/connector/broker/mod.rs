@@ -22,8 +22,8 @@
 //! Columns: the payload's fields (JSON objects, or CSV records in column order) plus any of the
 //! metadata columns below, declared by name; `format` 'raw' gives the payload itself.
 //!
-//! | column       | type              | Kafka         | NATS          | RabbitMQ     | MQTT  | Redis Streams |
-//! |--------------|-------------------|---------------|---------------|--------------|-------|---------------|
+//! | column       | type              | Kafka         | NATS          | RabbitMQ     | Redis Streams |
+//! |--------------|-------------------|---------------|---------------|--------------|---------------|
 //! | `_topic`     | VARCHAR           | topic         | subject       | routing key  | topic | stream key    |
 //! | `_key`       | VARCHAR           | key           |               |              |       |               |
 //! | `_partition` | INT               | partition     |               |              |       |               |
@@ -70,7 +70,7 @@ pub struct Message {
 /// One partition's reader. Everything [`Consumer::next`] returned is acknowledged by
 /// [`Consumer::commit`] or given back by [`Consumer::release`].
 #[async_trait]
-pub trait Consumer: Send + Sync {
+pub trait Consumer: Send {
     /// Up to `max` more messages; an empty vector once caught up (or the broker's limit ended the
     /// read).
     async fn next(&mut self, max: usize) -> Result<Vec<Message>>;
@@ -90,8 +90,8 @@ pub trait Broker: Debug + Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// How many partitions a scan reads in parallel (asks the broker where it must).
     async fn partitions(&self) -> Result<usize>;
-    /// A consumer of partition `p`.
-    async fn open(&self, p: usize) -> Result<Box<dyn Consumer>>;
+    /// A consumer of partition `p`; `run` is the run's state (where a broker may keep a spool).
+    async fn open(&self, p: usize, run: Option<&Arc<RunState>>) -> Result<Box<dyn Consumer>>;
     /// Shown by `explain` (no credentials).
     fn describe(&self) -> String;
 }
@@ -108,6 +108,8 @@ struct Held {
 #[derive(Default)]
 pub struct Pending {
     held: Mutex<Vec<Held>>,
+    /// Partitions still reading: a failed statement's producers may still be stopping.
+    reading: AtomicU64,
 }
 
 impl Debug for Pending {
@@ -124,7 +126,13 @@ impl Pending {
         }
     }
 
-    fn take(&self) -> Vec<Held> {
+    /// Everything held, once every partition still reading has stopped and handed its consumer
+    /// over (after a failure they stop at their next batch; waits at most a minute).
+    async fn take(&self) -> Vec<Held> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.reading.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         self.held
             .lock()
             .map(|mut v| std::mem::take(&mut *v))
@@ -134,7 +142,7 @@ impl Pending {
     /// The statement committed: acknowledge what complete reads consumed; give back the rest.
     pub async fn commit(&self) -> Result<()> {
         let mut first_error = None;
-        for mut h in self.take() {
+        for mut h in self.take().await {
             let r = if h.complete {
                 h.consumer.commit().await
             } else {
@@ -159,7 +167,7 @@ impl Pending {
 
     /// The statement failed or only peeked: give everything back.
     pub async fn release(&self) {
-        for mut h in self.take() {
+        for mut h in self.take().await {
             if let Err(e) = h.consumer.release().await {
                 tracing::warn!("table {}: releasing {}: {e}", h.table, h.consumer.describe());
             }
@@ -255,9 +263,17 @@ pub fn scan(
             *s.get_or_insert_with(Instant::now)
         };
         Box::pin(async move {
-            let mut consumer = match broker.open(p).await {
+            let pending = run.as_ref().map(|r| r.pending());
+            if let Some(p) = pending {
+                p.reading.fetch_add(1, Ordering::SeqCst);
+            }
+            let opened = broker.open(p, run.as_ref()).await;
+            let mut consumer = match opened {
                 Ok(c) => c,
                 Err(e) => {
+                    if let Some(p) = pending {
+                        p.reading.fetch_sub(1, Ordering::SeqCst);
+                    }
                     tx.send(Err(e)).await;
                     return;
                 }
@@ -284,8 +300,11 @@ pub fn scan(
                 consumer,
                 complete,
             };
-            match run.as_ref().map(|r| r.pending()) {
-                Some(pending) => pending.hold(held),
+            match pending {
+                Some(pending) => {
+                    pending.hold(held);
+                    pending.reading.fetch_sub(1, Ordering::SeqCst);
+                }
                 None => {
                     // No run state (a bare session): nothing can acknowledge later.
                     let mut h = held;

@@ -63,7 +63,7 @@ impl Broker for StreamBroker {
         Ok(self.streams.len())
     }
 
-    async fn open(&self, p: usize) -> Result<Box<dyn Consumer>> {
+    async fn open(&self, p: usize, _run: Option<&Arc<crate::sink::RunState>>) -> Result<Box<dyn Consumer>> {
         let key = self.streams[p].clone();
         let topo = self.redis.topology().await?;
         let node = topo.nodes[topo.node_of(slot(key.as_bytes()))].clone();
