@@ -106,7 +106,7 @@ impl Broker for RabbitBroker {
             None
         };
         Ok(Box::new(RabbitConsumer {
-            _conn: conn,
+            conn,
             channel,
             consumer,
             queue: self.queue.clone(),
@@ -124,7 +124,7 @@ impl Broker for RabbitBroker {
 
 struct RabbitConsumer {
     /// Kept open until the outcome: closing it would requeue every delivery.
-    _conn: Connection,
+    conn: Connection,
     channel: Channel,
     consumer: Option<lapin::Consumer>,
     queue: String,
@@ -133,6 +133,22 @@ struct RabbitConsumer {
     received: u64,
     last_tag: Option<u64>,
     idle: Duration,
+}
+
+impl RabbitConsumer {
+    /// Closes the channel and the connection and waits for the broker to confirm: frames sent
+    /// before (the ack) are then processed, not lost with a process that exits at once.
+    async fn close(&mut self) -> Result<()> {
+        self.consumer = None;
+        let fail = |e: lapin::Error| Error::Config(format!("rabbitmq queue {}: closing: {e}", self.queue));
+        if self.channel.status().connected() {
+            self.channel.close(200, "done".into()).await.map_err(fail)?;
+        }
+        if self.conn.status().connected() {
+            self.conn.close(200, "done".into()).await.map_err(fail)?;
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -191,7 +207,7 @@ impl Consumer for RabbitConsumer {
                 .await
                 .map_err(|e| Error::Config(format!("rabbitmq queue {}: acknowledging: {e}", self.queue)))?;
         }
-        Ok(())
+        self.close().await
     }
 
     async fn release(&mut self) -> Result<()> {
@@ -207,7 +223,7 @@ impl Consumer for RabbitConsumer {
                 .await
                 .map_err(|e| Error::Config(format!("rabbitmq queue {}: requeueing: {e}", self.queue)))?;
         }
-        Ok(())
+        self.close().await
     }
 
     fn describe(&self) -> String {
