@@ -130,6 +130,21 @@ impl TableOptions {
     }
 }
 
+/// Parses a list of `name<sep>value` items separated by `;` or newlines (`'Accept: json; X-A: b'`,
+/// `'k=v; k2=v2'`); names and values are trimmed, a name may not be empty.
+pub fn parse_pairs(v: &str, sep: char) -> std::result::Result<Vec<(String, String)>, String> {
+    v.split([';', '\n'])
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            p.split_once(sep)
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .filter(|(k, _)| !k.is_empty())
+                .ok_or_else(|| format!("'{p}' is not 'name{sep}value'"))
+        })
+        .collect()
+}
+
 /// Parses `1000`, `1_000`, `10k`, `10M`, `2G` (decimal multipliers).
 pub fn parse_count(v: &str) -> std::result::Result<u64, String> {
     let s = v.trim().replace('_', "");

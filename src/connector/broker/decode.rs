@@ -14,6 +14,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use bytes::Bytes;
 
 use super::Message;
+use crate::connector::options::TableOptions;
 use crate::error::{Error, Result};
 use crate::sink::RunState;
 
@@ -66,21 +67,16 @@ impl MessageDecoder {
             .filter(|f| !META.contains(&f.name().as_str()))
             .cloned()
             .collect();
-        match format {
-            PayloadFormat::Raw if !payload.is_empty() => {
-                return Err(Error::Option(format!(
-                    "table {table}: format raw gives only _payload and the metadata columns ({}); {} would be empty (use format json or csv)",
-                    META.join(", "),
-                    payload
-                        .iter()
-                        .map(|f| f.name().as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )));
-            }
-            PayloadFormat::Json | PayloadFormat::Csv if payload.is_empty() && !schema.fields().is_empty() => {
-            }
-            _ => {}
+        if format == PayloadFormat::Raw && !payload.is_empty() {
+            return Err(Error::Option(format!(
+                "table {table}: format raw gives only _payload and the metadata columns ({}); {} would be empty (use format json or csv)",
+                META.join(", "),
+                payload
+                    .iter()
+                    .map(|f| f.name().as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
         }
         if schema.fields().is_empty() {
             return Err(Error::Option(format!(
@@ -125,6 +121,16 @@ impl MessageDecoder {
             projection: (0..schema.fields().len()).collect(),
             schema,
         })
+    }
+
+    /// The decoder of a broker table's declared columns, in its `format` option's format.
+    pub fn from_options(table: &str, o: &TableOptions, schema: SchemaRef) -> Result<Self> {
+        let format = match o.choice_or("format", &["json", "csv", "raw"], "json")? {
+            "csv" => PayloadFormat::Csv,
+            "raw" => PayloadFormat::Raw,
+            _ => PayloadFormat::Json,
+        };
+        Self::new(table, format, schema)
     }
 
     /// The same decoder giving only the `projection`ed columns.

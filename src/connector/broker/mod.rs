@@ -390,6 +390,17 @@ pub struct BrokerTable {
     pub bounds: Bounds,
 }
 
+impl BrokerTable {
+    pub fn new(name: String, broker: impl Broker, decoder: MessageDecoder, bounds: Bounds) -> Arc<Self> {
+        Arc::new(Self {
+            name,
+            broker: Arc::new(broker),
+            decoder: Arc::new(decoder),
+            bounds,
+        })
+    }
+}
+
 #[async_trait]
 impl TableProvider for BrokerTable {
     fn schema(&self) -> arrow::datatypes::SchemaRef {

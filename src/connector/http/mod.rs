@@ -265,16 +265,7 @@ impl TableProviderFactory for HttpFactory {
 
 /// `K: V; K2: V2` (or one per line).
 fn parse_headers(h: &str) -> std::result::Result<Vec<(String, String)>, String> {
-    h.split([';', '\n'])
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            p.split_once(':')
-                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-                .filter(|(k, _)| !k.is_empty())
-                .ok_or_else(|| format!("'{p}' is not 'Name: value'"))
-        })
-        .collect()
+    crate::connector::options::parse_pairs(h, ':')
 }
 
 /// A read-only table over an API.

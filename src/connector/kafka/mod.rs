@@ -27,7 +27,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::connector::broker::decode::{MessageDecoder, PayloadFormat};
+use crate::connector::broker::decode::MessageDecoder;
 use crate::connector::broker::{BROKER_OPTIONS, Bounds, Broker, BrokerTable, Consumer, Message};
 use crate::connector::options::{OptionSpec, TableOptions};
 use crate::error::{Error, Result};
@@ -347,24 +347,11 @@ impl TableProviderFactory for KafkaFactory {
         let properties = o
             .get("properties")
             .map(|p| {
-                p.split([';', '\n'])
-                    .map(str::trim)
-                    .filter(|kv| !kv.is_empty())
-                    .map(|kv| {
-                        kv.split_once('=')
-                            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-                            .ok_or_else(|| o.bad_value("properties", kv, "expected key=value"))
-                    })
-                    .collect::<Result<Vec<_>>>()
+                crate::connector::options::parse_pairs(p, '=').map_err(|e| o.bad_value("properties", p, &e))
             })
             .transpose()?
             .unwrap_or_default();
-        let format = match o.choice_or("format", &["json", "csv", "raw"], "json")? {
-            "csv" => PayloadFormat::Csv,
-            "raw" => PayloadFormat::Raw,
-            _ => PayloadFormat::Json,
-        };
-        let decoder = MessageDecoder::new(&name, format, Arc::new(cmd.schema.as_arrow().clone()))?;
+        let decoder = MessageDecoder::from_options(&name, &o, Arc::new(cmd.schema.as_arrow().clone()))?;
         let bounds = Bounds::from_options(&o)?;
         let broker = KafkaBroker {
             table: name.clone(),
@@ -375,11 +362,6 @@ impl TableProviderFactory for KafkaFactory {
             properties,
             idle: bounds.idle,
         };
-        Ok(Arc::new(BrokerTable {
-            name,
-            broker: Arc::new(broker),
-            decoder: Arc::new(decoder),
-            bounds,
-        }))
+        Ok(BrokerTable::new(name, broker, decoder, bounds))
     }
 }

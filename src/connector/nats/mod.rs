@@ -23,7 +23,7 @@ use datafusion::catalog::{Session, TableProvider, TableProviderFactory};
 use datafusion::logical_expr::CreateExternalTable;
 use futures::StreamExt;
 
-use crate::connector::broker::decode::{MessageDecoder, PayloadFormat};
+use crate::connector::broker::decode::MessageDecoder;
 use crate::connector::broker::{BROKER_OPTIONS, Bounds, Broker, BrokerTable, Consumer, Message};
 use crate::connector::options::{OptionSpec, TableOptions};
 use crate::error::{Error, Result};
@@ -269,16 +269,8 @@ impl TableProviderFactory for NatsFactory {
         }
         let mut server = u.clone();
         server.set_path("");
-        let mut shown = server.clone();
-        if shown.password().is_some() {
-            let _ = shown.set_password(Some(crate::engine::MASK));
-        }
-        let format = match o.choice_or("format", &["json", "csv", "raw"], "json")? {
-            "csv" => PayloadFormat::Csv,
-            "raw" => PayloadFormat::Raw,
-            _ => PayloadFormat::Json,
-        };
-        let decoder = MessageDecoder::new(&name, format, Arc::new(cmd.schema.as_arrow().clone()))?;
+        let shown = crate::engine::Redactor::default().redact(server.as_str());
+        let decoder = MessageDecoder::from_options(&name, &o, Arc::new(cmd.schema.as_arrow().clone()))?;
         let bounds = Bounds::from_options(&o)?;
         let ack_wait = o
             .get("ack_wait")
@@ -288,7 +280,7 @@ impl TableProviderFactory for NatsFactory {
         let broker = NatsBroker {
             table: name.clone(),
             url: server.as_str().trim_end_matches('/').to_string(),
-            shown: shown.as_str().trim_end_matches('/').to_string(),
+            shown: shown.trim_end_matches('/').to_string(),
             stream,
             consumer: o.required("consumer")?.to_string(),
             subject: o.get("subject").map(str::to_string),
@@ -296,11 +288,6 @@ impl TableProviderFactory for NatsFactory {
             ack_wait,
             idle: bounds.idle,
         };
-        Ok(Arc::new(BrokerTable {
-            name,
-            broker: Arc::new(broker),
-            decoder: Arc::new(decoder),
-            bounds,
-        }))
+        Ok(BrokerTable::new(name, broker, decoder, bounds))
     }
 }

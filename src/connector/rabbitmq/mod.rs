@@ -28,7 +28,7 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
 
-use crate::connector::broker::decode::{MessageDecoder, PayloadFormat};
+use crate::connector::broker::decode::MessageDecoder;
 use crate::connector::broker::{BROKER_OPTIONS, Bounds, Broker, BrokerTable, Consumer, Message};
 use crate::connector::options::{OptionSpec, TableOptions};
 use crate::error::{Error, Result};
@@ -254,29 +254,16 @@ impl TableProviderFactory for RabbitFactory {
                     "table {name}: LOCATION must be amqp://user:password@host:5672/vhost (vhost / is %2f)"
                 ))
             })?;
-        let mut shown = u.clone();
-        if shown.password().is_some() {
-            let _ = shown.set_password(Some(crate::engine::MASK));
-        }
-        let format = match o.choice_or("format", &["json", "csv", "raw"], "json")? {
-            "csv" => PayloadFormat::Csv,
-            "raw" => PayloadFormat::Raw,
-            _ => PayloadFormat::Json,
-        };
-        let decoder = MessageDecoder::new(&name, format, Arc::new(cmd.schema.as_arrow().clone()))?;
+        let shown = crate::engine::Redactor::default().redact(u.as_str());
+        let decoder = MessageDecoder::from_options(&name, &o, Arc::new(cmd.schema.as_arrow().clone()))?;
         let bounds = Bounds::from_options(&o)?;
         let broker = RabbitBroker {
             table: name.clone(),
             uri: location.clone(),
-            shown: shown.to_string(),
+            shown,
             queue: o.required("queue")?.to_string(),
             idle: bounds.idle,
         };
-        Ok(Arc::new(BrokerTable {
-            name,
-            broker: Arc::new(broker),
-            decoder: Arc::new(decoder),
-            bounds,
-        }))
+        Ok(BrokerTable::new(name, broker, decoder, bounds))
     }
 }

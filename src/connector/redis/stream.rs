@@ -24,7 +24,7 @@ use redis::Value;
 use redis::aio::MultiplexedConnection;
 
 use super::conn::{ClusterMode, Redis, slot, text};
-use crate::connector::broker::decode::{MessageDecoder, PayloadFormat};
+use crate::connector::broker::decode::MessageDecoder;
 use crate::connector::broker::{BROKER_OPTIONS, Bounds, Broker, BrokerTable, Consumer, Message};
 use crate::connector::options::{OptionSpec, TableOptions};
 use crate::error::{Error, Result};
@@ -324,12 +324,7 @@ impl TableProviderFactory for RedisStreamFactory {
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty())
             .collect();
-        let format = match o.choice_or("format", &["json", "csv", "raw"], "json")? {
-            "csv" => PayloadFormat::Csv,
-            "raw" => PayloadFormat::Raw,
-            _ => PayloadFormat::Json,
-        };
-        let decoder = MessageDecoder::new(&name, format, Arc::new(cmd.schema.as_arrow().clone()))?;
+        let decoder = MessageDecoder::from_options(&name, &o, Arc::new(cmd.schema.as_arrow().clone()))?;
         let broker = StreamBroker {
             redis,
             streams,
@@ -338,11 +333,6 @@ impl TableProviderFactory for RedisStreamFactory {
             start: o.choice_or("start", &["earliest", "latest"], "earliest")?,
             payload_field: o.get("payload_field").unwrap_or("payload").as_bytes().to_vec(),
         };
-        Ok(Arc::new(BrokerTable {
-            name,
-            broker: Arc::new(broker),
-            decoder: Arc::new(decoder),
-            bounds: Bounds::from_options(&o)?,
-        }))
+        Ok(BrokerTable::new(name, broker, decoder, Bounds::from_options(&o)?))
     }
 }
