@@ -2,7 +2,8 @@
 //! through the same contract ([`contract`]): 100k JSON messages (5 malformed) produced by the
 //! test's own client are inserted into a Parquet table (counts equal, the malformed ones in dead
 //! letters with their raw payload); a second run reads nothing new; a run whose sink fails
-//! mid-way acknowledges nothing, and the next run delivers those messages.
+//! mid-way acknowledges nothing, and the next run delivers those messages. MQTT goes through the
+//! same contract, its messages kept in flumen's spool instead of unacknowledged on the broker.
 
 mod common;
 
@@ -394,4 +395,142 @@ fn rabbitmq_acknowledges_after_the_sink_commits() {
     );
     contract(dir.path(), &create, &produce);
     assert_eq!(declare(true).message_count(), 0, "everything acknowledged");
+}
+
+/// Publishes messages `from..from + n` at QoS 1 to `{root}/0..3` on the test Mosquitto,
+/// waiting for the broker's PUBACK of each.
+fn mqtt_publish(rt: &tokio::runtime::Runtime, root: &str, from: u64, n: u64) {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    rt.block_on(async {
+        let mut o = MqttOptions::new(fresh("flumen_producer"), "127.0.0.1", 1884);
+        o.set_credentials("flumen", "flumen-test").set_inflight(200);
+        let (client, mut events) = AsyncClient::new(o, 1000);
+        let root = root.to_string();
+        let publisher = tokio::spawn(async move {
+            for i in from..from + n {
+                client
+                    .publish(format!("{root}/{}", i % 4), QoS::AtLeastOnce, false, payload(i))
+                    .await
+                    .unwrap();
+            }
+            client
+        });
+        let mut acked = 0;
+        while acked < n {
+            match tokio::time::timeout(std::time::Duration::from_secs(30), events.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => panic!(
+                    "mosquitto on 127.0.0.1:1884: {e}; start it with `bash tests/services/start.sh`"
+                ),
+                Err(_) => panic!("mosquitto acknowledged only {acked} of {n} messages in time"),
+            }
+        }
+        let client = publisher.await.unwrap();
+        client.disconnect().await.unwrap();
+        while !matches!(
+            events.poll().await,
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_)
+        ) {}
+    });
+}
+
+#[test]
+fn mqtt_spools_messages_and_commits_after_the_sink_commits() {
+    let client_id = fresh("flumen_etl");
+    let root = format!("flumen/{}", fresh("sensors"));
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let create = format!(
+        "CREATE EXTERNAL TABLE src (id BIGINT, name VARCHAR, _topic VARCHAR, _offset BIGINT) STORED AS MQTT \
+         LOCATION 'mqtt://flumen:flumen-test@127.0.0.1:1884' \
+         OPTIONS ('topic' '{root}/+', 'client_id' '{client_id}', 'idle_timeout' '2s')"
+    );
+    // The first read subscribes: the broker queues messages for the session from then on.
+    let first = common::flumen(
+        dir.path(),
+        &format!("{create};\nSELECT count(*) AS n FROM src;"),
+        &["--format", "csv"],
+    );
+    assert_eq!(ok(&first), "n\n0\n", "a new session holds nothing");
+    contract(dir.path(), &create, &|from, n| mqtt_publish(&rt, &root, from, n));
+
+    // Topics and the spool's sequence numbers are columns; a peek moves messages into the
+    // spool and commits nothing, so the write after it still gets them, once each.
+    mqtt_publish(&rt, &root, 200_000, 1000);
+    let peek = format!(
+        "{create};\n\
+         SELECT count(*) AS n, count(DISTINCT _topic) AS topics, count(DISTINCT _offset) AS offsets, \
+                min(_topic) = '{root}/0' AS named FROM src;"
+    );
+    let expect = "n,topics,offsets,named\n1000,4,1000,true\n";
+    assert_eq!(ok(&common::flumen(dir.path(), &peek, &["--format", "csv"])), expect);
+    assert_eq!(ok(&common::flumen(dir.path(), &peek, &["--format", "csv"])), expect);
+    let load = format!(
+        "{create};\n\
+         CREATE EXTERNAL TABLE out2 (id BIGINT, name VARCHAR) STORED AS PARQUET LOCATION '{}/';\n\
+         INSERT INTO out2 SELECT id, name FROM src;\n",
+        dir.path().join("out2").display()
+    );
+    assert_eq!(written(&common::flumen(dir.path(), &load, &[])), 1000);
+    assert_eq!(written(&common::flumen(dir.path(), &load, &[])), 0);
+    // Every committed segment was removed from the spool.
+    let spool = std::fs::read_dir(dir.path().join("state/spool/mqtt"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let segments: Vec<_> = std::fs::read_dir(&spool)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("seg-"))
+        .collect();
+    assert!(segments.is_empty(), "{segments:?}");
+}
+
+#[test]
+fn mqtt_errors_name_the_table_and_hide_the_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = |location: &str, options: &str| {
+        format!(
+            "CREATE EXTERNAL TABLE src (id BIGINT) STORED AS MQTT LOCATION '{location}' OPTIONS ({options});\n\
+             SELECT count(*) FROM src;"
+        )
+    };
+    let ok_options = format!("'topic' 'a/b', 'client_id' '{}'", fresh("flumen_err"));
+    let e = common::fails(&common::flumen(
+        dir.path(),
+        &table("mqtt://flumen:not-the-password@127.0.0.1:1884", &ok_options),
+        &[],
+    ));
+    assert!(e.contains("table src") && e.contains("refused"), "{e}");
+    assert!(!e.contains("not-the-password"), "{e}");
+    let e = common::fails(&common::flumen(
+        dir.path(),
+        &table("mqtt://127.0.0.1:1", &ok_options),
+        &[],
+    ));
+    assert!(e.contains("table src") && e.contains("connecting"), "{e}");
+    let e = common::fails(&common::flumen(
+        dir.path(),
+        &table(
+            "mqtt://flumen:flumen-test@127.0.0.1:1884",
+            "'topic' 'a/#/b', 'client_id' 'x'",
+        ),
+        &[],
+    ));
+    assert!(e.contains("topic") && e.contains("a/#/b"), "{e}");
+    let e = common::fails(&common::flumen(
+        dir.path(),
+        &table("mqtt://flumen:flumen-test@127.0.0.1:1884", "'topic' 'a/b'"),
+        &[],
+    ));
+    assert!(e.contains("client_id"), "{e}");
+    let e = common::fails(&common::flumen(
+        dir.path(),
+        &table("mqtts://flumen:secret-pw@127.0.0.1:8883", &ok_options),
+        &[],
+    ));
+    assert!(e.contains("LOCATION must be mqtt://") && !e.contains("secret-pw"), "{e}");
 }

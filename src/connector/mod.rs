@@ -13,6 +13,7 @@ pub mod generate;
 pub mod http;
 pub mod kafka;
 pub mod mongodb;
+pub mod mqtt;
 pub mod nats;
 pub mod options;
 pub mod rabbitmq;
@@ -60,6 +61,7 @@ impl Registry {
         r.register("KAFKA", Arc::new(kafka::KafkaFactory));
         r.register("NATS", Arc::new(nats::NatsFactory));
         r.register("RABBITMQ", Arc::new(rabbitmq::RabbitFactory));
+        r.register("MQTT", Arc::new(mqtt::MqttFactory));
         #[cfg(feature = "test-backends")]
         r.register("FAULTY", Arc::new(faulty::FaultyFactory));
         r

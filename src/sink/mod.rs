@@ -28,7 +28,6 @@ pub use journal::{Replay, SinkReplay, Slice, fingerprint};
 pub use metrics::{SinkMetrics, SinkMetricsSnapshot, prometheus};
 pub use options::{OnFailure, RejectLimit, SINK_OPTIONS, SinkOptions, parse_duration};
 pub use retry::Backoff;
-#[cfg_attr(not(feature = "test-backends"), allow(unused_imports))]
 pub(crate) use state::safe_name;
 pub use state::{
     Manifest, Part, RunLedger, RunState, RunStatus, list_runs, mark_delivered, new_run_id, read_json,

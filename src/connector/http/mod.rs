@@ -294,11 +294,11 @@ impl TableProvider for HttpTable {
 }
 
 /// A percent-encoded part of a URL (user, password, path segment), decoded.
+/// `+` stays `+`: it is a literal in these parts of a URL, not a space as in a form.
 pub fn decode(s: &str) -> String {
-    url::form_urlencoded::parse(format!("x={s}").as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
-        .unwrap_or_default()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// A reqwest error with its causes, without the URL it prints (connectors keep credentials out
@@ -319,6 +319,12 @@ pub fn error_text(e: &reqwest::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn url_parts_are_percent_decoded_with_plus_kept() {
+        assert_eq!(decode("p%40ss%3Aw+rd"), "p@ss:w+rd");
+        assert_eq!(decode("plain"), "plain");
+    }
 
     #[test]
     fn headers() {
