@@ -420,9 +420,9 @@ fn mqtt_publish(rt: &tokio::runtime::Runtime, root: &str, from: u64, n: u64) {
             match tokio::time::timeout(std::time::Duration::from_secs(30), events.poll()).await {
                 Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => panic!(
-                    "mosquitto on 127.0.0.1:1884: {e}; start it with `bash tests/services/start.sh`"
-                ),
+                Ok(Err(e)) => {
+                    panic!("mosquitto on 127.0.0.1:1884: {e}; start it with `bash tests/services/start.sh`")
+                }
                 Err(_) => panic!("mosquitto acknowledged only {acked} of {n} messages in time"),
             }
         }
@@ -464,8 +464,14 @@ fn mqtt_spools_messages_and_commits_after_the_sink_commits() {
                 min(_topic) = '{root}/0' AS named FROM src;"
     );
     let expect = "n,topics,offsets,named\n1000,4,1000,true\n";
-    assert_eq!(ok(&common::flumen(dir.path(), &peek, &["--format", "csv"])), expect);
-    assert_eq!(ok(&common::flumen(dir.path(), &peek, &["--format", "csv"])), expect);
+    assert_eq!(
+        ok(&common::flumen(dir.path(), &peek, &["--format", "csv"])),
+        expect
+    );
+    assert_eq!(
+        ok(&common::flumen(dir.path(), &peek, &["--format", "csv"])),
+        expect
+    );
     let load = format!(
         "{create};\n\
          CREATE EXTERNAL TABLE out2 (id BIGINT, name VARCHAR) STORED AS PARQUET LOCATION '{}/';\n\
@@ -532,5 +538,8 @@ fn mqtt_errors_name_the_table_and_hide_the_password() {
         &table("mqtts://flumen:secret-pw@127.0.0.1:8883", &ok_options),
         &[],
     ));
-    assert!(e.contains("LOCATION must be mqtt://") && !e.contains("secret-pw"), "{e}");
+    assert!(
+        e.contains("LOCATION must be mqtt://") && !e.contains("secret-pw"),
+        "{e}"
+    );
 }

@@ -35,7 +35,7 @@
 pub mod spool;
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -45,9 +45,9 @@ use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS,
     SubscribeFilter, SubscribeReasonCode,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{oneshot, watch};
 
-use self::spool::{Record, Spool};
+use self::spool::{Record, Spool, SpoolWriter};
 use crate::connector::broker::decode::MessageDecoder;
 use crate::connector::broker::{BROKER_OPTIONS, Bounds, Broker, BrokerTable, Consumer, Message};
 use crate::connector::options::{OptionSpec, TableOptions};
@@ -63,10 +63,7 @@ const OPTIONS: &[OptionSpec] = &[
         "client_id",
         "the persistent session's client id: the broker queues messages for it between runs (required)",
     ),
-    OptionSpec::new(
-        "keep_alive",
-        "seconds between keep-alive pings (default 30)",
-    ),
+    OptionSpec::new("keep_alive", "seconds between keep-alive pings (default 30)"),
 ];
 
 /// The largest packet MQTT allows (256 MiB).
@@ -95,41 +92,68 @@ impl MqttBroker {
     }
 
     fn spool_dir(&self, run: &RunState) -> PathBuf {
-        run.dir().join("spool").join("mqtt").join(crate::sink::safe_name(&format!(
-            "{}_{}_{}",
-            self.host, self.port, self.client_id
-        )))
+        run.dir()
+            .join("spool")
+            .join("mqtt")
+            .join(crate::sink::safe_name(&format!(
+                "{}_{}_{}",
+                self.host, self.port, self.client_id
+            )))
     }
 
-    /// Connects with the persistent session, subscribes where needed, and starts the task that
-    /// drives the connection.
-    async fn connect(&self, spool_dir: &std::path::Path) -> Result<Connection> {
+    /// Connects with the persistent session, its messages going into `writer`, and subscribes
+    /// where the session does not hold the subscriptions yet.
+    async fn connect(&self, spool_dir: &std::path::Path, writer: SpoolWriter) -> Result<Connection> {
         let mut o = MqttOptions::new(&self.client_id, &self.host, self.port);
         o.set_clean_session(false)
             .set_manual_acks(true)
             .set_keep_alive(self.keep_alive)
-            .set_max_packet_size(MAX_PACKET, MAX_PACKET)
-            .set_request_channel_capacity(1024);
+            .set_max_packet_size(MAX_PACKET, MAX_PACKET);
         if let Some((u, p)) = &self.credentials {
             o.set_credentials(u, p);
         }
-        let (client, mut events) = AsyncClient::new(o, 1024);
-        let session_present = match tokio::time::timeout(Duration::from_secs(15), events.poll()).await {
-            Err(_) => return Err(self.fail("connecting", "no answer in 15 s")),
-            Ok(Err(ConnectionError::ConnectionRefused(code))) => {
-                return Err(self.fail("the broker refused the connection", format!("{code:?}")));
-            }
-            Ok(Err(e)) => return Err(self.fail("connecting", e)),
-            Ok(Ok(Event::Incoming(Packet::ConnAck(c)))) => c.session_present,
-            Ok(Ok(other)) => return Err(self.fail("connecting", format!("unexpected {other:?}"))),
+        let (client, events) = AsyncClient::new(o, REQUESTS);
+        let (progress_tx, mut progress) = watch::channel(Progress::default());
+        let (done_tx, done) = oneshot::channel();
+        let stopped = Arc::new(Mutex::new(false));
+        let driver = Driver {
+            client: client.clone(),
+            writer,
+            progress: progress_tx,
+            stopped: Arc::clone(&stopped),
         };
-        let (tx, rx) = mpsc::channel(1024);
-        let driver = tokio::spawn(drive(events, tx));
+        std::thread::Builder::new()
+            .name("flumen-mqtt".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
+                if let Ok(rt) = rt {
+                    rt.block_on(driver.run(events));
+                }
+                let _ = done_tx.send(());
+            })
+            .map_err(|e| self.fail("starting the connection's thread", e))?;
         let mut conn = Connection {
             client,
-            rx: Some(rx),
-            driver: Some(driver),
-            early: Vec::new(),
+            progress: progress.clone(),
+            stopped,
+            done: Some(done),
+        };
+        let outcome = match tokio::time::timeout(
+            Duration::from_secs(15),
+            progress.wait_for(|p| p.session_present.is_some() || p.error.is_some()),
+        )
+        .await
+        {
+            Err(_) => Err("no answer in 15 s".to_string()),
+            Ok(Err(_)) => Err("the connection's thread stopped".to_string()),
+            Ok(Ok(p)) => p.error.clone().map_or(Ok(p.session_present == Some(true)), Err),
+        };
+        let session_present = match outcome {
+            Ok(present) => present,
+            Err(e) => {
+                conn.close().await;
+                return Err(self.fail("connecting", e));
+            }
         };
         // The subscriptions the session holds (a session the broker lost has none).
         let topics_path = spool_dir.join("topics.json");
@@ -139,9 +163,12 @@ impl MqttBroker {
             Vec::new()
         };
         if subscribed != self.topics {
-            conn.subscribe(self).await?;
-            let text = serde_json::to_vec(&self.topics)
-                .map_err(|e| self.fail("recording the subscription", e))?;
+            if let Err(e) = conn.subscribe(self).await {
+                conn.close().await;
+                return Err(e);
+            }
+            let text =
+                serde_json::to_vec(&self.topics).map_err(|e| self.fail("recording the subscription", e))?;
             std::fs::write(&topics_path, text)
                 .map_err(|e| Error::io(format!("writing {}", topics_path.display()), e))?;
         }
@@ -149,39 +176,113 @@ impl MqttBroker {
     }
 }
 
-/// What the connection's task hands over.
-enum Ev {
-    Publish(Publish),
-    SubAck(Vec<SubscribeReasonCode>),
-    Failed(String),
+/// Capacity of the client's request channel (acknowledgements and the disconnect).
+const REQUESTS: usize = 1 << 16;
+
+/// What the connection's thread has done so far.
+#[derive(Debug, Default, Clone)]
+struct Progress {
+    /// Set once the broker accepted the connection.
+    session_present: Option<bool>,
+    /// Where the live segment's synced records end.
+    synced: u64,
+    suback: Option<Vec<SubscribeReasonCode>>,
+    /// Why the connection ended, if it failed.
+    error: Option<String>,
 }
 
-/// Polls the connection until it is disconnected or fails. It goes on (dropping messages, which
-/// stay unacknowledged) once the reader is gone, so that acknowledgements queued before the
-/// disconnect are still sent.
-async fn drive(mut events: EventLoop, tx: mpsc::Sender<Ev>) {
-    loop {
-        let ev = match events.poll().await {
-            Ok(Event::Incoming(Packet::Publish(p))) => Ev::Publish(p),
-            Ok(Event::Incoming(Packet::SubAck(s))) => Ev::SubAck(s.return_codes),
-            Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
-            Ok(_) => continue,
-            Err(e) => {
-                let _ = tx.send(Ev::Failed(e.to_string())).await;
-                return;
+/// The connection's thread: polls the connection until it is disconnected or fails, appends
+/// each batch of messages the socket delivered to the spool, syncs it, and only then queues
+/// their acknowledgements. It never waits for the reader, so keep-alives go on however slowly
+/// the statement consumes the spool, and memory holds one socket batch at most.
+struct Driver {
+    client: AsyncClient,
+    writer: SpoolWriter,
+    progress: watch::Sender<Progress>,
+    /// Set (with the disconnect queued) by [`Connection::close`]; spooling and queueing acks
+    /// happen under the same lock, so no acknowledgement is queued after the disconnect.
+    stopped: Arc<Mutex<bool>>,
+}
+
+impl Driver {
+    /// Decision: acknowledgements go through the client's request channel without waiting (this
+    /// thread is the one that empties it). Should it be full (64k unsent acks, only with a
+    /// broker that sends without a window), the rest wait here, and a disconnect before they
+    /// go out means the broker delivers those messages again: duplicates at worst, never a loss.
+    async fn run(mut self, mut events: EventLoop) {
+        let mut batch: Vec<(String, bytes::Bytes, bool)> = Vec::new();
+        let mut to_ack: Vec<Publish> = Vec::new();
+        let mut unsent: std::collections::VecDeque<Publish> = Default::default();
+        loop {
+            while let Some(p) = unsent.front() {
+                if self.client.try_ack(p).is_err() {
+                    break;
+                }
+                unsent.pop_front();
             }
-        };
-        let _ = tx.send(ev).await;
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(c))) => {
+                    self.progress
+                        .send_modify(|p| p.session_present = Some(c.session_present));
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    batch.push((p.topic.clone(), p.payload.clone(), p.retain));
+                    // Only the packet id and QoS are needed to acknowledge it.
+                    let mut ack = Publish::new("", p.qos, Vec::new());
+                    ack.pkid = p.pkid;
+                    to_ack.push(ack);
+                }
+                Ok(Event::Incoming(Packet::SubAck(s))) => {
+                    self.progress.send_modify(|p| p.suback = Some(s.return_codes));
+                }
+                Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
+                Ok(_) => {}
+                Err(ConnectionError::ConnectionRefused(code)) => {
+                    return self.fail(format!("the broker refused the connection: {code:?}"));
+                }
+                Err(e) => return self.fail(e.to_string()),
+            }
+            // Sync once the socket's batch is handed over (fewer syncs than messages).
+            if !batch.is_empty() && events.state.events.is_empty() {
+                let stopped = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
+                if *stopped {
+                    // Read over: unacknowledged, the broker delivers these again.
+                    batch.clear();
+                    to_ack.clear();
+                    continue;
+                }
+                match self.writer.append(&batch) {
+                    Ok(end) => {
+                        batch.clear();
+                        for p in to_ack.drain(..) {
+                            if !unsent.is_empty() || self.client.try_ack(&p).is_err() {
+                                unsent.push_back(p);
+                            }
+                        }
+                        drop(stopped);
+                        self.progress.send_modify(|p| p.synced = end);
+                    }
+                    Err(e) => {
+                        drop(stopped);
+                        return self.fail(format!("spooling: {e}"));
+                    }
+                }
+            }
+        }
+    }
+
+    fn fail(&self, e: String) {
+        self.progress.send_modify(|p| p.error = Some(e));
     }
 }
 
-/// A live connection of one read.
+/// A live connection of one read, driven by its own thread.
 struct Connection {
     client: AsyncClient,
-    rx: Option<mpsc::Receiver<Ev>>,
-    driver: Option<tokio::task::JoinHandle<()>>,
-    /// Messages that arrived while subscribing.
-    early: Vec<Publish>,
+    progress: watch::Receiver<Progress>,
+    stopped: Arc<Mutex<bool>>,
+    /// Fires when the connection's thread ends.
+    done: Option<oneshot::Receiver<()>>,
 }
 
 impl Connection {
@@ -194,39 +295,45 @@ impl Connection {
             .subscribe_many(filters)
             .await
             .map_err(|e| b.fail("subscribing", e))?;
-        let Some(rx) = self.rx.as_mut() else {
-            return Err(b.fail("subscribing", "the connection is closed"));
+        let p = match tokio::time::timeout(
+            Duration::from_secs(15),
+            self.progress
+                .wait_for(|p| p.suback.is_some() || p.error.is_some()),
+        )
+        .await
+        {
+            Err(_) => return Err(b.fail("subscribing", "no answer in 15 s")),
+            Ok(Err(_)) => return Err(b.fail("subscribing", "the connection closed")),
+            Ok(Ok(p)) => p.clone(),
         };
-        loop {
-            match tokio::time::timeout(Duration::from_secs(15), rx.recv()).await {
-                Err(_) => return Err(b.fail("subscribing", "no answer in 15 s")),
-                Ok(None) => return Err(b.fail("subscribing", "the connection closed")),
-                Ok(Some(Ev::Failed(e))) => return Err(b.fail("subscribing", e)),
-                Ok(Some(Ev::Publish(p))) => self.early.push(p),
-                Ok(Some(Ev::SubAck(codes))) => {
-                    if let Some(i) = codes.iter().position(|c| *c == SubscribeReasonCode::Failure) {
-                        return Err(b.fail(
-                            "subscribing",
-                            format!(
-                                "the broker refused topic filter '{}' (not allowed, or not a valid filter)",
-                                b.topics.get(i).map_or("?", |t| t.as_str())
-                            ),
-                        ));
-                    }
-                    return Ok(());
-                }
-            }
+        if let Some(e) = p.error {
+            return Err(b.fail("subscribing", e));
         }
+        let codes = p.suback.unwrap_or_default();
+        if let Some(i) = codes.iter().position(|c| *c == SubscribeReasonCode::Failure) {
+            return Err(b.fail(
+                "subscribing",
+                format!(
+                    "the broker refused topic filter '{}' (not allowed, or not a valid filter)",
+                    b.topics.get(i).map_or("?", |t| t.as_str())
+                ),
+            ));
+        }
+        Ok(())
     }
 
-    /// Sends the acknowledgements queued so far, then disconnects (the session stays on the
-    /// broker) and waits for the connection's task to finish.
-    async fn close(mut self) {
-        // Unblocks the task if it waits to hand a message over.
-        self.rx = None;
-        let _ = self.client.disconnect().await;
-        if let Some(d) = self.driver.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(10), d).await;
+    /// Disconnects after the acknowledgements queued so far (the session stays on the broker)
+    /// and waits for the connection's thread to end: the live segment no longer grows after.
+    async fn close(&mut self) {
+        {
+            let mut stopped = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
+            if !*stopped {
+                *stopped = true;
+                let _ = self.client.try_disconnect();
+            }
+        }
+        if let Some(done) = self.done.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), done).await;
         }
     }
 }
@@ -244,6 +351,9 @@ struct MqttConsumer {
     spooled: u64,
     received: u64,
 }
+
+/// How long a read waits for more messages to fill a batch once it holds some.
+const LINGER: Duration = Duration::from_millis(20);
 
 fn message(r: Record) -> Message {
     Message {
@@ -263,7 +373,7 @@ impl MqttConsumer {
         ))
     }
 
-    /// Runs `f` on the spool on a blocking thread (it reads files and syncs them).
+    /// Runs `f` on the spool on a blocking thread (it reads files).
     async fn with_spool<T: Send + 'static>(
         &mut self,
         f: impl FnOnce(&mut Spool) -> Result<T> + Send + 'static,
@@ -281,61 +391,46 @@ impl MqttConsumer {
         r
     }
 
-    /// One round of new messages: those already here (at least one, waiting up to the idle
-    /// timeout for it), spooled and synced, then acknowledged.
-    async fn round(&mut self, max: usize) -> Result<Vec<Message>> {
-        let Some(conn) = self.conn.as_mut() else {
-            return Ok(Vec::new());
-        };
-        let mut got: Vec<Publish> = std::mem::take(&mut conn.early);
-        let Some(rx) = conn.rx.as_mut() else {
-            return Ok(Vec::new());
-        };
-        let mut failed = None;
-        if got.is_empty() {
-            match tokio::time::timeout(self.idle, rx.recv()).await {
-                Err(_) => self.caught_up = true,
-                Ok(None) => failed = Some("the connection closed".to_string()),
-                Ok(Some(Ev::Publish(p))) => got.push(p),
-                Ok(Some(Ev::SubAck(_))) => {}
-                Ok(Some(Ev::Failed(e))) => failed = Some(e),
+    /// New messages the connection has spooled: up to `max`, waiting up to the idle timeout for
+    /// the first and a moment for more.
+    async fn read_new(&mut self, max: usize) -> Result<Vec<Message>> {
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some(conn) = self.conn.as_mut() else { break };
+            let (synced, error) = {
+                let p = conn.progress.borrow_and_update();
+                (p.synced, p.error.clone())
+            };
+            let want = max - out.len();
+            let got = self.with_spool(move |s| s.read_live(want, synced)).await?;
+            if !got.is_empty() {
+                self.received += got.len() as u64;
+                out.extend(got.into_iter().map(message));
+                continue;
             }
-        }
-        while got.len() < max && failed.is_none() {
-            match rx.try_recv() {
-                Ok(Ev::Publish(p)) => got.push(p),
-                Ok(Ev::SubAck(_)) => {}
-                Ok(Ev::Failed(e)) => failed = Some(e),
+            if let Some(e) = error {
+                // What it spooled was read; the rest stays unacknowledged on the broker.
+                return Err(self.fail("reading", e));
+            }
+            let wait = if out.is_empty() { self.idle } else { LINGER };
+            let Some(conn) = self.conn.as_mut() else { break };
+            match tokio::time::timeout(wait, conn.progress.changed()).await {
+                Ok(Ok(())) => {}
+                // The thread ended: what it synced is read on the next turn, then the error.
+                Ok(Err(_)) if conn.progress.borrow().error.is_some() => {}
+                Ok(Err(_)) => return Err(self.fail("reading", "the connection ended")),
+                Err(_) if out.is_empty() => {
+                    self.caught_up = true;
+                    break;
+                }
                 Err(_) => break,
             }
         }
-        if let Some(e) = failed {
-            // What this round holds is unacknowledged: the broker delivers it again.
-            return Err(self.fail("reading", e));
-        }
-        if got.is_empty() {
-            return Ok(Vec::new());
-        }
-        let items: Vec<(String, bytes::Bytes, bool)> = got
-            .iter()
-            .map(|p| (p.topic.clone(), p.payload.clone(), p.retain))
-            .collect();
-        let records = self.with_spool(move |s| s.append(items)).await?;
-        // Synced: only now may the broker forget them.
-        if let Some(conn) = self.conn.as_ref() {
-            for p in &got {
-                conn.client
-                    .ack(p)
-                    .await
-                    .map_err(|e| self.fail("acknowledging", e))?;
-            }
-        }
-        self.received += records.len() as u64;
-        Ok(records.into_iter().map(message).collect())
+        Ok(out)
     }
 
     async fn disconnect(&mut self) {
-        if let Some(c) = self.conn.take() {
+        if let Some(mut c) = self.conn.take() {
             c.close().await;
         }
     }
@@ -352,12 +447,12 @@ impl Consumer for MqttConsumer {
             }
             self.old_done = true;
         }
-        let mut out = Vec::new();
-        while out.len() < max && !self.caught_up && self.conn.is_some() {
-            let got = self.round(max - out.len()).await?;
-            out.extend(got);
-        }
         if self.caught_up {
+            return Ok(Vec::new());
+        }
+        let out = self.read_new(max).await?;
+        if self.caught_up {
+            // Messages spooled after this point stay in the spool for the next read.
             self.disconnect().await;
         }
         Ok(out)
@@ -371,7 +466,7 @@ impl Consumer for MqttConsumer {
     async fn release(&mut self) -> Result<()> {
         // The spool keeps everything read: the next read delivers it first.
         self.disconnect().await;
-        Ok(())
+        self.with_spool(|s| s.discard_empty_live()).await
     }
 
     fn describe(&self) -> String {
@@ -400,13 +495,17 @@ impl Broker for MqttBroker {
             ));
         };
         let dir = self.spool_dir(run);
-        let spool = {
+        let (spool, writer) = {
             let dir = dir.clone();
-            tokio::task::spawn_blocking(move || Spool::open(&dir))
-                .await
-                .map_err(|e| self.fail("spool task", e))??
+            tokio::task::spawn_blocking(move || {
+                let mut spool = Spool::open(&dir)?;
+                let writer = spool.start_live()?;
+                Ok::<_, Error>((spool, writer))
+            })
+            .await
+            .map_err(|e| self.fail("spool task", e))??
         };
-        let conn = self.connect(&dir).await?;
+        let conn = self.connect(&dir, writer).await?;
         Ok(Box::new(MqttConsumer {
             table: self.table.clone(),
             shown: self.shown.clone(),
@@ -460,8 +559,8 @@ impl TableProviderFactory for MqttFactory {
         let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
         let port = u.port().unwrap_or(1883);
         let decode = crate::connector::http::decode;
-        let credentials = (!u.username().is_empty())
-            .then(|| (decode(u.username()), decode(u.password().unwrap_or(""))));
+        let credentials =
+            (!u.username().is_empty()).then(|| (decode(u.username()), decode(u.password().unwrap_or(""))));
         let topics: Vec<String> = o
             .required("topic")?
             .split(',')
@@ -478,7 +577,9 @@ impl TableProviderFactory for MqttFactory {
         }
         let client_id = o.required("client_id")?.to_string();
         if client_id.is_empty() || client_id.len() > 65_535 {
-            return Err(o.bad_value("client_id", &client_id, "1 to 65535 characters").into());
+            return Err(o
+                .bad_value("client_id", &client_id, "1 to 65535 characters")
+                .into());
         }
         let keep_alive = match o.count_or("keep_alive", 30)? {
             0 => return Err(o.bad_value("keep_alive", "0", "at least 1 second").into()),

@@ -64,16 +64,19 @@ pub struct Spool {
     dir: PathBuf,
     _lock: File,
     cursor: Cursor,
-    /// Segments left to read (numbers at or after the cursor's), oldest first.
+    /// Segments earlier reads left (numbers at or after the cursor's), oldest first.
     to_read: VecDeque<u64>,
     reading: Option<Reading>,
-    /// The segment this read appends to, created on the first append.
-    writer: Option<(u64, File, u64)>,
+    /// The segment this read's connection appends to ([`Spool::start_live`]).
+    live: Option<u64>,
     /// The number the next new segment gets.
     next_segment: u64,
-    /// Position just after the last record handed out, and the sequence after it.
+    /// Position just after the last record handed out.
     read_to: Option<(u64, u64)>,
+    /// The sequence number after the last record handed out.
     next_seq: u64,
+    /// The sequence number the live segment's first record gets: after every spooled one.
+    writer_seq: u64,
     /// Records handed out since the last commit.
     uncommitted: u64,
 }
@@ -110,32 +113,40 @@ impl Spool {
             Cursor::default()
         };
         let mut segments = Vec::new();
-        for e in std::fs::read_dir(dir).map_err(io(format!("listing {}", dir.display())))? {
-            let e = e.map_err(io(format!("listing {}", dir.display())))?;
-            let Some(n) = segment_number(&e.file_name()) else {
-                continue;
-            };
-            if n < cursor.segment {
-                // Consumed by a committed statement; a crash came before it was removed.
-                remove(&e.path())?;
+        for (n, len) in segments_in(dir)? {
+            if n < cursor.segment || len <= MAGIC.len() as u64 {
+                // Consumed by a committed statement (a crash came before it was removed), or
+                // holding no record: a read that spooled nothing.
+                remove(&dir.join(segment_name(n)))?;
             } else {
                 segments.push(n);
             }
         }
-        segments.sort_unstable();
-        let next_segment = segments.last().map_or(cursor.segment, |l| l + 1).max(cursor.segment);
-        Ok(Self {
+        let next_segment = segments
+            .last()
+            .map_or(cursor.segment, |l| l + 1)
+            .max(cursor.segment);
+        let mut spool = Self {
             dir: dir.to_path_buf(),
             _lock: lock,
             cursor,
             to_read: segments.into(),
             reading: None,
-            writer: None,
+            live: None,
             next_segment,
             read_to: None,
             next_seq: cursor.next_seq,
+            writer_seq: cursor.next_seq,
             uncommitted: 0,
-        })
+        };
+        // Sequence numbers go on after the newest spooled record.
+        if let Some(&newest) = spool.to_read.back() {
+            let mut r = spool.open_segment(newest, None)?;
+            while let Some(rec) = read_record(&mut r, dir)? {
+                spool.writer_seq = spool.writer_seq.max(rec.seq + 1);
+            }
+        }
+        Ok(spool)
     }
 
     /// Up to `max` records that earlier reads spooled and no statement committed; empty once
@@ -147,29 +158,67 @@ impl Spool {
                 let Some(segment) = self.to_read.pop_front() else {
                     break;
                 };
-                self.reading = Some(self.open_segment(segment)?);
+                self.reading = Some(self.open_segment(segment, None)?);
             }
-            let Some(r) = self.reading.as_mut() else { break };
-            match read_record(r, &self.dir)? {
-                Some(rec) => {
-                    self.next_seq = self.next_seq.max(rec.seq + 1);
-                    self.read_to = Some((r.segment, r.offset));
-                    self.uncommitted += 1;
-                    out.push(rec);
-                }
+            match self.next_record()? {
+                Some(rec) => out.push(rec),
                 None => self.reading = None,
             }
         }
         Ok(out)
     }
 
-    fn open_segment(&self, segment: u64) -> Result<Reading> {
+    /// Up to `max` records of the live segment, as far as `synced` (the end its writer last
+    /// synced).
+    pub fn read_live(&mut self, max: usize, synced: u64) -> Result<Vec<Record>> {
+        let Some(live) = self.live else {
+            return Ok(Vec::new());
+        };
+        if synced <= MAGIC.len() as u64 {
+            // Nothing synced past the header yet.
+            return Ok(Vec::new());
+        }
+        if self.reading.as_ref().is_none_or(|r| r.segment != live) {
+            self.reading = Some(self.open_segment(live, Some(synced))?);
+        }
+        if let Some(r) = self.reading.as_mut() {
+            r.len = r.len.max(synced);
+        }
+        let mut out = Vec::new();
+        while out.len() < max {
+            match self.next_record()? {
+                Some(rec) => out.push(rec),
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// The next record of the segment being read, counted as handed out.
+    fn next_record(&mut self) -> Result<Option<Record>> {
+        let Some(r) = self.reading.as_mut() else {
+            return Ok(None);
+        };
+        let rec = read_record(r, &self.dir)?;
+        if let Some(rec) = &rec {
+            self.next_seq = self.next_seq.max(rec.seq + 1);
+            self.read_to = Some((r.segment, r.offset));
+            self.uncommitted += 1;
+        }
+        Ok(rec)
+    }
+
+    /// Opens `segment` for reading up to `len` bytes (default: its size now).
+    fn open_segment(&self, segment: u64, len: Option<u64>) -> Result<Reading> {
         let path = self.dir.join(segment_name(segment));
         let file = File::open(&path).map_err(io(format!("opening {}", path.display())))?;
-        let len = file
-            .metadata()
-            .map_err(io(format!("reading {}", path.display())))?
-            .len();
+        let len = match len {
+            Some(l) => l,
+            None => file
+                .metadata()
+                .map_err(io(format!("reading {}", path.display())))?
+                .len(),
+        };
         let mut reader = BufReader::with_capacity(1 << 20, file);
         let mut magic = [0u8; 8];
         let offset = if len < MAGIC.len() as u64 {
@@ -203,62 +252,41 @@ impl Spool {
         Ok(r)
     }
 
-    /// Appends messages `(topic, payload, retain)` and syncs them to disk: only then may the
-    /// broker be told they were received. Returns them as records.
-    pub fn append(&mut self, messages: Vec<(String, bytes::Bytes, bool)>) -> Result<Vec<Record>> {
-        if messages.is_empty() {
-            return Ok(Vec::new());
-        }
-        if self.writer.is_none() {
-            let n = self.next_segment;
-            self.next_segment += 1;
-            let path = self.dir.join(segment_name(n));
-            let mut f = OpenOptions::new()
-                .create_new(true)
-                .append(true)
-                .open(&path)
-                .map_err(io(format!("creating {}", path.display())))?;
-            f.write_all(MAGIC).map_err(io(format!("writing {}", path.display())))?;
-            self.writer = Some((n, f, MAGIC.len() as u64));
-        }
-        let now = chrono::Utc::now().timestamp_millis();
-        let mut buf = Vec::with_capacity(messages.iter().map(|(t, p, _)| t.len() + p.len() + 31).sum());
-        let mut out = Vec::with_capacity(messages.len());
-        for (topic, payload, retain) in messages {
-            let topic_len = u16::try_from(topic.len())
-                .map_err(|_| Error::Config(format!("an MQTT topic of {} bytes is too long", topic.len())))?;
-            let seq = self.next_seq;
-            self.next_seq += 1;
-            let mut body = Vec::with_capacity(19 + topic.len() + payload.len());
-            body.extend_from_slice(&seq.to_le_bytes());
-            body.extend_from_slice(&now.to_le_bytes());
-            body.push(if retain { RETAIN } else { 0 });
-            body.extend_from_slice(&topic_len.to_le_bytes());
-            body.extend_from_slice(topic.as_bytes());
-            body.extend_from_slice(&payload);
-            let len = u32::try_from(body.len())
-                .map_err(|_| Error::Config(format!("an MQTT message of {} bytes is too large", body.len())))?;
-            buf.extend_from_slice(&len.to_le_bytes());
-            buf.extend_from_slice(&crc(&body).to_le_bytes());
-            buf.extend_from_slice(&body);
-            out.push(Record {
-                seq,
-                received_ms: now,
-                retain,
-                topic,
-                payload,
-            });
-        }
-        let Some((n, f, end)) = self.writer.as_mut() else {
-            return Err(Error::Config("MQTT spool: no segment open".into()));
+    /// Creates the segment this read's connection appends to, and its writer (which may live
+    /// on another thread; [`Spool::read_live`] reads what it synced).
+    pub fn start_live(&mut self) -> Result<SpoolWriter> {
+        let n = self.next_segment;
+        self.next_segment += 1;
+        let path = self.dir.join(segment_name(n));
+        let mut file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&path)
+            .map_err(io(format!("creating {}", path.display())))?;
+        file.write_all(MAGIC)
+            .map_err(io(format!("writing {}", path.display())))?;
+        file.sync_data()
+            .map_err(io(format!("syncing {}", path.display())))?;
+        self.live = Some(n);
+        Ok(SpoolWriter {
+            path,
+            file,
+            end: MAGIC.len() as u64,
+            next_seq: self.writer_seq,
+        })
+    }
+
+    /// Removes the live segment if its connection (stopped by now) spooled nothing into it.
+    pub fn discard_empty_live(&mut self) -> Result<()> {
+        let Some(live) = self.live else {
+            return Ok(());
         };
-        let path = self.dir.join(segment_name(*n));
-        f.write_all(&buf).map_err(io(format!("writing {}", path.display())))?;
-        f.sync_data().map_err(io(format!("syncing {}", path.display())))?;
-        *end += buf.len() as u64;
-        self.read_to = Some((*n, *end));
-        self.uncommitted += out.len() as u64;
-        Ok(out)
+        let path = self.dir.join(segment_name(live));
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() <= MAGIC.len() as u64) {
+            remove(&path)?;
+            self.live = None;
+        }
+        Ok(())
     }
 
     /// Records handed out since the last commit.
@@ -269,14 +297,14 @@ impl Spool {
     /// Everything handed out is consumed: move the cursor past it (the commit point) and remove
     /// the segments no one needs any more.
     pub fn commit(&mut self) -> Result<()> {
+        self.discard_empty_live()?;
         let Some((segment, offset)) = self.read_to else {
             return Ok(());
         };
-        let len = std::fs::metadata(self.dir.join(segment_name(segment)))
-            .map(|m| m.len())
-            .unwrap_or(0);
+        let on_disk = segments_in(&self.dir)?;
+        let len = on_disk.iter().find(|(n, _)| *n == segment).map_or(0, |(_, l)| *l);
         // Nothing after the read position: the next read starts a new segment.
-        let all = segment + 1 == self.next_segment && offset >= len;
+        let all = offset >= len && on_disk.iter().all(|(n, _)| *n <= segment);
         let cursor = Cursor {
             segment: if all { segment + 1 } else { segment },
             offset: if all { 0 } else { offset },
@@ -284,14 +312,13 @@ impl Spool {
         };
         write_cursor(&self.dir, &cursor)?;
         self.cursor = cursor;
-        for e in std::fs::read_dir(&self.dir).map_err(io(format!("listing {}", self.dir.display())))? {
-            let e = e.map_err(io(format!("listing {}", self.dir.display())))?;
-            if segment_number(&e.file_name()).is_some_and(|n| n < cursor.segment) {
-                remove(&e.path())?;
+        for (n, _) in on_disk {
+            if n < cursor.segment {
+                remove(&self.dir.join(segment_name(n)))?;
             }
         }
-        if self.writer.as_ref().is_some_and(|(w, _, _)| *w < cursor.segment) {
-            self.writer = None;
+        if self.live.is_some_and(|l| l < cursor.segment) {
+            self.live = None;
         }
         if self.reading.as_ref().is_some_and(|r| r.segment < cursor.segment) {
             self.reading = None;
@@ -302,9 +329,74 @@ impl Spool {
     }
 }
 
+/// The segments in `dir` with their sizes, oldest first.
+fn segments_in(dir: &Path) -> Result<Vec<(u64, u64)>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(io(format!("listing {}", dir.display())))? {
+        let e = e.map_err(io(format!("listing {}", dir.display())))?;
+        if let Some(n) = segment_number(&e.file_name()) {
+            let len = e
+                .metadata()
+                .map_err(io(format!("reading {}", e.path().display())))?
+                .len();
+            out.push((n, len));
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// Appends to the live segment: each [`SpoolWriter::append`] is synced before it returns, and
+/// only then may the broker be told the messages were received.
+pub struct SpoolWriter {
+    path: PathBuf,
+    file: File,
+    end: u64,
+    next_seq: u64,
+}
+
+impl SpoolWriter {
+    /// Appends messages `(topic, payload, retain)`, syncs them, and returns the segment's end.
+    pub fn append(&mut self, messages: &[(String, bytes::Bytes, bool)]) -> Result<u64> {
+        let now = chrono::Utc::now().timestamp_millis();
+        let mut buf = Vec::with_capacity(messages.iter().map(|(t, p, _)| t.len() + p.len() + 27).sum());
+        for (topic, payload, retain) in messages {
+            let topic_len = u16::try_from(topic.len())
+                .map_err(|_| Error::Config(format!("an MQTT topic of {} bytes is too long", topic.len())))?;
+            let len = u32::try_from(19 + topic.len() + payload.len()).map_err(|_| {
+                Error::Config(format!("an MQTT message of {} bytes is too large", payload.len()))
+            })?;
+            let at = buf.len();
+            buf.extend_from_slice(&len.to_le_bytes());
+            buf.extend_from_slice(&[0; 4]);
+            buf.extend_from_slice(&self.next_seq.to_le_bytes());
+            buf.extend_from_slice(&now.to_le_bytes());
+            buf.push(if *retain { RETAIN } else { 0 });
+            buf.extend_from_slice(&topic_len.to_le_bytes());
+            buf.extend_from_slice(topic.as_bytes());
+            buf.extend_from_slice(payload);
+            let sum = crc(&buf[at + 8..]);
+            buf[at + 4..at + 8].copy_from_slice(&sum.to_le_bytes());
+            self.next_seq += 1;
+        }
+        self.file
+            .write_all(&buf)
+            .map_err(io(format!("writing {}", self.path.display())))?;
+        self.file
+            .sync_data()
+            .map_err(io(format!("syncing {}", self.path.display())))?;
+        self.end += buf.len() as u64;
+        Ok(self.end)
+    }
+}
+
 /// `n` of a `seg-<n>.bin` file name.
 fn segment_number(name: &std::ffi::OsStr) -> Option<u64> {
-    name.to_str()?.strip_prefix("seg-")?.strip_suffix(".bin")?.parse().ok()
+    name.to_str()?
+        .strip_prefix("seg-")?
+        .strip_suffix(".bin")?
+        .parse()
+        .ok()
 }
 
 fn remove(path: &Path) -> Result<()> {
@@ -315,9 +407,11 @@ fn remove(path: &Path) -> Result<()> {
 fn write_cursor(dir: &Path, cursor: &Cursor) -> Result<()> {
     let path = dir.join("cursor.json");
     let tmp = dir.join("cursor.json.tmp");
-    let text = serde_json::to_vec(cursor).map_err(|e| Error::Config(format!("encoding the spool cursor: {e}")))?;
+    let text =
+        serde_json::to_vec(cursor).map_err(|e| Error::Config(format!("encoding the spool cursor: {e}")))?;
     let mut f = File::create(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
-    f.write_all(&text).map_err(io(format!("writing {}", tmp.display())))?;
+    f.write_all(&text)
+        .map_err(io(format!("writing {}", tmp.display())))?;
     f.sync_all().map_err(io(format!("syncing {}", tmp.display())))?;
     std::fs::rename(&tmp, &path).map_err(io(format!("replacing {}", path.display())))?;
     File::open(dir)
@@ -349,7 +443,9 @@ fn read_record(r: &mut Reading, dir: &Path) -> Result<Option<Record>> {
         return torn(r);
     }
     let mut head = [0u8; 8];
-    r.reader.read_exact(&mut head).map_err(io(format!("reading {}", path())))?;
+    r.reader
+        .read_exact(&mut head)
+        .map_err(io(format!("reading {}", path())))?;
     let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as u64;
     let want = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
     let end = r.offset + 8 + len;
@@ -357,7 +453,9 @@ fn read_record(r: &mut Reading, dir: &Path) -> Result<Option<Record>> {
         return torn(r);
     }
     let mut body = vec![0u8; len as usize];
-    r.reader.read_exact(&mut body).map_err(io(format!("reading {}", path())))?;
+    r.reader
+        .read_exact(&mut body)
+        .map_err(io(format!("reading {}", path())))?;
     if crc(&body) != want || len < 19 {
         if end == r.len {
             return torn(r);
@@ -397,88 +495,139 @@ mod tests {
 
     fn msgs(from: u64, n: u64) -> Vec<(String, bytes::Bytes, bool)> {
         (from..from + n)
-            .map(|i| (format!("t/{i}"), bytes::Bytes::from(format!("payload {i}")), i == 0))
+            .map(|i| {
+                (
+                    format!("t/{i}"),
+                    bytes::Bytes::from(format!("payload {i}")),
+                    i == 0,
+                )
+            })
             .collect()
     }
 
     fn payloads(r: &[Record]) -> Vec<String> {
-        r.iter().map(|r| String::from_utf8_lossy(&r.payload).into_owned()).collect()
+        r.iter()
+            .map(|r| String::from_utf8_lossy(&r.payload).into_owned())
+            .collect()
+    }
+
+    /// A read that spools `n` new messages and hands out `take` of them.
+    fn read(dir: &Path, from: u64, n: u64, take: usize) -> (Spool, Vec<Record>) {
+        let mut s = Spool::open(dir).unwrap();
+        let mut got = Vec::new();
+        loop {
+            let old = s.read_old(take - got.len()).unwrap();
+            if old.is_empty() {
+                break;
+            }
+            got.extend(old);
+        }
+        let mut w = s.start_live().unwrap();
+        let end = if n > 0 {
+            w.append(&msgs(from, n)).unwrap()
+        } else {
+            MAGIC.len() as u64
+        };
+        let want = take - got.len();
+        got.extend(s.read_live(want, end).unwrap());
+        (s, got)
     }
 
     #[test]
     fn uncommitted_records_are_read_again_and_committed_ones_are_gone() {
         let dir = tempfile::tempdir().unwrap();
-        {
-            let mut s = Spool::open(dir.path()).unwrap();
-            assert!(s.read_old(10).unwrap().is_empty());
-            let got = s.append(msgs(0, 3)).unwrap();
-            assert_eq!(got.iter().map(|r| r.seq).collect::<Vec<_>>(), [0, 1, 2]);
-            assert!(got[0].retain && !got[1].retain);
-            // Not committed: a failed statement.
-        }
-        {
-            let mut s = Spool::open(dir.path()).unwrap();
-            let old = s.read_old(10).unwrap();
-            assert_eq!(payloads(&old), ["payload 0", "payload 1", "payload 2"]);
-            assert_eq!(old[2].topic, "t/2");
-            let new = s.append(msgs(3, 2)).unwrap();
-            assert_eq!(new.iter().map(|r| r.seq).collect::<Vec<_>>(), [3, 4]);
-            assert_eq!(s.uncommitted(), 5);
-            s.commit().unwrap();
-        }
-        let mut s = Spool::open(dir.path()).unwrap();
-        assert!(s.read_old(10).unwrap().is_empty());
+        let (_, got) = read(dir.path(), 0, 3, 10);
+        assert_eq!(got.iter().map(|r| r.seq).collect::<Vec<_>>(), [0, 1, 2]);
+        assert!(got[0].retain && !got[1].retain);
+        assert_eq!(got[2].topic, "t/2");
+        // Not committed (a failed statement): the next read gets them first, then new ones.
+        let (mut s, got) = read(dir.path(), 3, 2, 10);
+        assert_eq!(
+            payloads(&got),
+            ["payload 0", "payload 1", "payload 2", "payload 3", "payload 4"]
+        );
+        assert_eq!(got.iter().map(|r| r.seq).collect::<Vec<_>>(), [0, 1, 2, 3, 4]);
+        assert_eq!(s.uncommitted(), 5);
+        s.commit().unwrap();
+        drop(s);
+        let (_, got) = read(dir.path(), 5, 1, 10);
+        assert_eq!(payloads(&got), ["payload 5"]);
+        assert_eq!(got[0].seq, 5, "sequence numbers go on");
         let segs = std::fs::read_dir(dir.path())
             .unwrap()
-            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("seg-"))
+            .filter(|e| segment_number(&e.as_ref().unwrap().file_name()).is_some())
             .count();
-        assert_eq!(segs, 0, "committed segments are removed");
-        assert_eq!(s.append(msgs(5, 1)).unwrap()[0].seq, 5, "sequence numbers go on");
+        assert_eq!(
+            segs, 1,
+            "committed segments are removed: only the last read's is left"
+        );
     }
 
     #[test]
     fn a_partial_read_commits_only_what_it_handed_out() {
         let dir = tempfile::tempdir().unwrap();
-        {
-            let mut s = Spool::open(dir.path()).unwrap();
-            s.append(msgs(0, 10)).unwrap();
-        }
-        {
-            let mut s = Spool::open(dir.path()).unwrap();
-            assert_eq!(payloads(&s.read_old(4).unwrap()).len(), 4);
-            s.commit().unwrap();
-        }
-        {
-            let mut s = Spool::open(dir.path()).unwrap();
-            let rest = s.read_old(100).unwrap();
-            assert_eq!(rest.first().map(|r| r.seq), Some(4));
-            assert_eq!(rest.len(), 6);
-            s.commit().unwrap();
-        }
-        assert!(Spool::open(dir.path()).unwrap().read_old(100).unwrap().is_empty());
+        // The connection spooled 10; the read handed out 4 and committed them.
+        let (mut s, got) = read(dir.path(), 0, 10, 4);
+        assert_eq!(got.len(), 4);
+        s.commit().unwrap();
+        drop(s);
+        let (mut s, got) = read(dir.path(), 10, 0, 100);
+        assert_eq!(got.first().map(|r| r.seq), Some(4));
+        assert_eq!(got.len(), 6);
+        s.commit().unwrap();
+        drop(s);
+        // New sequence numbers follow the spooled ones even when they were not all read.
+        let (_, got) = read(dir.path(), 10, 1, 100);
+        assert_eq!(got.iter().map(|r| r.seq).collect::<Vec<_>>(), [10]);
+    }
+
+    #[test]
+    fn a_read_of_old_records_only_empties_the_spool_on_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(read(dir.path(), 0, 5, 5));
+        // The rerun finds no new message: its live segment stays empty.
+        let (mut s, got) = read(dir.path(), 5, 0, 100);
+        assert_eq!(got.len(), 5);
+        s.commit().unwrap();
+        assert!(segments_in(dir.path()).unwrap().is_empty());
+        drop(s);
+        let (_, got) = read(dir.path(), 5, 2, 100);
+        assert_eq!(got.iter().map(|r| r.seq).collect::<Vec<_>>(), [5, 6]);
+    }
+
+    #[test]
+    fn the_live_segment_is_read_only_as_far_as_it_was_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path()).unwrap();
+        let mut w = s.start_live().unwrap();
+        let first = w.append(&msgs(0, 2)).unwrap();
+        let second = w.append(&msgs(2, 3)).unwrap();
+        assert_eq!(s.read_live(100, first).unwrap().len(), 2);
+        assert!(s.read_live(100, first).unwrap().is_empty());
+        assert_eq!(
+            payloads(&s.read_live(100, second).unwrap()),
+            ["payload 2", "payload 3", "payload 4"]
+        );
     }
 
     #[test]
     fn a_torn_last_record_is_skipped_and_corruption_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
-        {
-            let mut s = Spool::open(dir.path()).unwrap();
-            s.append(msgs(0, 3)).unwrap();
-        }
+        drop(read(dir.path(), 0, 3, 0));
         let seg = dir.path().join(segment_name(0));
         let bytes = std::fs::read(&seg).unwrap();
         // Killed in the middle of writing the third record.
         std::fs::write(&seg, &bytes[..bytes.len() - 5]).unwrap();
-        {
-            let mut s = Spool::open(dir.path()).unwrap();
-            assert_eq!(s.read_old(10).unwrap().len(), 2);
-        }
+        let (_, got) = read(dir.path(), 3, 0, 10);
+        assert_eq!(payloads(&got), ["payload 0", "payload 1"]);
         // A flipped byte in the first record, with more records after it.
         let mut bad = bytes.clone();
         bad[MAGIC.len() + 8 + 20] ^= 0xff;
         std::fs::write(&seg, &bad).unwrap();
-        let mut s = Spool::open(dir.path()).unwrap();
-        let e = s.read_old(10).unwrap_err().to_string();
+        let e = Spool::open(dir.path())
+            .and_then(|mut s| s.read_old(10))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("corrupt") && e.contains("seg-000000000000.bin"), "{e}");
     }
 
