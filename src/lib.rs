@@ -11,6 +11,7 @@
 //! ```
 
 pub mod connector;
+pub mod cube;
 pub mod datagen;
 pub mod engine;
 pub mod error;

@@ -50,6 +50,9 @@ struct Global {
     /// Where runs keep their ledger, staging and dead letters.
     #[arg(long, global = true, default_value = ".flumen", env = "FLUMEN_STATE_DIR")]
     state_dir: PathBuf,
+    /// Where materialized views are kept (default: warehouse/ in the state directory).
+    #[arg(long, global = true, env = "FLUMEN_WAREHOUSE")]
+    warehouse: Option<PathBuf>,
     /// Write the sink counters here at the end: Prometheus text if the name ends in .prom,
     /// else JSON.
     #[arg(long, global = true)]
@@ -181,6 +184,7 @@ fn engine(g: &Global) -> anyhow::Result<Flumen> {
 fn engine_for(g: &Global, resume_run: Option<String>) -> anyhow::Result<Flumen> {
     let config = Config {
         state_dir: Some(g.state_dir.clone()),
+        warehouse: g.warehouse.clone(),
         resume_run,
         memory_limit: g.memory_limit,
         spill_dir: g.spill_dir.clone(),

@@ -8,6 +8,7 @@ mod resume;
 mod run;
 pub mod script;
 mod stores;
+mod views;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -55,6 +56,8 @@ pub struct Config {
     pub state_dir: Option<PathBuf>,
     /// The run to continue (`flumen resume`); default a new run id.
     pub resume_run: Option<String>,
+    /// Where materialized views are kept; default `warehouse/` in the state directory.
+    pub warehouse: Option<PathBuf>,
 }
 
 /// Half of the machine's memory, read from `/proc/meminfo`; 4 GiB where that is unavailable.
@@ -148,6 +151,9 @@ pub struct Flumen {
     registry: Registry,
     memory_limit: u64,
     run: Arc<RunState>,
+    warehouse: crate::cube::mv::Warehouse,
+    /// Set once the warehouse's views are registered in the session.
+    views_registered: tokio::sync::OnceCell<()>,
 }
 
 impl std::fmt::Debug for Flumen {
@@ -179,11 +185,18 @@ impl Flumen {
             .with_disk_manager_builder(disk)
             .with_object_store_registry(Arc::new(LazyStoreRegistry::new()))
             .build_arc()?;
-        let run = Arc::new(RunState::new(
+        let state_dir = config
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(".flumen"));
+        let warehouse = crate::cube::mv::Warehouse::new(
             config
-                .state_dir
+                .warehouse
                 .clone()
-                .unwrap_or_else(|| PathBuf::from(".flumen")),
+                .unwrap_or_else(|| state_dir.join("warehouse")),
+        );
+        let run = Arc::new(RunState::new(
+            state_dir,
             config.resume_run.clone().unwrap_or_else(new_run_id),
             config.resume_run.is_some(),
         ));
@@ -216,7 +229,17 @@ impl Flumen {
             registry,
             memory_limit,
             run,
+            warehouse,
+            views_registered: tokio::sync::OnceCell::new(),
         })
+    }
+
+    /// Registers the warehouse's materialized views, once per engine.
+    async fn register_views(&self) -> Result<()> {
+        self.views_registered
+            .get_or_try_init(|| async { self.warehouse.register_all(&self.ctx).await })
+            .await
+            .map(|_| ())
     }
 
     /// The DataFusion session, to register tables or functions directly.

@@ -10,7 +10,9 @@ use datafusion::sql::parser::Statement as DfStatement;
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 use futures::StreamExt;
 
+use super::views::ViewOutput;
 use super::{Flumen, Statement, StatementKind, script};
+use crate::cube::statement::ViewStatement;
 use crate::error::{Error, Result};
 use crate::output::{ResultFormat, ResultTarget, write_result};
 use crate::progress::{ProgressMode, RunSummary, Tracker, peak_rss};
@@ -48,33 +50,57 @@ impl Default for RunOptions {
 }
 
 /// A statement after substitution and parsing, before planning.
-struct Checked {
-    stmt: Statement,
-    parsed: DfStatement,
+pub(super) struct Checked {
+    pub(super) stmt: Statement,
+    pub(super) parsed: Parsed,
+}
+
+/// Who runs a statement: DataFusion, or flumen itself.
+pub(super) enum Parsed {
+    DataFusion(DfStatement),
+    /// A materialized-view statement, substituted and as written (`${VAR}`s kept).
+    View(ViewStatement, ViewStatement),
 }
 
 impl Checked {
     fn is_query(&self) -> bool {
-        matches!(&self.parsed, DfStatement::Statement(s) if matches!(**s, SqlStatement::Query(_)))
+        match &self.parsed {
+            Parsed::DataFusion(DfStatement::Statement(s)) => matches!(**s, SqlStatement::Query(_)),
+            Parsed::View(v, _) => matches!(v, ViewStatement::Show),
+            Parsed::DataFusion(_) => false,
+        }
     }
 }
 
 impl Flumen {
     /// Substitutes and parses every statement of a script, so that a typo or an unset variable
     /// in the last statement stops the script before the first one runs.
-    fn check_script(&self, text: &str) -> Result<Vec<Checked>> {
+    pub(super) fn check_script(&self, text: &str) -> Result<Vec<Checked>> {
         let dialect = self.ctx.state().config_options().sql_parser.dialect;
         script::split(text)?
             .into_iter()
             .map(|stmt| {
                 let sql = self.substitute(&stmt)?;
+                if let Some(view) = crate::cube::statement::parse(&sql).map_err(|e| self.at(&stmt, e))? {
+                    let written = crate::cube::statement::parse(&stmt.text)
+                        .ok()
+                        .flatten()
+                        .unwrap_or_else(|| view.clone());
+                    return Ok(Checked {
+                        stmt,
+                        parsed: Parsed::View(view, written),
+                    });
+                }
                 let mut parsed = self
                     .ctx
                     .state()
                     .sql_to_statement(&sql, &dialect)
                     .map_err(|e| self.at(&stmt, e.into()))?;
                 self.namespace_connector_options(&mut parsed);
-                Ok(Checked { stmt, parsed })
+                Ok(Checked {
+                    stmt,
+                    parsed: Parsed::DataFusion(parsed),
+                })
             })
             .collect()
     }
@@ -98,8 +124,13 @@ impl Flumen {
 
     /// Plans a checked statement; remembers how sink tables were created (for `resume`) and
     /// scopes the delivery tokens of what the statement writes.
-    async fn plan_checked(&self, c: &Checked) -> Result<LogicalPlan> {
-        let plan = self.ctx.state().statement_to_plan(c.parsed.clone()).await?;
+    pub(super) async fn plan_checked(&self, c: &Checked) -> Result<LogicalPlan> {
+        let Parsed::DataFusion(parsed) = &c.parsed else {
+            return Err(Error::Config(
+                "a materialized-view statement has no DataFusion plan".into(),
+            ));
+        };
+        let plan = self.ctx.state().statement_to_plan(parsed.clone()).await?;
         let plan = self.prepare(plan).await?;
         if let LogicalPlan::Ddl(DdlStatement::CreateExternalTable(cmd)) = &plan {
             // The text before substitution: no secret is ever written to the state directory.
@@ -166,6 +197,7 @@ impl Flumen {
         };
         opts.result.validate().map_err(located)?;
         let checked = self.check_script(text).map_err(located)?;
+        self.register_views().await.map_err(located)?;
         let queries: Vec<usize> = checked
             .iter()
             .filter(|c| c.is_query())
@@ -221,6 +253,23 @@ impl Flumen {
         out: &mut (dyn Write + Send),
     ) -> Result<crate::progress::StatementStats> {
         let write_err = |e| Error::io("writing to standard output", e);
+        if let Parsed::View(view, written) = &c.parsed {
+            let line = c.stmt.line;
+            match self.run_view(view, written, opts.mode, line).await? {
+                ViewOutput::Message(m) => writeln!(out, "{m}").map_err(write_err)?,
+                ViewOutput::Rows(batch) => {
+                    let stream = self.ctx.read_batch(batch)?.execute_stream().await?;
+                    let (_, table) = write_result(stream, &opts.result, out).await?;
+                    if let Some(table) = table {
+                        writeln!(out, "{table}").map_err(write_err)?;
+                    }
+                }
+            }
+            return Ok(crate::progress::StatementStats {
+                line,
+                ..Default::default()
+            });
+        }
         let plan = self.plan_checked(c).await?;
         if opts.mode == Mode::Explain {
             let text = self.explain(plan).await?;
@@ -317,7 +366,24 @@ impl Flumen {
             schema: Arc::new(Schema::empty()),
             batches: Vec::new(),
         };
+        self.register_views().await?;
         for c in self.check_script(sql)? {
+            if let Parsed::View(view, written) = &c.parsed {
+                let done = self.run_view(view, written, Mode::Run, c.stmt.line).await;
+                last = match done.map_err(|e| self.at(&c.stmt, e))? {
+                    ViewOutput::Rows(batch) => SqlOutput {
+                        kind: StatementKind::Query,
+                        schema: batch.schema(),
+                        batches: vec![batch],
+                    },
+                    ViewOutput::Message(_) => SqlOutput {
+                        kind: StatementKind::Ddl,
+                        schema: Arc::new(Schema::empty()),
+                        batches: Vec::new(),
+                    },
+                };
+                continue;
+            }
             let run = async {
                 let plan = self.plan_checked(&c).await?;
                 let mut running = self.execute(plan).await?;

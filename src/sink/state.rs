@@ -284,6 +284,11 @@ impl RunState {
         }
     }
 
+    /// The unsubstituted `CREATE` statement of a table this run created, if any.
+    pub fn template(&self, table: &str) -> Option<String> {
+        self.templates.lock().ok()?.get(table).cloned()
+    }
+
     /// The counters of a sink table, created on first use.
     pub fn metrics_for(&self, table: &str) -> Arc<SinkMetrics> {
         match self.sinks.lock() {

@@ -1,0 +1,245 @@
+//! Running the materialized-view statements (`crate::cube`) on the engine's session.
+
+use std::collections::BTreeMap;
+
+use arrow::array::RecordBatch;
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::logical_expr::LogicalPlan;
+
+use super::run::Mode;
+use super::{Flumen, Statement};
+use crate::cube::mv::{self, VIEW_OPTIONS, ViewDef, Watermark};
+use crate::cube::statement::ViewStatement;
+use crate::error::{Error, Result};
+
+/// What a view statement gives back.
+pub(super) enum ViewOutput {
+    /// A line for the user.
+    Message(String),
+    /// `SHOW MATERIALIZED VIEWS`.
+    Rows(RecordBatch),
+}
+
+/// The tables a plan scans, with the columns each has.
+fn scanned_tables(plan: &LogicalPlan) -> Result<Vec<(String, Vec<String>)>> {
+    let mut out: Vec<(String, Vec<String>)> = Vec::new();
+    plan.apply(|p| {
+        if let LogicalPlan::TableScan(s) = p {
+            let name = s.table_name.table().to_string();
+            if !out.iter().any(|(n, _)| *n == name) {
+                let cols = s
+                    .source
+                    .schema()
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().clone())
+                    .collect();
+                out.push((name, cols));
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    Ok(out)
+}
+
+impl Flumen {
+    /// Runs (or, in explain mode, only plans) one materialized-view statement. `view` has its
+    /// variables substituted; `written` is the same statement as written, which is what the
+    /// warehouse keeps.
+    pub(super) async fn run_view(
+        &self,
+        view: &ViewStatement,
+        written: &ViewStatement,
+        mode: Mode,
+        line: usize,
+    ) -> Result<ViewOutput> {
+        let wh = &self.warehouse;
+        match view {
+            ViewStatement::Create {
+                name,
+                if_not_exists,
+                options,
+                query,
+            } => {
+                if wh.load(name)?.is_some() {
+                    if *if_not_exists {
+                        return Ok(ViewOutput::Message(format!(
+                            "materialized view {name} exists: left as it is"
+                        )));
+                    }
+                    return Err(Error::Config(format!(
+                        "materialized view {name} already exists (DROP MATERIALIZED VIEW {name} first, or CREATE ... IF NOT EXISTS)"
+                    )));
+                }
+                if self.ctx.table_exist(name.as_str())? {
+                    return Err(Error::Config(format!(
+                        "materialized view {name}: a table of that name exists"
+                    )));
+                }
+                let mut opts = BTreeMap::new();
+                for (k, v) in options {
+                    if !VIEW_OPTIONS.contains(&k.as_str()) {
+                        return Err(Error::Option(format!(
+                            "materialized view {name}: unknown option '{k}'; valid options: {}",
+                            VIEW_OPTIONS.join(", ")
+                        )));
+                    }
+                    opts.insert(k.clone(), v.clone());
+                }
+                let plan = self.ctx.state().create_logical_plan(query).await?;
+                let tables = scanned_tables(&plan)?;
+                let sources = tables
+                    .iter()
+                    .filter_map(|(t, _)| self.run.template(t).map(|tpl| (t.clone(), tpl)))
+                    .collect();
+                let watermark = opts
+                    .get("watermark")
+                    .map(|w| resolve_watermark(name, w, &tables))
+                    .transpose()?;
+                let shape = match &watermark {
+                    Some(_) => mv::shape(name, query)?,
+                    None => None,
+                };
+                if mode == Mode::Explain {
+                    let text = self.explain(plan).await?;
+                    return Ok(ViewOutput::Message(format!(
+                        "-- statement at line {line}: creates materialized view {name} in {} from:\n{}\n",
+                        wh.dir().display(),
+                        self.redactor.redact(&text)
+                    )));
+                }
+                let written_query = match written {
+                    ViewStatement::Create { query, .. } => query.clone(),
+                    _ => query.clone(),
+                };
+                let mut def = ViewDef {
+                    name: name.clone(),
+                    query: written_query,
+                    options: opts,
+                    sources,
+                    watermark,
+                    shape,
+                    version: 0,
+                    rows: 0,
+                    refreshed_at: None,
+                };
+                let r = wh.refresh(&self.ctx, &mut def, query, false).await?;
+                Ok(ViewOutput::Message(format!(
+                    "materialized view {name} created: {} rows (version {})",
+                    r.rows, r.version
+                )))
+            }
+            ViewStatement::Refresh { name, incremental } => {
+                let mut def = wh.load(name)?.ok_or_else(|| {
+                    Error::Config(format!(
+                        "no materialized view {name} in {} (SHOW MATERIALIZED VIEWS lists them)",
+                        wh.dir().display()
+                    ))
+                })?;
+                self.declare_sources(&def).await?;
+                let query = self.substitute(&Statement {
+                    text: def.query.clone(),
+                    line,
+                })?;
+                if mode == Mode::Explain {
+                    let plan = self.ctx.state().create_logical_plan(&query).await?;
+                    let text = self.explain(plan).await?;
+                    return Ok(ViewOutput::Message(format!(
+                        "-- statement at line {line}: refreshes materialized view {name} from:\n{}\n",
+                        self.redactor.redact(&text)
+                    )));
+                }
+                let r = wh.refresh(&self.ctx, &mut def, &query, *incremental).await?;
+                let range = match &r.watermark {
+                    Some((from, to)) => format!(
+                        ", {} past {} up to {}",
+                        def.watermark.as_ref().map_or("", |w| w.column.as_str()),
+                        from.as_deref().unwrap_or("the start"),
+                        to.as_deref().unwrap_or("the same")
+                    ),
+                    None => String::new(),
+                };
+                Ok(ViewOutput::Message(if r.incremental && r.appended > 0 {
+                    format!(
+                        "materialized view {name} refreshed incrementally{range}: {} rows appended, {} rows (version {})",
+                        r.appended, r.rows, r.version
+                    )
+                } else if r.incremental {
+                    format!(
+                        "materialized view {name} refreshed incrementally{range}: {} rows (version {})",
+                        r.rows, r.version
+                    )
+                } else {
+                    format!(
+                        "materialized view {name} refreshed: {} rows (version {})",
+                        r.rows, r.version
+                    )
+                }))
+            }
+            ViewStatement::Drop { name, if_exists } => {
+                if mode == Mode::Explain {
+                    return Ok(ViewOutput::Message(format!(
+                        "-- statement at line {line}: drops materialized view {name}\n"
+                    )));
+                }
+                match wh.drop_view(&self.ctx, name)? {
+                    true => Ok(ViewOutput::Message(format!("materialized view {name} dropped"))),
+                    false if *if_exists => Ok(ViewOutput::Message(format!(
+                        "no materialized view {name}: nothing dropped"
+                    ))),
+                    false => Err(Error::Config(format!("no materialized view {name} to drop"))),
+                }
+            }
+            ViewStatement::Show => Ok(ViewOutput::Rows(wh.show()?)),
+        }
+    }
+
+    /// Creates the source tables a view reads that this run has not declared, from the
+    /// statements kept with the view (their `${VAR}`s substituted now).
+    async fn declare_sources(&self, def: &ViewDef) -> Result<()> {
+        for (table, template) in &def.sources {
+            if self.ctx.table_exist(table.as_str())? {
+                continue;
+            }
+            for c in self.check_script(template)? {
+                let plan = self.plan_checked(&c).await?;
+                self.execute(plan).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The table and column a `'watermark'` option names (`column` or `table.column`).
+fn resolve_watermark(view: &str, w: &str, tables: &[(String, Vec<String>)]) -> Result<Watermark> {
+    let (table, column) = match w.split_once('.') {
+        Some((t, c)) => (Some(t), c),
+        None => (None, w),
+    };
+    let holders: Vec<&String> = tables
+        .iter()
+        .filter(|(t, cols)| {
+            table.is_none_or(|x| x.eq_ignore_ascii_case(t)) && cols.iter().any(|c| c == column)
+        })
+        .map(|(t, _)| t)
+        .collect();
+    match holders.as_slice() {
+        [one] => Ok(Watermark {
+            table: (*one).clone(),
+            column: column.to_string(),
+            value: None,
+        }),
+        [] => Err(Error::Option(format!(
+            "materialized view {view}: option 'watermark': no table the query reads has a column '{w}' (it reads {})",
+            tables
+                .iter()
+                .map(|(t, _)| t.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+        many => Err(Error::Option(format!(
+            "materialized view {view}: option 'watermark': tables {} all have column '{column}': write table.column",
+            many.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(", ")
+        ))),
+    }
+}
