@@ -377,7 +377,7 @@ impl Warehouse {
                 )
             }),
             text(&|d| Some(self.version_dir(&d.name, d.version).display().to_string())),
-            text(&|d| Some(d.query.clone())),
+            text(&|d| Some(d.query.split_whitespace().collect::<Vec<_>>().join(" "))),
         ];
         Ok(RecordBatch::try_new(Arc::new(schema), columns)?)
     }

@@ -150,10 +150,16 @@ impl Flumen {
                     )));
                 }
                 let r = wh.refresh(&self.ctx, &mut def, &query, *incremental).await?;
+                let column = def.watermark.as_ref().map_or("", |w| w.column.as_str());
                 let range = match &r.watermark {
+                    Some((from, to)) if from == to => {
+                        format!(
+                            ", nothing new past {column} {}",
+                            from.as_deref().unwrap_or("(none)")
+                        )
+                    }
                     Some((from, to)) => format!(
-                        ", {} past {} up to {}",
-                        def.watermark.as_ref().map_or("", |w| w.column.as_str()),
+                        ", {column} past {} up to {}",
                         from.as_deref().unwrap_or("the start"),
                         to.as_deref().unwrap_or("the same")
                     ),
