@@ -92,6 +92,9 @@ pub struct ViewDef {
     pub watermark: Option<Watermark>,
     /// Set for incremental aggregate views.
     pub shape: Option<Shape>,
+    /// Set for cubes: queries on the name go through [`super::model::CubeTable`].
+    #[serde(default)]
+    pub cube: Option<super::model::CubeDef>,
     pub version: u64,
     pub rows: u64,
     pub refreshed_at: Option<String>,
@@ -191,7 +194,9 @@ impl Warehouse {
 
     /// The table name the view's stored rows are registered under.
     fn store_name(def: &ViewDef) -> String {
-        if def.shape.is_some() {
+        if def.cube.is_some() {
+            format!("__cube_store_{}", def.name)
+        } else if def.shape.is_some() {
             format!("__mv_store_{}", def.name)
         } else {
             def.name.clone()
@@ -209,7 +214,12 @@ impl Warehouse {
             ParquetReadOptions::default(),
         )
         .await?;
-        if let Some(shape) = &def.shape {
+        if let Some(cube) = &def.cube {
+            ctx.deregister_table(def.name.as_str())?;
+            let stored = ctx.table_provider(quote(&store)).await?.schema();
+            let table = super::model::CubeTable::new(def.name.clone(), store.clone(), cube.clone(), &stored);
+            ctx.register_table(quote(&def.name), Arc::new(table))?;
+        } else if let Some(shape) = &def.shape {
             ctx.deregister_table(def.name.as_str())?;
             let public = ctx.sql(&public_query(shape, &store)).await?;
             ctx.register_table(quote(&def.name), public.into_view())?;
@@ -369,6 +379,7 @@ impl Warehouse {
             text(&|d| {
                 Some(
                     match (&d.watermark, &d.shape) {
+                        _ if d.cube.is_some() => "no (cube)",
                         (None, _) => "no",
                         (Some(_), Some(_)) => "merge",
                         (Some(_), None) => "append",

@@ -27,6 +27,13 @@ pub enum ViewStatement {
         if_exists: bool,
     },
     Show,
+    /// `CREATE CUBE name FROM source DIMENSIONS (...) MEASURES (...) [CUBE | ROLLUP | GROUPING
+    /// SETS (...)]`; kept and refreshed as a materialized view.
+    CreateCube {
+        name: String,
+        if_not_exists: bool,
+        def: super::model::CubeDef,
+    },
 }
 
 /// A cursor over a statement's text.
@@ -117,6 +124,31 @@ impl<'a> Words<'a> {
         }
     }
 
+    /// The text inside the `( ... )` that comes next (nested parentheses and strings kept).
+    fn group(&mut self, what: &str) -> Result<&'a str> {
+        self.skip();
+        let rest = &self.text[self.pos..];
+        if !rest.starts_with('(') {
+            return Err(syntax(format!("{what}: expected (, found '{}'", self.shown())));
+        }
+        let (mut depth, mut quoted) = (0usize, false);
+        for (i, c) in rest.char_indices() {
+            match c {
+                '\'' => quoted = !quoted,
+                '(' if !quoted => depth += 1,
+                ')' if !quoted => {
+                    depth -= 1;
+                    if depth == 0 {
+                        self.pos += i + 1;
+                        return Ok(&rest[1..i]);
+                    }
+                }
+                _ => {}
+            }
+        }
+        Err(syntax(format!("{what}: the closing ) is missing")))
+    }
+
     /// A `'...'` literal with `''` escapes.
     fn string(&mut self, what: &str) -> Result<String> {
         self.skip();
@@ -159,6 +191,95 @@ fn syntax(message: String) -> Error {
     Error::Config(message)
 }
 
+/// `text` cut at its top-level commas (not inside parentheses or strings), items trimmed.
+fn split_top(text: &str) -> Vec<String> {
+    let (mut out, mut depth, mut quoted, mut start) = (Vec::new(), 0i32, false, 0);
+    for (i, c) in text.char_indices() {
+        match c {
+            '\'' => quoted = !quoted,
+            '(' if !quoted => depth += 1,
+            ')' if !quoted => depth -= 1,
+            ',' if !quoted && depth == 0 => {
+                out.push(text[start..i].trim().to_string());
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    let last = text[start..].trim();
+    if !last.is_empty() {
+        out.push(last.to_string());
+    }
+    out
+}
+
+/// `name => expression` items (a plain column may stand alone: its name is the column's).
+fn named_items(cube: &str, list: &str, kind: &str, bare: bool) -> Result<Vec<(String, String)>> {
+    split_top(list)
+        .into_iter()
+        .map(|item| match item.split_once("=>") {
+            Some((n, e)) if !n.trim().is_empty() && !e.trim().is_empty() => {
+                Ok((n.trim().trim_matches('"').to_string(), e.trim().to_string()))
+            }
+            None if bare && item.chars().all(|c| c.is_alphanumeric() || c == '_') => {
+                Ok((item.to_lowercase(), item.clone()))
+            }
+            _ => Err(syntax(format!(
+                "CREATE CUBE {cube}: {kind} '{item}' must be written name => expression"
+            ))),
+        })
+        .collect()
+}
+
+fn parse_cube(w: &mut Words<'_>) -> Result<ViewStatement> {
+    use super::model::{CubeDef, Sets};
+    let what = "CREATE CUBE";
+    let if_not_exists = w.eat("IF");
+    if if_not_exists {
+        w.expect("NOT", what)?;
+        w.expect("EXISTS", what)?;
+    }
+    let name = w.name(what)?;
+    let at = format!("{what} {name}");
+    w.expect("FROM", &at)?;
+    let source = w.name(&at)?;
+    w.expect("DIMENSIONS", &at)?;
+    let dimensions = named_items(&name, w.group(&at)?, "dimension", true)?;
+    w.expect("MEASURES", &at)?;
+    let measures = named_items(&name, w.group(&at)?, "measure", false)?;
+    let sets = if w.eat("ROLLUP") {
+        Sets::Rollup
+    } else if w.eat("GROUPING") {
+        w.expect("SETS", &at)?;
+        let list = w.group(&at)?;
+        let sets = split_top(list)
+            .into_iter()
+            .map(|s| {
+                let inner = s
+                    .trim()
+                    .strip_prefix('(')
+                    .and_then(|x| x.strip_suffix(')'))
+                    .ok_or_else(|| {
+                        syntax(format!("{at}: GROUPING SETS takes ((a, b), (a), ()), not '{s}'"))
+                    })?;
+                Ok(split_top(inner).into_iter().map(|d| d.to_lowercase()).collect())
+            })
+            .collect::<Result<Vec<Vec<String>>>>()?;
+        Sets::Explicit(sets)
+    } else {
+        w.eat("CUBE");
+        Sets::Cube
+    };
+    if !w.at_end() {
+        return Err(syntax(format!("{at}: unexpected '{}'", w.shown())));
+    }
+    Ok(ViewStatement::CreateCube {
+        def: CubeDef::new(&name, source, dimensions, measures, sets)?,
+        name,
+        if_not_exists,
+    })
+}
+
 /// The statement if `sql` is one of flumen's own; `None` for everything else.
 pub fn parse(sql: &str) -> Result<Option<ViewStatement>> {
     let mut w = Words { text: sql, pos: 0 };
@@ -166,7 +287,12 @@ pub fn parse(sql: &str) -> Result<Option<ViewStatement>> {
     let stmt = match first.as_str() {
         "CREATE" | "REFRESH" | "DROP" => {
             w.eat(&first);
-            if !(w.eat("MATERIALIZED") && w.eat("VIEW")) {
+            if first == "CREATE" && w.eat("CUBE") {
+                return parse_cube(&mut w).map(Some);
+            }
+            // REFRESH CUBE and DROP CUBE: a cube is kept as a materialized view.
+            let cube = first != "CREATE" && w.eat("CUBE");
+            if !(cube || (w.eat("MATERIALIZED") && w.eat("VIEW"))) {
                 return Ok(None);
             }
             match first.as_str() {

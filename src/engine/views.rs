@@ -55,79 +55,41 @@ impl Flumen {
     ) -> Result<ViewOutput> {
         let wh = &self.warehouse;
         match view {
+            ViewStatement::CreateCube {
+                name,
+                if_not_exists,
+                def,
+            } => {
+                let written_query = match written {
+                    ViewStatement::CreateCube { def, .. } => def.query(),
+                    _ => def.query(),
+                };
+                let query = def.query();
+                let cube = Some(def.clone());
+                self.create_view(name, *if_not_exists, &[], &query, written_query, cube, mode, line)
+                    .await
+            }
             ViewStatement::Create {
                 name,
                 if_not_exists,
                 options,
                 query,
             } => {
-                if wh.load(name)?.is_some() {
-                    if *if_not_exists {
-                        return Ok(ViewOutput::Message(format!(
-                            "materialized view {name} exists: left as it is"
-                        )));
-                    }
-                    return Err(Error::Config(format!(
-                        "materialized view {name} already exists (DROP MATERIALIZED VIEW {name} first, or CREATE ... IF NOT EXISTS)"
-                    )));
-                }
-                if self.ctx.table_exist(name.as_str())? {
-                    return Err(Error::Config(format!(
-                        "materialized view {name}: a table of that name exists"
-                    )));
-                }
-                let mut opts = BTreeMap::new();
-                for (k, v) in options {
-                    if !VIEW_OPTIONS.contains(&k.as_str()) {
-                        return Err(Error::Option(format!(
-                            "materialized view {name}: unknown option '{k}'; valid options: {}",
-                            VIEW_OPTIONS.join(", ")
-                        )));
-                    }
-                    opts.insert(k.clone(), v.clone());
-                }
-                let plan = self.ctx.state().create_logical_plan(query).await?;
-                let tables = scanned_tables(&plan)?;
-                let sources = tables
-                    .iter()
-                    .filter_map(|(t, _)| self.run.template(t).map(|tpl| (t.clone(), tpl)))
-                    .collect();
-                let watermark = opts
-                    .get("watermark")
-                    .map(|w| resolve_watermark(name, w, &tables))
-                    .transpose()?;
-                let shape = match &watermark {
-                    Some(_) => mv::shape(name, query)?,
-                    None => None,
-                };
-                if mode == Mode::Explain {
-                    let text = self.explain(plan).await?;
-                    return Ok(ViewOutput::Message(format!(
-                        "-- statement at line {line}: creates materialized view {name} in {} from:\n{}\n",
-                        wh.dir().display(),
-                        self.redactor.redact(&text)
-                    )));
-                }
                 let written_query = match written {
                     ViewStatement::Create { query, .. } => query.clone(),
                     _ => query.clone(),
                 };
-                let mut def = ViewDef {
-                    name: name.clone(),
-                    query: written_query,
-                    options: opts,
-                    sources,
-                    watermark,
-                    shape,
-                    version: 0,
-                    rows: 0,
-                    refreshed_at: None,
-                };
-                let r = wh.refresh(&self.ctx, &mut def, query, false).await?;
-                Ok(ViewOutput::Message(format!(
-                    "materialized view {name} created: {} rows (version {})",
-                    r.rows, r.version
-                )))
+                self.create_view(
+                    name,
+                    *if_not_exists,
+                    options,
+                    query,
+                    written_query,
+                    None,
+                    mode,
+                    line,
+                )
+                .await
             }
             ViewStatement::Refresh { name, incremental } => {
                 let mut def = wh.load(name)?.ok_or_else(|| {
@@ -198,6 +160,91 @@ impl Flumen {
             }
             ViewStatement::Show => Ok(ViewOutput::Rows(wh.show()?)),
         }
+    }
+
+    /// `CREATE MATERIALIZED VIEW` and `CREATE CUBE`: checks, keeps the definition, materializes.
+    #[allow(clippy::too_many_arguments)]
+    async fn create_view(
+        &self,
+        name: &str,
+        if_not_exists: bool,
+        options: &[(String, String)],
+        query: &str,
+        written_query: String,
+        cube: Option<crate::cube::model::CubeDef>,
+        mode: Mode,
+        line: usize,
+    ) -> Result<ViewOutput> {
+        let wh = &self.warehouse;
+        let kind = if cube.is_some() {
+            "cube"
+        } else {
+            "materialized view"
+        };
+        if wh.load(name)?.is_some() {
+            if if_not_exists {
+                return Ok(ViewOutput::Message(format!(
+                    "{kind} {name} exists: left as it is"
+                )));
+            }
+            return Err(Error::Config(format!(
+                "{kind} {name} already exists (DROP MATERIALIZED VIEW {name} first, or CREATE ... IF NOT EXISTS)"
+            )));
+        }
+        if self.ctx.table_exist(name)? {
+            return Err(Error::Config(format!(
+                "{kind} {name}: a table of that name exists"
+            )));
+        }
+        let mut opts = BTreeMap::new();
+        for (k, v) in options {
+            if !VIEW_OPTIONS.contains(&k.as_str()) {
+                return Err(Error::Option(format!(
+                    "{kind} {name}: unknown option '{k}'; valid options: {}",
+                    VIEW_OPTIONS.join(", ")
+                )));
+            }
+            opts.insert(k.clone(), v.clone());
+        }
+        let plan = self.ctx.state().create_logical_plan(query).await?;
+        let tables = scanned_tables(&plan)?;
+        let sources = tables
+            .iter()
+            .filter_map(|(t, _)| self.run.template(t).map(|tpl| (t.clone(), tpl)))
+            .collect();
+        let watermark = opts
+            .get("watermark")
+            .map(|w| resolve_watermark(name, w, &tables))
+            .transpose()?;
+        let shape = match &watermark {
+            Some(_) => mv::shape(name, query)?,
+            None => None,
+        };
+        if mode == Mode::Explain {
+            let text = self.explain(plan).await?;
+            return Ok(ViewOutput::Message(format!(
+                "-- statement at line {line}: creates {kind} {name} in {} from:\n{}\n",
+                wh.dir().display(),
+                self.redactor.redact(&text)
+            )));
+        }
+        let mut def = ViewDef {
+            name: name.to_string(),
+            query: written_query,
+            options: opts,
+            sources,
+            watermark,
+            shape,
+            cube,
+            version: 0,
+            rows: 0,
+            refreshed_at: None,
+        };
+        let r = wh.refresh(&self.ctx, &mut def, query, false).await?;
+        Ok(ViewOutput::Message(format!(
+            "{kind} {name} created: {} rows (version {})",
+            r.rows, r.version
+        )))
     }
 
     /// Creates the source tables a view reads that this run has not declared, from the

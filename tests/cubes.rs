@@ -1,0 +1,232 @@
+//! Cubes through the binary: every grouping set of a cube over 1M generated orders equals the
+//! same GROUP BY computed directly (keys and counts exactly, float measures to a relative 1e-9),
+//! ROLLUP and explicit sets answer what they can and name what they cannot, a later run
+//! refreshes and drops the cube, and mistakes are named.
+
+mod common;
+
+use std::path::Path;
+
+use common::{fails, ok};
+
+const DIMS: [(&str, &str); 3] = [
+    ("month", "date_trunc('month', created_at)"),
+    ("city", "city"),
+    ("status", "status"),
+];
+
+fn run(dir: &Path, script: &str) -> String {
+    ok(&common::flumen(dir, script, &["--format", "csv"]))
+}
+
+/// 1M generated orders as Parquet files, and the table that reads them.
+fn orders(dir: &Path, rows: &str) -> String {
+    let source = format!(
+        "CREATE EXTERNAL TABLE orders STORED AS PARQUET LOCATION '{}/orders/';",
+        dir.display()
+    );
+    run(
+        dir,
+        &format!(
+            "CREATE EXTERNAL TABLE gen STORED AS GENERATE LOCATION 'orders' OPTIONS ('rows' '{rows}', 'seed' '7');\n\
+             COPY gen TO '{}/orders/' STORED AS PARQUET;",
+            dir.display()
+        ),
+    );
+    source
+}
+
+/// Rows of a CSV result, each cut into fields.
+fn rows(csv: &str) -> Vec<Vec<String>> {
+    csv.lines()
+        .skip(1)
+        .map(|l| l.split(',').map(str::to_string).collect())
+        .collect()
+}
+
+/// Equal keys and counts; floats within a relative 1e-9 (sums in another order).
+fn assert_close(what: &str, got: &str, want: &str) {
+    let (g, w) = (rows(got), rows(want));
+    assert_eq!(g.len(), w.len(), "{what}: row counts");
+    assert!(!g.is_empty(), "{what}: no rows");
+    for (a, b) in g.iter().zip(&w) {
+        assert_eq!(a.len(), b.len(), "{what}: {a:?} vs {b:?}");
+        for (x, y) in a.iter().zip(b) {
+            match (x.parse::<f64>(), y.parse::<f64>()) {
+                (Ok(p), Ok(q)) if x.contains('.') || y.contains('.') => {
+                    assert!(
+                        (p - q).abs() <= 1e-9 * q.abs().max(1.0),
+                        "{what}: {x} vs {y} in {a:?}"
+                    )
+                }
+                _ => assert_eq!(x, y, "{what}: {a:?} vs {b:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn every_grouping_set_equals_a_direct_group_by() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let source = orders(d, "1M");
+    let dims = DIMS
+        .iter()
+        .map(|(n, e)| format!("{n} => {e}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let created = run(
+        d,
+        &format!(
+            "{source}\nCREATE CUBE sales FROM orders DIMENSIONS ({dims}) \
+             MEASURES (revenue => sum(amount), orders => count(*), buyers => count(DISTINCT user_id), \
+                       avg_amount => avg(amount), biggest => max(amount));"
+        ),
+    );
+    assert!(created.starts_with("cube sales created: "), "{created}");
+    // A later run: the cube comes from the warehouse.
+    for mask in 0..8u32 {
+        let set: Vec<(&str, &str)> = DIMS
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| mask & (1 << i) != 0)
+            .map(|(_, d)| *d)
+            .collect();
+        let names: Vec<&str> = set.iter().map(|(n, _)| *n).collect();
+        let order = if names.is_empty() {
+            String::new()
+        } else {
+            format!(" ORDER BY {}", names.join(", "))
+        };
+        let lead = names.iter().map(|n| format!("{n}, ")).collect::<String>();
+        let from_cube = run(
+            d,
+            &format!("SELECT {lead}revenue, orders, buyers, avg_amount, biggest FROM sales{order};"),
+        );
+        let keys = set
+            .iter()
+            .map(|(n, e)| format!("{e} AS {n}, "))
+            .collect::<String>();
+        let group = if set.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " GROUP BY {}",
+                set.iter().map(|(_, e)| *e).collect::<Vec<_>>().join(", ")
+            )
+        };
+        let direct = run(
+            d,
+            &format!(
+                "{source}\nSELECT {keys}sum(amount) AS revenue, count(*) AS orders, count(DISTINCT user_id) AS buyers, \
+                 avg(amount) AS avg_amount, max(amount) AS biggest FROM orders{group}{order};"
+            ),
+        );
+        assert_close(&format!("set ({})", names.join(", ")), &from_cube, &direct);
+    }
+    // Slice and dice: a filter on a dimension reads the set of the dimensions used.
+    let sliced = run(
+        d,
+        "SELECT status, buyers FROM sales WHERE city = 'Zürich' AND month >= '2021-01-01' AND month < '2021-02-01' ORDER BY status;",
+    );
+    let direct = run(
+        d,
+        &format!(
+            "{source}\nSELECT status, count(DISTINCT user_id) AS buyers FROM orders WHERE city = 'Zürich' \
+             AND date_trunc('month', created_at) >= '2021-01-01' AND date_trunc('month', created_at) < '2021-02-01' \
+             GROUP BY status ORDER BY status;"
+        ),
+    );
+    assert_close("slice", &sliced, &direct);
+}
+
+#[test]
+fn rollups_answer_what_they_can_and_name_what_they_cannot() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let source = orders(d, "50k");
+    run(
+        d,
+        &format!(
+            "{source}\nCREATE CUBE r FROM orders DIMENSIONS (city, status) \
+             MEASURES (revenue => sum(amount), buyers => count(DISTINCT user_id)) ROLLUP;\n\
+             CREATE CUBE g FROM orders DIMENSIONS (city, status) \
+             MEASURES (n => count(*)) GROUPING SETS ((city), (status), ());"
+        ),
+    );
+    // ROLLUP (city, status) has no (status) set: sums re-aggregate from (city, status)...
+    let got = run(d, "SELECT status, revenue FROM r ORDER BY status;");
+    let want = run(
+        d,
+        &format!(
+            "{source}\nSELECT status, sum(amount) AS revenue FROM orders GROUP BY status ORDER BY status;"
+        ),
+    );
+    assert_close("status from rollup", &got, &want);
+    // ... distinct counts cannot.
+    let e = fails(&common::flumen(d, "SELECT status, buyers FROM r;", &[]));
+    assert!(
+        e.contains("measure buyers cannot be re-aggregated") && e.contains("GROUPING SETS"),
+        "{e}"
+    );
+    let e = fails(&common::flumen(d, "SELECT city, status, n FROM g;", &[]));
+    assert!(
+        e.contains("no grouping set holds (city, status)") && e.contains("(city), (status), ()"),
+        "{e}"
+    );
+    assert_eq!(run(d, "SELECT n FROM g;"), "n\n50000\n");
+}
+
+#[test]
+fn a_later_run_refreshes_and_drops_the_cube() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let source = orders(d, "1000");
+    run(
+        d,
+        &format!("{source}\nCREATE CUBE c FROM orders DIMENSIONS (city) MEASURES (n => count(*));"),
+    );
+    assert_eq!(run(d, "SELECT n FROM c;"), "n\n1000\n");
+    run(
+        d,
+        &format!(
+            "CREATE EXTERNAL TABLE more STORED AS GENERATE LOCATION 'orders' OPTIONS ('rows' '500', 'seed' '8');\n\
+             COPY more TO '{}/orders/more.parquet' STORED AS PARQUET;",
+            d.display()
+        ),
+    );
+    // The source is declared again from what the cube kept.
+    let out = run(d, "REFRESH CUBE c;");
+    assert!(out.contains("refreshed") && out.contains("(version 2)"), "{out}");
+    assert_eq!(run(d, "SELECT n FROM c;"), "n\n1500\n");
+    let shown = run(d, "SHOW MATERIALIZED VIEWS;");
+    assert!(shown.contains("c,") && shown.contains("no (cube)"), "{shown}");
+    assert_eq!(run(d, "DROP CUBE c;"), "materialized view c dropped\n");
+    assert!(!d.join("state/warehouse/c").exists());
+}
+
+#[test]
+fn cube_mistakes_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let source = orders(d, "100");
+    let err = |s: &str| fails(&common::flumen(d, &format!("{source}\n{s}"), &[]));
+    let e = err(
+        "CREATE CUBE c FROM orders DIMENSIONS (city) MEASURES (n => count(*)) GROUPING SETS ((city), (town));",
+    );
+    assert!(
+        e.contains("names town, which is not a dimension (dimensions: city)"),
+        "{e}"
+    );
+    let e = err("CREATE CUBE c FROM nosuch DIMENSIONS (city) MEASURES (n => count(*));");
+    assert!(e.contains("nosuch") && e.contains("not found"), "{e}");
+    let e = err("CREATE CUBE c FROM orders DIMENSIONS (town) MEASURES (n => count(*));");
+    assert!(e.contains("town"), "{e}");
+    let e = err("CREATE CUBE c FROM orders DIMENSIONS (city) MEASURES (count(*));");
+    assert!(
+        e.contains("measure 'count(*)' must be written name => expression"),
+        "{e}"
+    );
+    let e = err("CREATE CUBE c FROM orders DIMENSIONS (city) MEASURES (city => count(*));");
+    assert!(e.contains("the name city is used twice"), "{e}");
+}
