@@ -113,6 +113,11 @@ enum Command {
     },
     /// List runs with their state and row counts.
     Runs,
+    /// Deploy a cube (CREATE CUBE) to ClickHouse.
+    Cube {
+        #[command(subcommand)]
+        action: CubeAction,
+    },
     /// Generate a deterministic data set (users, orders, events) as CSV, NDJSON or Parquet.
     Gen {
         /// users, orders or events.
@@ -132,6 +137,36 @@ enum Command {
         /// Output file, or - for standard output.
         #[arg(long, short)]
         output: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CubeAction {
+    /// Print the AggregatingMergeTree table, the materialized view that feeds it, the backfill
+    /// and a -Merge query per grouping set.
+    Ddl {
+        /// The cube's name.
+        name: String,
+        /// Only ClickHouse is supported.
+        #[arg(long, default_value = "clickhouse")]
+        target: String,
+        /// The raw table in ClickHouse (default: the cube's source table's name).
+        #[arg(long)]
+        raw_table: Option<String>,
+        /// Types for servers older than 20 (DateTime instead of DateTime64, ...).
+        #[arg(long)]
+        legacy: bool,
+    },
+    /// Create the table and the materialized view on the server, then backfill from the raw table.
+    Deploy {
+        /// The cube's name.
+        name: String,
+        /// http(s)://[user:password@]host:8123/database
+        #[arg(long)]
+        location: String,
+        /// The raw table in ClickHouse (default: the cube's source table's name).
+        #[arg(long)]
+        raw_table: Option<String>,
     },
 }
 
@@ -280,6 +315,44 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "run {run_id}: delivered {} staged parts, {} rows",
                     r.parts, r.rows
                 );
+            }
+        }
+        Command::Cube { action } => {
+            let flumen = engine(g)?;
+            match action {
+                CubeAction::Ddl {
+                    name,
+                    target,
+                    raw_table,
+                    legacy,
+                } => {
+                    if !target.eq_ignore_ascii_case("clickhouse") {
+                        anyhow::bail!("--target {target}: only clickhouse is supported");
+                    }
+                    let d = flumen
+                        .cube_deployment(name, raw_table.as_deref(), *legacy)
+                        .await
+                        .map_err(|e| redacted(&flumen, e))?;
+                    print!("{}", d.script());
+                }
+                CubeAction::Deploy {
+                    name,
+                    location,
+                    raw_table,
+                } => {
+                    let (d, version) = flumen
+                        .deploy_cube(name, location, raw_table.as_deref())
+                        .await
+                        .map_err(|e| redacted(&flumen, e))?;
+                    println!(
+                        "cube {name} deployed to ClickHouse {version}: table {} and its materialized view created, backfilled",
+                        d.table
+                    );
+                    println!("-- Each grouping set, from the table:");
+                    for (set, q) in &d.queries {
+                        println!("-- ({})\n{q};", set.join(", "));
+                    }
+                }
             }
         }
         Command::Runs => {

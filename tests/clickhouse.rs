@@ -685,3 +685,141 @@ fn a_server_killed_mid_load_loses_nothing_after_resume() {
     assert_eq!(&v[1..], &[3_000_000, 1, 3_000_000], "{got}");
     assert!(v[0] - v[1] <= 20_000, "more than one request repeated: {got}");
 }
+
+/// Rows of two CSV answers, equal field by field (quotes dropped; numbers to a relative 1e-9).
+fn assert_same_rows(what: &str, local: &str, server: &str) {
+    let rows = |s: &str| -> Vec<Vec<String>> {
+        s.lines()
+            .map(|l| l.split(',').map(|f| f.trim_matches('"').to_string()).collect())
+            .collect()
+    };
+    let (a, b) = (rows(local), rows(server));
+    assert_eq!(a.len(), b.len(), "{what}: {local}\nvs\n{server}");
+    assert!(!a.is_empty(), "{what}: no rows");
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.len(), y.len(), "{what}: {x:?} vs {y:?}");
+        for (p, q) in x.iter().zip(y) {
+            match (p.parse::<f64>(), q.parse::<f64>()) {
+                (Ok(p), Ok(q)) => assert!((p - q).abs() <= 1e-9 * q.abs().max(1.0), "{what}: {x:?} vs {y:?}"),
+                _ => assert_eq!(p, q, "{what}: {x:?} vs {y:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn a_cube_deployed_to_clickhouse_answers_like_the_local_one() {
+    let db = database("flumen_t_cube");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // The same generated orders in the raw table on the server and as Parquet here.
+    let load = |rows: &str, seed: u32| {
+        let script = format!(
+            "CREATE EXTERNAL TABLE src STORED AS GENERATE LOCATION 'orders' OPTIONS ('rows' '{rows}', 'seed' '{seed}');\n\
+             CREATE EXTERNAL TABLE raw (order_id BIGINT NOT NULL, user_id BIGINT NOT NULL, created_at TIMESTAMP, \
+               city VARCHAR NOT NULL, status VARCHAR NOT NULL, amount DOUBLE) \
+               STORED AS CLICKHOUSE LOCATION 'http://127.0.0.1:8123/{db}' \
+               OPTIONS ('table' 'orders_raw', 'create' 'if_not_exists', 'order_by' 'order_id');\n\
+             INSERT INTO raw SELECT order_id, user_id, created_at, coalesce(city, ''), status, CAST(amount AS DOUBLE) FROM src;\n\
+             COPY (SELECT order_id, user_id, created_at, coalesce(city, '') AS city, status, CAST(amount AS DOUBLE) AS amount FROM src) \
+               TO '{}/orders/part-{seed}.parquet' STORED AS PARQUET;\n",
+            d.display()
+        );
+        let out = flumen(d, &script, &[]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    };
+    load("200k", 1);
+    let create = format!(
+        "CREATE EXTERNAL TABLE orders STORED AS PARQUET LOCATION '{}/orders/';\n\
+         CREATE CUBE sales FROM orders DIMENSIONS (month => date_trunc('month', created_at), city, status) \
+           MEASURES (revenue => sum(amount), orders => count(*), buyers => count(DISTINCT user_id), biggest => max(amount));\n",
+        d.display()
+    );
+    let out = flumen(d, &create, &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // The DDL as printed, then applied with its backfill.
+    let cube = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_flumen"))
+            .arg("cube")
+            .args(args)
+            .arg("--state-dir")
+            .arg(d.join("state"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let ddl = cube(&[
+        "ddl",
+        "sales",
+        "--legacy",
+        "--raw-table",
+        &format!("{db}.orders_raw"),
+    ]);
+    assert!(
+        ddl.contains("ENGINE = AggregatingMergeTree()") && ddl.contains("uniqExactState(`user_id`)"),
+        "{ddl}"
+    );
+    let deployed = cube(&[
+        "deploy",
+        "sales",
+        "--location",
+        &format!("http://127.0.0.1:8123/{db}"),
+        "--raw-table",
+        &format!("{db}.orders_raw"),
+    ]);
+    assert!(
+        deployed.starts_with("cube sales deployed to ClickHouse 18.16"),
+        "{deployed}"
+    );
+    let sets: [(&str, &str, &str); 4] = [
+        ("city", "city", "city"),
+        (
+            "month, city",
+            "to_char(month, '%Y-%m'), city",
+            "formatDateTime(month, '%Y-%m'), city",
+        ),
+        ("status", "status", "status"),
+        ("", "", ""),
+    ];
+    let compare = |round: &str| {
+        for (names, local_keys, server_keys) in sets {
+            let (lead_l, lead_s) = if names.is_empty() {
+                (String::new(), String::new())
+            } else {
+                (format!("{local_keys}, "), format!("{server_keys}, "))
+            };
+            let (order, group) = if names.is_empty() {
+                (String::new(), String::new())
+            } else {
+                (format!(" ORDER BY {names}"), format!(" GROUP BY {names}"))
+            };
+            let out = flumen(
+                d,
+                &format!("SELECT {lead_l}revenue, orders, buyers, biggest FROM sales{order};"),
+                &["--format", "csv"],
+            );
+            assert!(out.status.success(), "{}", text(&out.stderr));
+            let local: String = text(&out.stdout)
+                .lines()
+                .skip(1)
+                .map(|l| format!("{l}\n"))
+                .collect();
+            let server = ch(&format!(
+                "SELECT {lead_s}sumMerge(revenue), countMerge(orders), uniqExactMerge(buyers), maxMerge(biggest) \
+                 FROM {db}.sales_agg{group}{order} FORMAT CSV"
+            ));
+            assert_same_rows(&format!("{round}: set ({names})"), &local, &server);
+        }
+    };
+    compare("after the backfill");
+    // New rows on both sides: the server's materialized view and a local refresh agree again.
+    load("50k", 2);
+    let out = flumen(d, "REFRESH CUBE sales;", &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    compare("after 50k more rows");
+    assert_eq!(
+        ch(&format!("SELECT countMerge(orders) FROM {db}.sales_agg")).trim(),
+        "250000"
+    );
+}

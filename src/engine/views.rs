@@ -296,3 +296,70 @@ fn resolve_watermark(view: &str, w: &str, tables: &[(String, Vec<String>)]) -> R
         ))),
     }
 }
+
+impl Flumen {
+    /// The ClickHouse deployment of cube `name`: its source's columns give the types.
+    pub async fn cube_deployment(
+        &self,
+        name: &str,
+        raw_table: Option<&str>,
+        legacy: bool,
+    ) -> Result<crate::cube::clickhouse::Deployment> {
+        self.register_views().await?;
+        let def = self
+            .warehouse
+            .load(name)?
+            .ok_or_else(|| Error::Config(format!("no cube {name} in {}", self.warehouse.dir().display())))?;
+        let cube = def.cube.clone().ok_or_else(|| {
+            Error::Config(format!(
+                "{name} is a materialized view, not a cube (CREATE CUBE makes one)"
+            ))
+        })?;
+        self.declare_sources(&def).await?;
+        let schema = self.ctx.table_provider(cube.source.as_str()).await?.schema();
+        let target = crate::cube::clickhouse::Target {
+            raw_table: raw_table.unwrap_or(&cube.source).to_string(),
+            legacy,
+        };
+        crate::cube::clickhouse::deployment(name, &cube, &schema, &target)
+    }
+
+    /// Creates cube `name`'s table and materialized view on the ClickHouse server at
+    /// `location`, then backfills from the raw table; returns the deployment and the server's
+    /// version.
+    pub async fn deploy_cube(
+        &self,
+        name: &str,
+        location: &str,
+        raw_table: Option<&str>,
+    ) -> Result<(crate::cube::clickhouse::Deployment, String)> {
+        let client = crate::connector::clickhouse::client::Client::from_location(
+            location,
+            std::time::Duration::from_secs(600),
+        )?;
+        let shown = self.redactor.redact(location);
+        let fail = |what: &str, e: &dyn std::fmt::Display| {
+            Error::Config(format!("cube {name}: clickhouse {shown}: {what}: {e}"))
+        };
+        let version = client
+            .query("SELECT version()")
+            .await
+            .map_err(|e| fail("asking its version", &e))?
+            .trim()
+            .to_string();
+        let major: u32 = version
+            .split('.')
+            .next()
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(0);
+        let d = self.cube_deployment(name, raw_table, major < 20).await?;
+        for sql in &d.create {
+            client.query(sql).await.map_err(|e| fail(sql, &e))?;
+        }
+        client
+            .query(&d.backfill)
+            .await
+            .map_err(|e| fail("backfilling", &e))?;
+        Ok((d, version))
+    }
+}
