@@ -199,6 +199,8 @@ fn a_later_run_refreshes_and_drops_the_cube() {
     let out = run(d, "REFRESH CUBE c;");
     assert!(out.contains("refreshed") && out.contains("(version 2)"), "{out}");
     assert_eq!(run(d, "SELECT n FROM c;"), "n\n1500\n");
+    let e = fails(&common::flumen(d, "REFRESH CUBE c INCREMENTAL;", &[]));
+    assert!(e.contains("a cube refreshes in full"), "{e}");
     let shown = run(d, "SHOW MATERIALIZED VIEWS;");
     assert!(shown.contains("c,") && shown.contains("no (cube)"), "{shown}");
     assert_eq!(run(d, "DROP CUBE c;"), "materialized view c dropped\n");

@@ -245,6 +245,11 @@ impl Warehouse {
         incremental: bool,
     ) -> Result<Refreshed> {
         let name = def.name.clone();
+        if incremental && def.cube.is_some() {
+            return Err(Error::Config(format!(
+                "cube {name}: a cube refreshes in full (REFRESH CUBE {name}); incremental cube refresh is not built yet"
+            )));
+        }
         if incremental && def.watermark.is_none() {
             return Err(Error::Config(format!(
                 "materialized view {name} has no watermark: REFRESH ... INCREMENTAL needs OPTIONS ('watermark' 'column') when the view is created"
