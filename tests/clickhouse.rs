@@ -1,6 +1,8 @@
 //! The CLICKHOUSE connector against the real ClickHouse 18.16 server that
 //! `tests/services/start.sh` installs and starts on 127.0.0.1:8123.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -686,27 +688,6 @@ fn a_server_killed_mid_load_loses_nothing_after_resume() {
     assert!(v[0] - v[1] <= 20_000, "more than one request repeated: {got}");
 }
 
-/// Rows of two CSV answers, equal field by field (quotes dropped; numbers to a relative 1e-9).
-fn assert_same_rows(what: &str, local: &str, server: &str) {
-    let rows = |s: &str| -> Vec<Vec<String>> {
-        s.lines()
-            .map(|l| l.split(',').map(|f| f.trim_matches('"').to_string()).collect())
-            .collect()
-    };
-    let (a, b) = (rows(local), rows(server));
-    assert_eq!(a.len(), b.len(), "{what}: {local}\nvs\n{server}");
-    assert!(!a.is_empty(), "{what}: no rows");
-    for (x, y) in a.iter().zip(&b) {
-        assert_eq!(x.len(), y.len(), "{what}: {x:?} vs {y:?}");
-        for (p, q) in x.iter().zip(y) {
-            match (p.parse::<f64>(), q.parse::<f64>()) {
-                (Ok(p), Ok(q)) => assert!((p - q).abs() <= 1e-9 * q.abs().max(1.0), "{what}: {x:?} vs {y:?}"),
-                _ => assert_eq!(p, q, "{what}: {x:?} vs {y:?}"),
-            }
-        }
-    }
-}
-
 #[test]
 fn a_cube_deployed_to_clickhouse_answers_like_the_local_one() {
     let db = database("flumen_t_cube");
@@ -809,7 +790,7 @@ fn a_cube_deployed_to_clickhouse_answers_like_the_local_one() {
                 "SELECT {lead_s}sumMerge(revenue), countMerge(orders), uniqExactMerge(buyers), maxMerge(biggest) \
                  FROM {db}.sales_agg{group}{order} FORMAT CSV"
             ));
-            assert_same_rows(&format!("{round}: set ({names})"), &local, &server);
+            common::assert_rows_close(&format!("{round}: set ({names})"), &local, &server);
         }
     };
     compare("after the backfill");

@@ -36,35 +36,6 @@ fn orders(dir: &Path, rows: &str) -> String {
     source
 }
 
-/// Rows of a CSV result, each cut into fields.
-fn rows(csv: &str) -> Vec<Vec<String>> {
-    csv.lines()
-        .skip(1)
-        .map(|l| l.split(',').map(str::to_string).collect())
-        .collect()
-}
-
-/// Equal keys and counts; floats within a relative 1e-9 (sums in another order).
-fn assert_close(what: &str, got: &str, want: &str) {
-    let (g, w) = (rows(got), rows(want));
-    assert_eq!(g.len(), w.len(), "{what}: row counts");
-    assert!(!g.is_empty(), "{what}: no rows");
-    for (a, b) in g.iter().zip(&w) {
-        assert_eq!(a.len(), b.len(), "{what}: {a:?} vs {b:?}");
-        for (x, y) in a.iter().zip(b) {
-            match (x.parse::<f64>(), y.parse::<f64>()) {
-                (Ok(p), Ok(q)) if x.contains('.') || y.contains('.') => {
-                    assert!(
-                        (p - q).abs() <= 1e-9 * q.abs().max(1.0),
-                        "{what}: {x} vs {y} in {a:?}"
-                    )
-                }
-                _ => assert_eq!(x, y, "{what}: {a:?} vs {b:?}"),
-            }
-        }
-    }
-}
-
 #[test]
 fn every_grouping_set_equals_a_direct_group_by() {
     let dir = tempfile::tempdir().unwrap();
@@ -122,7 +93,7 @@ fn every_grouping_set_equals_a_direct_group_by() {
                  avg(amount) AS avg_amount, max(amount) AS biggest FROM orders{group}{order};"
             ),
         );
-        assert_close(&format!("set ({})", names.join(", ")), &from_cube, &direct);
+        common::assert_rows_close(&format!("set ({})", names.join(", ")), &from_cube, &direct);
     }
     // Slice and dice: a filter on a dimension reads the set of the dimensions used.
     let sliced = run(
@@ -137,7 +108,7 @@ fn every_grouping_set_equals_a_direct_group_by() {
              GROUP BY status ORDER BY status;"
         ),
     );
-    assert_close("slice", &sliced, &direct);
+    common::assert_rows_close("slice", &sliced, &direct);
 }
 
 #[test]
@@ -162,7 +133,7 @@ fn rollups_answer_what_they_can_and_name_what_they_cannot() {
             "{source}\nSELECT status, sum(amount) AS revenue FROM orders GROUP BY status ORDER BY status;"
         ),
     );
-    assert_close("status from rollup", &got, &want);
+    common::assert_rows_close("status from rollup", &got, &want);
     // ... distinct counts cannot.
     let e = fails(&common::flumen(d, "SELECT status, buyers FROM r;", &[]));
     assert!(

@@ -70,3 +70,25 @@ pub fn dead_letters(state: &Path, table: &str, id: &str) -> String {
         .unwrap();
     ok(&out)
 }
+
+/// Two CSV answers with the same rows, field by field: quotes dropped, numbers equal to a
+/// relative 1e-9 (sums added in another order), everything else exactly.
+pub fn assert_rows_close(what: &str, got: &str, want: &str) {
+    let rows = |s: &str| -> Vec<Vec<String>> {
+        s.lines()
+            .map(|l| l.split(',').map(|f| f.trim_matches('"').to_string()).collect())
+            .collect()
+    };
+    let (a, b) = (rows(got), rows(want));
+    assert_eq!(a.len(), b.len(), "{what}: {got}\nvs\n{want}");
+    assert!(!a.is_empty(), "{what}: no rows");
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.len(), y.len(), "{what}: {x:?} vs {y:?}");
+        for (p, q) in x.iter().zip(y) {
+            match (p.parse::<f64>(), q.parse::<f64>()) {
+                (Ok(p), Ok(q)) => assert!((p - q).abs() <= 1e-9 * q.abs().max(1.0), "{what}: {x:?} vs {y:?}"),
+                _ => assert_eq!(p, q, "{what}: {x:?} vs {y:?}"),
+            }
+        }
+    }
+}
