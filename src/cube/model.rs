@@ -28,7 +28,7 @@ use datafusion::logical_expr::{Expr, TableType};
 use datafusion::physical_plan::ExecutionPlan;
 use serde::{Deserialize, Serialize};
 
-use super::mv::Merge;
+use super::mv::{Merge, is_aggregate, quote};
 use crate::error::{Error, Result};
 
 /// Which grouping sets a cube keeps.
@@ -53,10 +53,6 @@ pub struct CubeDef {
     pub sets: Sets,
 }
 
-fn quote(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
 /// The flag column of a dimension: 1 in rows where the grouping set rolls it up.
 pub fn flag(dimension: &str) -> String {
     format!("__grouping_{dimension}")
@@ -69,13 +65,8 @@ fn additive(expr: &str) -> Option<Merge> {
     if rest.trim_start().starts_with("distinct") {
         return None;
     }
-    match f.trim() {
-        "sum" => Some(Merge::Sum),
-        "count" => Some(Merge::Count),
-        "min" => Some(Merge::Min),
-        "max" => Some(Merge::Max),
-        _ => None,
-    }
+    // An average does not re-aggregate from averages.
+    is_aggregate(f.trim()).filter(|m| *m != Merge::Avg)
 }
 
 impl CubeDef {

@@ -123,7 +123,8 @@ fn io(what: String) -> impl FnOnce(std::io::Error) -> Error {
     move |e| Error::io(what, e)
 }
 
-fn quote(name: &str) -> String {
+/// A double-quoted SQL identifier.
+pub(crate) fn quote(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
@@ -182,9 +183,8 @@ impl Warehouse {
         let tmp = dir.join("view.json.tmp");
         let text = serde_json::to_vec_pretty(def)
             .map_err(|e| Error::Config(format!("encoding view {}: {e}", def.name)))?;
-        let f = std::fs::File::create(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
         use std::io::Write;
-        let mut f = f;
+        let mut f = std::fs::File::create(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
         f.write_all(&text)
             .map_err(io(format!("writing {}", tmp.display())))?;
         f.sync_all().map_err(io(format!("syncing {}", tmp.display())))?;
@@ -572,7 +572,8 @@ fn merge_query(shape: &Shape, store: &str, delta: &str) -> String {
     )
 }
 
-fn is_aggregate(name: &str) -> Option<Merge> {
+/// How the aggregate function `name` merges, if it does.
+pub(crate) fn is_aggregate(name: &str) -> Option<Merge> {
     match name.to_ascii_lowercase().as_str() {
         "sum" => Some(Merge::Sum),
         "count" => Some(Merge::Count),
