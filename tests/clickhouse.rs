@@ -694,26 +694,28 @@ fn a_cube_deployed_to_clickhouse_answers_like_the_local_one() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     // The same generated orders in the raw table on the server and as Parquet here.
-    let load = |rows: &str, seed: u32| {
+    // Order ids of a later load start past the earlier ones (the cube's watermark).
+    let load = |rows: &str, seed: u32, first_id: u64| {
         let script = format!(
             "CREATE EXTERNAL TABLE src STORED AS GENERATE LOCATION 'orders' OPTIONS ('rows' '{rows}', 'seed' '{seed}');\n\
              CREATE EXTERNAL TABLE raw (order_id BIGINT NOT NULL, user_id BIGINT NOT NULL, created_at TIMESTAMP, \
                city VARCHAR NOT NULL, status VARCHAR NOT NULL, amount DOUBLE) \
                STORED AS CLICKHOUSE LOCATION 'http://127.0.0.1:8123/{db}' \
                OPTIONS ('table' 'orders_raw', 'create' 'if_not_exists', 'order_by' 'order_id');\n\
-             INSERT INTO raw SELECT order_id, user_id, created_at, coalesce(city, ''), status, CAST(amount AS DOUBLE) FROM src;\n\
-             COPY (SELECT order_id, user_id, created_at, coalesce(city, '') AS city, status, CAST(amount AS DOUBLE) AS amount FROM src) \
+             INSERT INTO raw SELECT order_id + {first_id}, user_id, created_at, coalesce(city, ''), status, CAST(amount AS DOUBLE) FROM src;\n\
+             COPY (SELECT order_id + {first_id} AS order_id, user_id, created_at, coalesce(city, '') AS city, status, CAST(amount AS DOUBLE) AS amount FROM src) \
                TO '{}/orders/part-{seed}.parquet' STORED AS PARQUET;\n",
             d.display()
         );
         let out = flumen(d, &script, &[]);
         assert!(out.status.success(), "{}", text(&out.stderr));
     };
-    load("200k", 1);
+    load("200k", 1, 0);
     let create = format!(
         "CREATE EXTERNAL TABLE orders STORED AS PARQUET LOCATION '{}/orders/';\n\
          CREATE CUBE sales FROM orders DIMENSIONS (month => date_trunc('month', created_at), city, status) \
-           MEASURES (revenue => sum(amount), orders => count(*), buyers => count(DISTINCT user_id), biggest => max(amount));\n",
+           MEASURES (revenue => sum(amount), orders => count(*), buyers => count(DISTINCT user_id), biggest => max(amount)) \
+           OPTIONS ('watermark' 'order_id');\n",
         d.display()
     );
     let out = flumen(d, &create, &[]);
@@ -794,13 +796,19 @@ fn a_cube_deployed_to_clickhouse_answers_like_the_local_one() {
         }
     };
     compare("after the backfill");
-    // New rows on both sides: the server's materialized view and a local refresh agree again.
-    load("50k", 2);
-    let out = flumen(d, "REFRESH CUBE sales;", &[]);
+    // New rows on both sides: the server's materialized view and an incremental local
+    // refresh (only the rows past the watermark merged into the kept states) agree again.
+    load("100k", 2, 10_000_000);
+    let out = flumen(d, "REFRESH CUBE sales INCREMENTAL;", &[]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    compare("after 50k more rows");
+    assert!(
+        text(&out.stdout).contains("refreshed incrementally, order_id past 200000 up to 10100000"),
+        "{}",
+        text(&out.stdout)
+    );
+    compare("after 100k more rows");
     assert_eq!(
         ch(&format!("SELECT countMerge(orders) FROM {db}.sales_agg")).trim(),
-        "250000"
+        "300000"
     );
 }

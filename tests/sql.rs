@@ -442,3 +442,96 @@ fn a_million_rows_go_mysql_to_postgres_and_back_with_a_transformation() {
     );
     assert_eq!(my("SELECT count(*) FROM mill_back"), "1000000");
 }
+
+/// A materialized view stored in PostgreSQL (`STORED AS POSTGRES`): the warehouse keeps the
+/// view, and each refresh (full or incremental) replaces the PostgreSQL table's rows in one
+/// transaction; the password stays out of every message and of the warehouse.
+#[test]
+fn a_materialized_view_stored_in_postgres_follows_its_refreshes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    pg("DROP TABLE IF EXISTS mv_by_city");
+    let append = |from: u64, to: u64| {
+        ok(&flumen(
+            d,
+            &format!(
+                "COPY (SELECT id, 'c' || CAST(id % 7 AS VARCHAR) AS city, CAST(id % 100 AS DOUBLE) / 4 AS amount \
+                 FROM generate_series({from}, {}) t(id)) TO '{}/orders/part-{from:08}.parquet';\n",
+                to - 1,
+                d.display()
+            ),
+            &[],
+        ))
+    };
+    append(0, 70_000);
+    let created = ok(&flumen(
+        d,
+        &format!(
+            "CREATE EXTERNAL TABLE orders STORED AS PARQUET LOCATION '{}/orders/';\n\
+             CREATE MATERIALIZED VIEW by_city STORED AS POSTGRES LOCATION '{PG}' \
+               OPTIONS ('table' 'mv_by_city', 'watermark' 'id') \
+               AS SELECT city, count(*) AS n, sum(amount) AS revenue, avg(amount) AS mean FROM orders GROUP BY city;\n",
+            d.display()
+        ),
+        &[],
+    ));
+    assert_eq!(
+        created,
+        "materialized view by_city created: 7 rows (version 1); 7 rows written to STORED AS POSTGRES LOCATION 'postgres://flumen:***@127.0.0.1:5432/flumen'\n"
+    );
+    let in_pg = || pg("SELECT city, n, revenue, round(mean::numeric, 6) FROM mv_by_city ORDER BY city");
+    let in_flumen = || {
+        let out = ok(&flumen(
+            d,
+            "SELECT city, n, revenue, round(mean, 6) AS mean FROM by_city ORDER BY city;\n",
+            &["--format", "csv"],
+        ));
+        out.lines().skip(1).map(|l| l.replace(',', "|")).collect::<Vec<_>>().join("\n")
+    };
+    assert_eq!(in_pg(), in_flumen());
+    assert!(in_pg().starts_with("c0|10000|"), "{}", in_pg());
+    append(70_000, 77_000);
+    let refreshed = ok(&flumen(d, "REFRESH MATERIALIZED VIEW by_city INCREMENTAL;\n", &[]));
+    assert!(
+        refreshed.contains("refreshed incrementally, id past 69999 up to 76999")
+            && refreshed.ends_with("; 7 rows written to STORED AS POSTGRES LOCATION 'postgres://flumen:***@127.0.0.1:5432/flumen'\n"),
+        "{refreshed}"
+    );
+    assert_eq!(in_pg(), in_flumen());
+    assert_eq!(pg("SELECT sum(n) FROM mv_by_city"), "77000");
+    // The warehouse keeps the location as written.
+    let kept = std::fs::read_to_string(d.join("state/warehouse/by_city/view.json")).unwrap();
+    assert!(kept.contains("${PW}") && !kept.contains("flumen-test"), "{kept}");
+    // A target that cannot replace its rows, and a mode the view decides, are refused at CREATE.
+    let e = text(
+        &flumen(
+            d,
+            &format!(
+                "CREATE EXTERNAL TABLE orders STORED AS PARQUET LOCATION '{}/orders/';\n\
+                 CREATE MATERIALIZED VIEW v2 STORED AS POSTGRES LOCATION '{PG}' OPTIONS ('table' 'x', 'mode' 'append') AS SELECT id FROM orders;\n",
+                d.display()
+            ),
+            &[],
+        )
+        .stderr,
+    );
+    assert!(e.contains("option 'mode': the view decides how its target is written"), "{e}");
+    let e = text(
+        &flumen(
+            d,
+            &format!(
+                "CREATE EXTERNAL TABLE orders STORED AS PARQUET LOCATION '{}/orders/';\n\
+                 CREATE MATERIALIZED VIEW v3 STORED AS KAFKA LOCATION 'kafka://127.0.0.1:1' OPTIONS ('topic' 't') AS SELECT id FROM orders;\n",
+                d.display()
+            ),
+            &[],
+        )
+        .stderr,
+    );
+    assert!(
+        e.contains("materialized view v3: STORED AS KAFKA LOCATION 'kafka://127.0.0.1:1' cannot hold the view")
+            && e.contains("'mode' 'overwrite'"),
+        "{e}"
+    );
+    assert!(!d.join("state/warehouse/v3").exists());
+}

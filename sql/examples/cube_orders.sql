@@ -9,7 +9,11 @@ DROP CUBE IF EXISTS sales;
 CREATE CUBE sales FROM orders
   DIMENSIONS (month => date_trunc('month', created_at), city, status)
   MEASURES (revenue => sum(amount), orders => count(*), buyers => count(DISTINCT user_id),
-            avg_amount => avg(amount));
+            avg_amount => avg(amount))
+  OPTIONS ('watermark' 'order_id');   -- mergeable states: REFRESH CUBE ... INCREMENTAL works
+
+-- Later runs, after new orders arrive: only orders past the last order_id are read and merged.
+REFRESH CUBE sales INCREMENTAL;
 
 -- Roll-up: the grand total (the () set).
 SELECT revenue, orders, buyers FROM sales;
@@ -34,3 +38,8 @@ SELECT city,
        sum(CASE WHEN status = 'cancelled' THEN orders ELSE 0 END) AS cancelled,
        sum(CASE WHEN status = 'returned'  THEN orders ELSE 0 END) AS returned
 FROM sales GROUP BY city ORDER BY delivered DESC LIMIT 5;
+
+-- The same cube on ClickHouse, fed by a materialized view from the raw orders there
+-- (an AggregatingMergeTree of -State columns; answers by -Merge):
+--   flumen cube ddl sales --raw-table shop.orders                  # prints the DDL and queries
+--   flumen cube deploy sales --location 'http://default:@127.0.0.1:8123/shop' --raw-table shop.orders

@@ -16,6 +16,15 @@
 //! rows of the set that groups by exactly those, one row per group, so every measure is exact,
 //! distinct counts included. Without such a set (ROLLUP, explicit sets), the smallest set that
 //! holds them all is re-aggregated, which only sums, counts, minima and maxima allow.
+//!
+//! A cube created with `OPTIONS ('watermark' 'column')` refreshes incrementally
+//! (`REFRESH CUBE name INCREMENTAL`): its store keeps every measure as a mergeable state (`sum`,
+//! `count`, `min`, `max` as themselves, `avg` as hidden sum and count columns, `count(DISTINCT
+//! x)` as the hidden list of distinct values, what ClickHouse's `uniqExactState` keeps), and a
+//! refresh aggregates the new source rows by the same sets and merges them into the store by
+//! dimensions and flags. Such a cube also re-aggregates averages and distinct counts, so every
+//! query it holds the dimensions of is exact. Other aggregates (median, ...) are refused in an
+//! incremental cube. The lists make the store larger: a cube refreshed in full keeps none.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -28,7 +37,13 @@ use datafusion::logical_expr::{Expr, TableType};
 use datafusion::physical_plan::ExecutionPlan;
 use serde::{Deserialize, Serialize};
 
-use super::mv::{Merge, is_aggregate, quote};
+use datafusion::sql::sqlparser::ast::{
+    DuplicateTreatment, Expr as SqlExpr, FunctionArguments,
+};
+use datafusion::sql::sqlparser::dialect::GenericDialect;
+use datafusion::sql::sqlparser::parser::Parser;
+
+use super::mv::{Merge, hidden, is_aggregate, quote};
 use crate::error::{Error, Result};
 
 /// Which grouping sets a cube keeps.
@@ -51,6 +66,54 @@ pub struct CubeDef {
     /// `(name, aggregate expression, how it re-aggregates)`.
     pub measures: Vec<(String, String, Option<Merge>)>,
     pub sets: Sets,
+    /// Measures kept as mergeable state (a cube with a watermark: incremental refresh).
+    #[serde(default)]
+    pub mergeable: bool,
+}
+
+/// How a mergeable cube keeps one measure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Kept {
+    /// The aggregate itself (`sum`, `count`, `min`, `max`; anything in a cube refreshed in full).
+    Plain(Option<Merge>),
+    /// `avg(args)` as hidden `sum(args)` and `count(args)`.
+    Avg(String),
+    /// `count(DISTINCT arg)` as the hidden list of the distinct non-null values.
+    Distinct(String),
+}
+
+/// One aggregate call, as a measure is written.
+struct Call {
+    name: String,
+    distinct: bool,
+    args: Vec<String>,
+}
+
+/// The measure `expr` if it is exactly one aggregate call without FILTER, OVER or ORDER BY
+/// (`sum(a) / count(*)` is not: it neither re-aggregates nor merges).
+fn call(expr: &str) -> Option<Call> {
+    let e = Parser::new(&GenericDialect {})
+        .try_with_sql(expr)
+        .ok()?
+        .parse_expr()
+        .ok()?;
+    let SqlExpr::Function(f) = e else {
+        return None;
+    };
+    if f.filter.is_some() || f.over.is_some() || !f.within_group.is_empty() {
+        return None;
+    }
+    let FunctionArguments::List(list) = &f.args else {
+        return None;
+    };
+    if !list.clauses.is_empty() {
+        return None;
+    }
+    Some(Call {
+        name: f.name.to_string().to_ascii_lowercase(),
+        distinct: matches!(list.duplicate_treatment, Some(DuplicateTreatment::Distinct)),
+        args: list.args.iter().map(|a| a.to_string()).collect(),
+    })
 }
 
 /// The flag column of a dimension: 1 in rows where the grouping set rolls it up.
@@ -60,13 +123,9 @@ pub fn flag(dimension: &str) -> String {
 
 /// How a measure's aggregate re-aggregates (`None`: it does not, e.g. a distinct count).
 fn additive(expr: &str) -> Option<Merge> {
-    let e = expr.trim().to_ascii_lowercase();
-    let (f, rest) = e.split_once('(')?;
-    if rest.trim_start().starts_with("distinct") {
-        return None;
-    }
+    let c = call(expr).filter(|c| !c.distinct)?;
     // An average does not re-aggregate from averages.
-    is_aggregate(f.trim()).filter(|m| *m != Merge::Avg)
+    is_aggregate(&c.name).filter(|m| *m != Merge::Avg)
 }
 
 impl CubeDef {
@@ -126,7 +185,108 @@ impl CubeDef {
             dimensions,
             measures,
             sets,
+            mergeable: false,
         })
+    }
+
+    /// Keeps every measure as a mergeable state (for incremental refresh); an error names a
+    /// measure that has none.
+    pub fn make_mergeable(&mut self, cube: &str) -> Result<()> {
+        self.mergeable = true;
+        for (n, e, _) in &self.measures {
+            self.kept(e).map_err(|why| {
+                Error::Config(format!(
+                    "cube {cube}: measure {n} => {e} cannot be merged with new rows ({why}); incremental cubes take sum, count, min, max, avg and count(DISTINCT one column): drop the watermark option to refresh the cube in full"
+                ))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// How the store keeps a measure; the error says why it cannot be merged.
+    fn kept(&self, expr: &str) -> std::result::Result<Kept, String> {
+        if !self.mergeable {
+            return Ok(Kept::Plain(additive(expr)));
+        }
+        let c = call(expr).ok_or("not one plain aggregate call")?;
+        match (is_aggregate(&c.name), c.distinct) {
+            (Some(Merge::Count), true) => match c.args.as_slice() {
+                [one] => Ok(Kept::Distinct(one.clone())),
+                _ => Err("a distinct count of several columns".into()),
+            },
+            (_, true) => Err(format!("{}(DISTINCT ...)", c.name)),
+            (Some(Merge::Avg), false) => Ok(Kept::Avg(c.args.join(", "))),
+            (Some(m), false) => Ok(Kept::Plain(Some(m))),
+            (None, false) => Err(format!("{} has no mergeable state", c.name)),
+        }
+    }
+
+    /// Each measure with how it is kept (definitions are checked when made).
+    fn kept_measures(&self) -> Vec<(&str, Kept)> {
+        self.measures
+            .iter()
+            .map(|(n, e, m)| (n.as_str(), self.kept(e).unwrap_or(Kept::Plain(*m))))
+            .collect()
+    }
+
+    /// The stored columns of measure `name`: `(column, aggregate over the source)`.
+    fn stored(name: &str, expr: &str, kept: &Kept) -> Vec<(String, String)> {
+        match kept {
+            Kept::Plain(_) => vec![(name.to_string(), expr.to_string())],
+            Kept::Avg(args) => vec![
+                (hidden(name, "sum"), format!("sum({args})")),
+                (hidden(name, "count"), format!("count({args})")),
+            ],
+            Kept::Distinct(arg) => vec![(
+                hidden(name, "set"),
+                format!("array_agg(DISTINCT {arg}) FILTER (WHERE {arg} IS NOT NULL)"),
+            )],
+        }
+    }
+
+    /// The public type of a measure kept as state, if it is.
+    pub fn state_type(&self, measure: &str) -> Option<arrow::datatypes::DataType> {
+        let (_, kept) = self.kept_measures().into_iter().find(|(n, _)| *n == measure)?;
+        match kept {
+            Kept::Plain(_) => None,
+            Kept::Avg(_) => Some(arrow::datatypes::DataType::Float64),
+            Kept::Distinct(_) => Some(arrow::datatypes::DataType::Int64),
+        }
+    }
+
+    /// The SQL that merges new rows (`delta`, the cube's query over them) into the store:
+    /// both aggregated again by dimensions and flags, in the store's column order.
+    pub fn merge_query(&self, store: &str, delta: &str) -> String {
+        let mut cols: Vec<String> = self.dimensions.iter().map(|(n, _)| quote(n)).collect();
+        for (n, kept) in self.kept_measures() {
+            match kept {
+                Kept::Plain(Some(Merge::Min)) => cols.push(format!("min({q}) AS {q}", q = quote(n))),
+                Kept::Plain(Some(Merge::Max)) => cols.push(format!("max({q}) AS {q}", q = quote(n))),
+                Kept::Plain(_) => cols.push(format!("sum({q}) AS {q}", q = quote(n))),
+                Kept::Avg(_) => {
+                    for part in ["sum", "count"] {
+                        cols.push(format!("sum({q}) AS {q}", q = quote(&hidden(n, part))));
+                    }
+                }
+                Kept::Distinct(_) => cols.push(format!(
+                    "{} AS {q}",
+                    union_of_sets(&quote(&hidden(n, "set"))),
+                    q = quote(&hidden(n, "set"))
+                )),
+            }
+        }
+        let mut keys: Vec<String> = self.dimensions.iter().map(|(n, _)| quote(n)).collect();
+        for (n, _) in &self.dimensions {
+            cols.push(quote(&flag(n)));
+            keys.push(quote(&flag(n)));
+        }
+        format!(
+            "SELECT {} FROM (SELECT * FROM {} UNION ALL SELECT * FROM {}) GROUP BY {}",
+            cols.join(", "),
+            quote(store),
+            quote(delta),
+            keys.join(", ")
+        )
     }
 
     /// The grouping sets, as lists of dimension names.
@@ -160,11 +320,11 @@ impl CubeDef {
             .iter()
             .map(|(n, e)| format!("{e} AS {}", quote(n)))
             .collect();
-        cols.extend(
-            self.measures
-                .iter()
-                .map(|(n, e, _)| format!("{e} AS {}", quote(n))),
-        );
+        for ((n, e, _), (_, kept)) in self.measures.iter().zip(self.kept_measures()) {
+            for (col, agg) in Self::stored(n, e, &kept) {
+                cols.push(format!("{agg} AS {}", quote(&col)));
+            }
+        }
         cols.extend(
             self.dimensions
                 .iter()
@@ -226,8 +386,26 @@ impl CubeDef {
             .map(|(n, _)| format!("{} = {}", quote(&flag(n)), if chosen.contains(n) { 0 } else { 1 }))
             .collect();
         let filter = format!("{} WHERE {}", quote(store), flags.join(" AND "));
+        let kept = self.kept_measures();
+        let kept_of = |c: &str| kept.iter().find(|(n, _)| *n == c).map(|(_, k)| k.clone());
         if exact.is_some() {
-            let cols: Vec<String> = columns.iter().map(|c| quote(c)).collect();
+            let cols: Vec<String> = columns
+                .iter()
+                .map(|c| match kept_of(c) {
+                    Some(Kept::Avg(_)) => format!(
+                        "CAST({} AS DOUBLE) / nullif({}, 0) AS {}",
+                        quote(&hidden(c, "sum")),
+                        quote(&hidden(c, "count")),
+                        quote(c)
+                    ),
+                    Some(Kept::Distinct(_)) => format!(
+                        "CAST(coalesce(cardinality({}), 0) AS BIGINT) AS {}",
+                        quote(&hidden(c, "set")),
+                        quote(c)
+                    ),
+                    _ => quote(c),
+                })
+                .collect();
             let list = if cols.is_empty() {
                 "1 AS one".to_string()
             } else {
@@ -241,16 +419,20 @@ impl CubeDef {
                 cols.push(quote(c));
                 continue;
             }
-            let merge = self
-                .measures
-                .iter()
-                .find(|(n, _, _)| n == c)
-                .and_then(|(_, _, m)| *m);
             let q = quote(c);
-            cols.push(match merge {
-                Some(Merge::Sum | Merge::Count) => format!("sum({q}) AS {q}"),
-                Some(Merge::Min) => format!("min({q}) AS {q}"),
-                Some(Merge::Max) => format!("max({q}) AS {q}"),
+            cols.push(match kept_of(c) {
+                Some(Kept::Plain(Some(Merge::Sum | Merge::Count))) => format!("sum({q}) AS {q}"),
+                Some(Kept::Plain(Some(Merge::Min))) => format!("min({q}) AS {q}"),
+                Some(Kept::Plain(Some(Merge::Max))) => format!("max({q}) AS {q}"),
+                Some(Kept::Avg(_)) => format!(
+                    "CAST(sum({}) AS DOUBLE) / nullif(sum({}), 0) AS {q}",
+                    quote(&hidden(c, "sum")),
+                    quote(&hidden(c, "count"))
+                ),
+                Some(Kept::Distinct(_)) => format!(
+                    "CAST(coalesce(cardinality({}), 0) AS BIGINT) AS {q}",
+                    union_of_sets(&quote(&hidden(c, "set")))
+                ),
                 _ => {
                     return Err(Error::Config(format!(
                         "cube {cube}: no grouping set is exactly ({}), and measure {c} cannot be re-aggregated from the ({}) set; add ({0}) to the cube's GROUPING SETS",
@@ -273,6 +455,11 @@ impl CubeDef {
     }
 }
 
+/// The distinct values of a list column's lists, over a group.
+fn union_of_sets(set: &str) -> String {
+    format!("array_distinct(flatten(array_agg({set}) FILTER (WHERE {set} IS NOT NULL)))")
+}
+
 /// The table a cube is queried through.
 #[derive(Debug)]
 pub struct CubeTable {
@@ -286,12 +473,22 @@ pub struct CubeTable {
 impl CubeTable {
     /// The table over `store` (whose schema has the flag columns too).
     pub fn new(name: String, store: String, def: CubeDef, store_schema: &Schema) -> Self {
-        let fields: Vec<_> = store_schema
-            .fields()
+        let mut fields: Vec<arrow::datatypes::FieldRef> = def
+            .dimensions
             .iter()
-            .filter(|f| !f.name().starts_with("__grouping_"))
-            .cloned()
+            .filter_map(|(n, _)| store_schema.field_with_name(n).ok())
+            .map(|f| Arc::new(f.clone()))
             .collect();
+        for (n, _, _) in &def.measures {
+            match def.state_type(n) {
+                Some(dt) => fields.push(Arc::new(arrow::datatypes::Field::new(n, dt, true))),
+                None => {
+                    if let Ok(f) = store_schema.field_with_name(n) {
+                        fields.push(Arc::new(f.clone()));
+                    }
+                }
+            }
+        }
         Self {
             name,
             store,
@@ -418,6 +615,43 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("no grouping set holds (city, day)"), "{e}");
+    }
+
+    #[test]
+    fn mergeable_cubes_keep_states_and_merge_them() {
+        let mut c = sales(Sets::Rollup);
+        c.measures.push(("mean".into(), "avg(amount)".into(), None));
+        c.make_mergeable("sales").unwrap();
+        let q = c.query();
+        assert!(
+            q.contains(r#"array_agg(DISTINCT user_id) FILTER (WHERE user_id IS NOT NULL) AS "__buyers_set""#)
+                && q.contains(r#"sum(amount) AS "__mean_sum", count(amount) AS "__mean_count""#),
+            "{q}"
+        );
+        let m = c.merge_query("st", "delta");
+        assert!(
+            m.contains(r#"array_distinct(flatten(array_agg("__buyers_set") FILTER (WHERE "__buyers_set" IS NOT NULL))) AS "__buyers_set""#)
+                && m.ends_with(r#"GROUP BY "day", "city", "__grouping_day", "__grouping_city""#),
+            "{m}"
+        );
+        // (city) is no set of the rollup: the kept states re-aggregate exactly.
+        let cols: Vec<String> = ["city", "buyers", "mean"].iter().map(|s| s.to_string()).collect();
+        let q = c.scan_query("sales", "st", &cols).unwrap();
+        assert!(
+            q.contains(r#"CAST(sum("__mean_sum") AS DOUBLE) / nullif(sum("__mean_count"), 0) AS "mean""#),
+            "{q}"
+        );
+        for (m, why) in [
+            ("median(amount)", "median has no mergeable state"),
+            ("sum(amount) / count(*)", "not one plain aggregate call"),
+            ("count(DISTINCT user_id, city)", "several columns"),
+            ("sum(amount) FILTER (WHERE amount > 0)", "not one plain aggregate call"),
+        ] {
+            let mut c = sales(Sets::Cube);
+            c.measures.push(("x".into(), m.into(), None));
+            let e = c.make_mergeable("sales").unwrap_err().to_string();
+            assert!(e.contains(&format!("measure x => {m} cannot be merged")) && e.contains(why), "{e}");
+        }
     }
 
     #[test]

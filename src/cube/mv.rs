@@ -79,6 +79,43 @@ pub struct Watermark {
     pub value: Option<String>,
 }
 
+/// Where a view stored with a connector (`STORED AS ... LOCATION ... OPTIONS (...)`) also
+/// goes, as written (`${VAR}`s not substituted). The warehouse still keeps the view: it is what
+/// readers in flumen see, what an incremental refresh merges into and what makes a refresh
+/// atomic; after each refresh the whole view replaces the target's rows through the
+/// connector's `'mode' 'overwrite'` (one transaction for the SQL databases).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    pub stored_as: String,
+    pub location: String,
+    pub options: Vec<(String, String)>,
+}
+
+impl Target {
+    /// The `CREATE EXTERNAL TABLE` statement of the target, as table `table`, in overwrite mode.
+    pub fn declaration(&self, table: &str) -> String {
+        let s = |v: &str| format!("'{}'", v.replace('\'', "''"));
+        let mut opts: Vec<String> = self
+            .options
+            .iter()
+            .map(|(k, v)| format!("{} {}", s(k), s(v)))
+            .collect();
+        opts.push("'mode' 'overwrite'".into());
+        format!(
+            "CREATE EXTERNAL TABLE {} STORED AS {} LOCATION {} OPTIONS ({})",
+            quote(table),
+            self.stored_as,
+            s(&self.location),
+            opts.join(", ")
+        )
+    }
+
+    /// `STORED AS X LOCATION '...'` (for messages; the caller redacts it).
+    pub fn shown(&self) -> String {
+        format!("STORED AS {} LOCATION '{}'", self.stored_as, self.location)
+    }
+}
+
 /// A view's definition and state, as `view.json` keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ViewDef {
@@ -95,6 +132,9 @@ pub struct ViewDef {
     /// Set for cubes: queries on the name go through [`super::model::CubeTable`].
     #[serde(default)]
     pub cube: Option<super::model::CubeDef>,
+    /// Set for views stored with a connector.
+    #[serde(default)]
+    pub target: Option<Target>,
     pub version: u64,
     pub rows: u64,
     pub refreshed_at: Option<String>,
@@ -128,7 +168,7 @@ pub(crate) fn quote(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-fn hidden(name: &str, part: &str) -> String {
+pub(crate) fn hidden(name: &str, part: &str) -> String {
     format!("__{name}_{part}")
 }
 
@@ -245,15 +285,16 @@ impl Warehouse {
         incremental: bool,
     ) -> Result<Refreshed> {
         let name = def.name.clone();
-        if incremental && def.cube.is_some() {
-            return Err(Error::Config(format!(
-                "cube {name}: a cube refreshes in full (REFRESH CUBE {name}); incremental cube refresh is not built yet"
-            )));
-        }
         if incremental && def.watermark.is_none() {
-            return Err(Error::Config(format!(
-                "materialized view {name} has no watermark: REFRESH ... INCREMENTAL needs OPTIONS ('watermark' 'column') when the view is created"
-            )));
+            return Err(Error::Config(if def.cube.is_some() {
+                format!(
+                    "cube {name} has no watermark: REFRESH CUBE ... INCREMENTAL needs OPTIONS ('watermark' 'column') at the end of CREATE CUBE; REFRESH CUBE {name} refreshes it in full"
+                )
+            } else {
+                format!(
+                    "materialized view {name} has no watermark: REFRESH ... INCREMENTAL needs OPTIONS ('watermark' 'column') when the view is created"
+                )
+            }));
         }
         let incremental = incremental && def.version > 0;
         let state_query = def
@@ -291,11 +332,16 @@ impl Warehouse {
             std::fs::remove_dir_all(&tmp).map_err(io(format!("removing {}", tmp.display())))?;
         }
         std::fs::create_dir_all(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
-        let (appended, rows) = match (incremental, &def.shape) {
-            (true, Some(shape)) => {
-                let delta = format!("__mv_delta_{name}");
+        let delta = format!("__mv_delta_{name}");
+        let merge = match (&def.cube, &def.shape) {
+            (Some(cube), _) => Some(cube.merge_query(&Self::store_name(def), &delta)),
+            (None, Some(shape)) => Some(merge_query(shape, &Self::store_name(def), &delta)),
+            (None, None) => None,
+        };
+        let (appended, rows) = match (incremental, merge) {
+            (true, Some(merge)) => {
                 ctx.register_table(quote(&delta), computed.into_view())?;
-                let merged = ctx.sql(&merge_query(shape, &Self::store_name(def), &delta)).await;
+                let merged = ctx.sql(&merge).await;
                 let written = match merged {
                     Ok(df) => write(df, &tmp).await,
                     Err(e) => Err(e.into()),
@@ -384,8 +430,8 @@ impl Warehouse {
             text(&|d| {
                 Some(
                     match (&d.watermark, &d.shape) {
-                        _ if d.cube.is_some() => "no (cube)",
                         (None, _) => "no",
+                        (Some(_), _) if d.cube.is_some() => "merge",
                         (Some(_), Some(_)) => "merge",
                         (Some(_), None) => "append",
                     }

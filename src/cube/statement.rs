@@ -15,7 +15,10 @@ pub enum ViewStatement {
     Create {
         name: String,
         if_not_exists: bool,
+        /// The view's own options (`'watermark'`), wherever they were written.
         options: Vec<(String, String)>,
+        /// `STORED AS <connector> LOCATION '...' OPTIONS (...)`: where each refresh also goes.
+        target: Option<super::mv::Target>,
         query: String,
     },
     Refresh {
@@ -28,11 +31,13 @@ pub enum ViewStatement {
     },
     Show,
     /// `CREATE CUBE name FROM source DIMENSIONS (...) MEASURES (...) [CUBE | ROLLUP | GROUPING
-    /// SETS (...)]`; kept and refreshed as a materialized view.
+    /// SETS (...)] [OPTIONS ('watermark' 'column')]`; kept and refreshed as a materialized view.
     CreateCube {
         name: String,
         if_not_exists: bool,
         def: super::model::CubeDef,
+        /// `OPTIONS (...)` after the sets: `'watermark'` makes it refresh incrementally.
+        options: Vec<(String, String)>,
     },
 }
 
@@ -231,6 +236,29 @@ fn named_items(cube: &str, list: &str, kind: &str, bare: bool) -> Result<Vec<(St
         .collect()
 }
 
+/// `OPTIONS ('key' 'value', ...)` if it comes next.
+fn parse_options(w: &mut Words<'_>, what: &str, name: &str) -> Result<Vec<(String, String)>> {
+    let mut options = Vec::new();
+    if w.eat("OPTIONS") {
+        if !w.punct('(') {
+            return Err(syntax(format!(
+                "{what} {name}: OPTIONS needs ('key' 'value', ...)"
+            )));
+        }
+        while !w.punct(')') {
+            let k = w.string(what)?;
+            let v = w.string(what)?;
+            if !w.punct(',') && !w.text[w.pos..].trim_start().starts_with(')') {
+                return Err(syntax(format!(
+                    "{what} {name}: OPTIONS: expected , or ) after '{k}' '{v}'"
+                )));
+            }
+            options.push((k, v));
+        }
+    }
+    Ok(options)
+}
+
 fn parse_cube(w: &mut Words<'_>) -> Result<ViewStatement> {
     use super::model::{CubeDef, Sets};
     let what = "CREATE CUBE";
@@ -270,13 +298,19 @@ fn parse_cube(w: &mut Words<'_>) -> Result<ViewStatement> {
         w.eat("CUBE");
         Sets::Cube
     };
+    let options = parse_options(w, what, &name)?;
     if !w.at_end() {
         return Err(syntax(format!("{at}: unexpected '{}'", w.shown())));
     }
+    let mut def = CubeDef::new(&name, source, dimensions, measures, sets)?;
+    if options.iter().any(|(k, _)| k == "watermark") {
+        def.make_mergeable(&name)?;
+    }
     Ok(ViewStatement::CreateCube {
-        def: CubeDef::new(&name, source, dimensions, measures, sets)?,
+        def,
         name,
         if_not_exists,
+        options,
     })
 }
 
@@ -304,28 +338,23 @@ pub fn parse(sql: &str) -> Result<Option<ViewStatement>> {
                         w.expect("EXISTS", what)?;
                     }
                     let name = w.name(what)?;
-                    let mut options = Vec::new();
-                    if w.eat("OPTIONS") {
-                        if !w.punct('(') {
-                            return Err(syntax(format!(
-                                "{what} {name}: OPTIONS needs ('key' 'value', ...)"
-                            )));
-                        }
-                        while !w.punct(')') {
-                            let k = w.string(what)?;
-                            let v = w.string(what)?;
-                            if !w.punct(',') && !w.text[w.pos..].trim_start().starts_with(')') {
-                                return Err(syntax(format!(
-                                    "{what} {name}: OPTIONS: expected , or ) after '{k}' '{v}'"
-                                )));
-                            }
-                            options.push((k, v));
-                        }
-                    }
+                    let mut options = parse_options(&mut w, what, &name)?;
+                    let mut target = None;
                     if w.eat("STORED") {
-                        return Err(syntax(format!(
-                            "{what} {name}: STORED AS is not supported yet; views are kept as Parquet in the warehouse (--warehouse)"
-                        )));
+                        w.expect("AS", &format!("{what} {name} STORED"))?;
+                        let connector = w.name(&format!("{what} {name} STORED AS"))?.to_ascii_uppercase();
+                        w.expect("LOCATION", &format!("{what} {name} STORED AS {connector}"))?;
+                        let location = w.string(&format!("{what} {name} LOCATION"))?;
+                        // The view's own options go to the view, the rest to the connector.
+                        let (own, theirs): (Vec<_>, Vec<_>) = parse_options(&mut w, what, &name)?
+                            .into_iter()
+                            .partition(|(k, _)| super::mv::VIEW_OPTIONS.contains(&k.as_str()));
+                        options.extend(own);
+                        target = Some(super::mv::Target {
+                            stored_as: connector,
+                            location,
+                            options: theirs,
+                        });
                     }
                     w.expect("AS", &format!("{what} {name}"))?;
                     w.skip();
@@ -337,6 +366,7 @@ pub fn parse(sql: &str) -> Result<Option<ViewStatement>> {
                         name,
                         if_not_exists,
                         options,
+                        target,
                         query,
                     }
                 }
@@ -389,7 +419,22 @@ mod tests {
                 name: "daily".into(),
                 if_not_exists: true,
                 options: vec![("watermark".into(), "ts".into()), ("x".into(), "it's".into())],
+                target: None,
                 query: "SELECT 1".into(),
+            })
+        );
+        assert_eq!(
+            parse("CREATE MATERIALIZED VIEW v STORED AS postgres LOCATION 'postgres://h/db' OPTIONS ('table' 'v', 'watermark' 'id') AS SELECT 3").unwrap(),
+            Some(ViewStatement::Create {
+                name: "v".into(),
+                if_not_exists: false,
+                options: vec![("watermark".into(), "id".into())],
+                target: Some(crate::cube::mv::Target {
+                    stored_as: "POSTGRES".into(),
+                    location: "postgres://h/db".into(),
+                    options: vec![("table".into(), "v".into())],
+                }),
+                query: "SELECT 3".into(),
             })
         );
         assert_eq!(
@@ -398,6 +443,7 @@ mod tests {
                 name: "Mixed".into(),
                 if_not_exists: false,
                 options: vec![],
+                target: None,
                 query: "select 2".into(),
             })
         );
@@ -436,7 +482,7 @@ mod tests {
         assert!(e("CREATE MATERIALIZED VIEW v SELECT 1").contains("expected AS"));
         assert!(e("CREATE MATERIALIZED VIEW v AS").contains("query after AS is missing"));
         assert!(
-            e("CREATE MATERIALIZED VIEW v STORED AS CLICKHOUSE AS SELECT 1").contains("not supported yet")
+            e("CREATE MATERIALIZED VIEW v STORED AS CLICKHOUSE AS SELECT 1").contains("expected LOCATION")
         );
         assert!(e("REFRESH MATERIALIZED VIEW v FULLY").contains("unexpected 'FULLY'"));
         assert!(

@@ -434,7 +434,7 @@ impl SqlOutput {
 }
 
 /// The row count a DataFusion write returns (one `count` column).
-fn count_of(batch: &RecordBatch) -> u64 {
+pub(super) fn count_of(batch: &RecordBatch) -> u64 {
     batch
         .columns()
         .first()

@@ -1,14 +1,17 @@
 //! Running the materialized-view statements (`crate::cube`) on the engine's session.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use arrow::array::RecordBatch;
+use datafusion::common::DFSchema;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
-use datafusion::logical_expr::LogicalPlan;
+use datafusion::logical_expr::{DdlStatement, LogicalPlan};
+use futures::StreamExt;
 
 use super::run::Mode;
 use super::{Flumen, Statement};
-use crate::cube::mv::{self, VIEW_OPTIONS, ViewDef, Watermark};
+use crate::cube::mv::{self, Target, VIEW_OPTIONS, ViewDef, Watermark, quote};
 use crate::cube::statement::ViewStatement;
 use crate::error::{Error, Result};
 
@@ -59,6 +62,7 @@ impl Flumen {
                 name,
                 if_not_exists,
                 def,
+                options,
             } => {
                 let written_query = match written {
                     ViewStatement::CreateCube { def, .. } => def.query(),
@@ -66,19 +70,34 @@ impl Flumen {
                 };
                 let query = def.query();
                 let cube = Some(def.clone());
-                self.create_view(name, *if_not_exists, &[], &query, written_query, cube, mode, line)
-                    .await
+                self.create_view(
+                    name,
+                    *if_not_exists,
+                    options,
+                    &query,
+                    written_query,
+                    cube,
+                    None,
+                    mode,
+                    line,
+                )
+                .await
             }
             ViewStatement::Create {
                 name,
                 if_not_exists,
                 options,
+                target,
                 query,
             } => {
-                let written_query = match written {
-                    ViewStatement::Create { query, .. } => query.clone(),
-                    _ => query.clone(),
+                // What the warehouse keeps is the statement as written: no secret is stored.
+                let (written_query, written_target) = match written {
+                    ViewStatement::Create { query, target, .. } => (query.clone(), target.clone()),
+                    _ => (query.clone(), target.clone()),
                 };
+                if let Some(t) = &written_target {
+                    self.check_target(name, t)?;
+                }
                 self.create_view(
                     name,
                     *if_not_exists,
@@ -86,6 +105,7 @@ impl Flumen {
                     query,
                     written_query,
                     None,
+                    written_target,
                     mode,
                     line,
                 )
@@ -112,6 +132,15 @@ impl Flumen {
                     )));
                 }
                 let r = wh.refresh(&self.ctx, &mut def, &query, *incremental).await?;
+                // A view stored with a connector: the target gets the new version whole.
+                let published = match &def.target {
+                    Some(_) if r.version > 0 => format!(
+                        "; {} rows written to {}",
+                        self.publish(&def).await?,
+                        self.target_shown(&def)
+                    ),
+                    _ => String::new(),
+                };
                 let column = def.watermark.as_ref().map_or("", |w| w.column.as_str());
                 let range = match &r.watermark {
                     Some((from, to)) if from == to => {
@@ -129,17 +158,17 @@ impl Flumen {
                 };
                 Ok(ViewOutput::Message(if r.incremental && r.appended > 0 {
                     format!(
-                        "materialized view {name} refreshed incrementally{range}: {} rows appended, {} rows (version {})",
+                        "materialized view {name} refreshed incrementally{range}: {} rows appended, {} rows (version {}){published}",
                         r.appended, r.rows, r.version
                     )
                 } else if r.incremental {
                     format!(
-                        "materialized view {name} refreshed incrementally{range}: {} rows (version {})",
+                        "materialized view {name} refreshed incrementally{range}: {} rows (version {}){published}",
                         r.rows, r.version
                     )
                 } else {
                     format!(
-                        "materialized view {name} refreshed: {} rows (version {})",
+                        "materialized view {name} refreshed: {} rows (version {}){published}",
                         r.rows, r.version
                     )
                 }))
@@ -172,6 +201,7 @@ impl Flumen {
         query: &str,
         written_query: String,
         cube: Option<crate::cube::model::CubeDef>,
+        target: Option<Target>,
         mode: Mode,
         line: usize,
     ) -> Result<ViewOutput> {
@@ -216,14 +246,28 @@ impl Flumen {
             .get("watermark")
             .map(|w| resolve_watermark(name, w, &tables))
             .transpose()?;
-        let shape = match &watermark {
-            Some(_) => mv::shape(name, query)?,
-            None => None,
+        // A cube merges through its own state (`CubeDef::merge_query`).
+        let shape = match (&watermark, &cube) {
+            (Some(_), None) => mv::shape(name, query)?,
+            _ => None,
         };
+        if let Some(t) = &target {
+            // Declared before anything is computed: a connector that cannot hold the view
+            // stops the statement here.
+            let schema = plan.schema().as_arrow().clone();
+            self.declare_target(name, t, &schema).await?;
+        }
         if mode == Mode::Explain {
             let text = self.explain(plan).await?;
+            let stored = match &target {
+                Some(t) => format!(
+                    " (each refresh also replaces the rows of {})",
+                    self.redactor.redact(&t.shown())
+                ),
+                None => String::new(),
+            };
             return Ok(ViewOutput::Message(format!(
-                "-- statement at line {line}: creates {kind} {name} in {} from:\n{}\n",
+                "-- statement at line {line}: creates {kind} {name} in {}{stored} from:\n{}\n",
                 wh.dir().display(),
                 self.redactor.redact(&text)
             )));
@@ -236,15 +280,112 @@ impl Flumen {
             watermark,
             shape,
             cube,
+            target,
             version: 0,
             rows: 0,
             refreshed_at: None,
         };
         let r = wh.refresh(&self.ctx, &mut def, query, false).await?;
+        let published = match &def.target {
+            Some(_) => format!(
+                "; {} rows written to {}",
+                self.publish(&def).await?,
+                self.target_shown(&def)
+            ),
+            None => String::new(),
+        };
         Ok(ViewOutput::Message(format!(
-            "{kind} {name} created: {} rows (version {})",
+            "{kind} {name} created: {} rows (version {}){published}",
             r.rows, r.version
         )))
+    }
+
+    /// Refuses target options the view decides itself.
+    fn check_target(&self, view: &str, t: &Target) -> Result<()> {
+        if let Some((k, _)) = t
+            .options
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("mode"))
+        {
+            return Err(Error::Option(format!(
+                "materialized view {view}: option '{k}': the view decides how its target is written (each refresh replaces the target's rows); leave '{k}' out"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The name the view's target table is registered under in this run.
+    fn target_table(view: &str) -> String {
+        format!("__mv_target_{view}")
+    }
+
+    /// `STORED AS X LOCATION '...'` of a view, secrets removed.
+    fn target_shown(&self, def: &ViewDef) -> String {
+        let shown = def.target.as_ref().map(|t| t.shown()).unwrap_or_default();
+        let sql = self.substitute(&Statement { text: shown, line: 0 }).unwrap_or_default();
+        self.redactor.redact(&sql)
+    }
+
+    /// Declares the view's target (in overwrite mode) with the view's columns.
+    async fn declare_target(&self, view: &str, t: &Target, schema: &arrow::datatypes::Schema) -> Result<()> {
+        let table = Self::target_table(view);
+        self.ctx
+            .deregister_table(datafusion::common::TableReference::bare(table.as_str()))?;
+        let declared = async {
+            for c in self.check_script(&t.declaration(&table))? {
+                let plan = match self.plan_checked(&c).await? {
+                    LogicalPlan::Ddl(DdlStatement::CreateExternalTable(mut cmd)) => {
+                        cmd.schema = Arc::new(DFSchema::try_from(schema.clone())?);
+                        LogicalPlan::Ddl(DdlStatement::CreateExternalTable(cmd))
+                    }
+                    other => other,
+                };
+                self.execute(plan).await?;
+            }
+            Ok::<_, Error>(())
+        }
+        .await;
+        declared.map_err(|e| {
+            let shown = self.redactor.redact(&t.shown());
+            Error::Config(self.redactor.redact(&format!(
+                "materialized view {view}: {shown} cannot hold the view: each refresh replaces the target's rows, which needs the connector's 'mode' 'overwrite': {e}"
+            )))
+        })
+    }
+
+    /// Replaces the rows of the view's target with the view's current version; the rows
+    /// written.
+    async fn publish(&self, def: &ViewDef) -> Result<u64> {
+        let Some(t) = &def.target else {
+            return Ok(0);
+        };
+        let table = Self::target_table(&def.name);
+        if !self
+            .ctx
+            .table_exist(datafusion::common::TableReference::bare(table.as_str()))?
+        {
+            let schema = self.ctx.table_provider(quote(&def.name)).await?.schema();
+            self.declare_target(&def.name, t, &schema).await?;
+        }
+        let plan = self
+            .ctx
+            .state()
+            .create_logical_plan(&format!(
+                "INSERT INTO {} SELECT * FROM {}",
+                quote(&table),
+                quote(&def.name)
+            ))
+            .await?;
+        let plan = self.prepare(plan).await?;
+        let mut running = self.execute(plan).await?;
+        let mut written = 0;
+        if let Some(mut stream) = running.stream.take() {
+            while let Some(batch) = stream.next().await {
+                written += super::run::count_of(&batch?);
+            }
+        }
+        running.commit()?;
+        Ok(written)
     }
 
     /// Creates the source tables a view reads that this run has not declared, from the
