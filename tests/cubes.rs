@@ -172,12 +172,13 @@ fn a_later_run_refreshes_and_drops_the_cube() {
     assert_eq!(run(d, "SELECT n FROM c;"), "n\n1500\n");
     let e = fails(&common::flumen(d, "REFRESH CUBE c INCREMENTAL;", &[]));
     assert!(
-        e.contains("cube c has no watermark") && e.contains("OPTIONS ('watermark' 'column') at the end of CREATE CUBE"),
+        e.contains("cube c has no watermark")
+            && e.contains("OPTIONS ('watermark' 'column') at the end of CREATE CUBE"),
         "{e}"
     );
     let shown = run(d, "SHOW MATERIALIZED VIEWS;");
     assert!(shown.contains("c,") && shown.contains(",no,"), "{shown}");
-    assert_eq!(run(d, "DROP CUBE c;"), "materialized view c dropped\n");
+    assert_eq!(run(d, "DROP CUBE c;"), "cube c dropped\n");
     assert!(!d.join("state/warehouse/c").exists());
 }
 
@@ -210,8 +211,9 @@ fn cube_mistakes_are_named() {
         "CREATE CUBE c FROM orders DIMENSIONS (city) MEASURES (m => median(amount)) OPTIONS ('watermark' 'order_id');",
     );
     assert!(
-        e.contains("measure m => median(amount) cannot be merged with new rows (median has no mergeable state)")
-            && e.contains("drop the watermark option"),
+        e.contains(
+            "measure m => median(amount) cannot be merged with new rows (median has no mergeable state)"
+        ) && e.contains("drop the watermark option"),
         "{e}"
     );
     let e = err(
@@ -221,7 +223,10 @@ fn cube_mistakes_are_named() {
     let e = err(
         "CREATE CUBE c FROM orders DIMENSIONS (city) MEASURES (n => count(*)) OPTIONS ('watermark' 'nosuch');",
     );
-    assert!(e.contains("option 'watermark': no table the query reads has a column 'nosuch'"), "{e}");
+    assert!(
+        e.contains("option 'watermark': no table the query reads has a column 'nosuch'"),
+        "{e}"
+    );
 }
 
 /// Appends orders `from..to` (ids in that range) as one more Parquet file.
@@ -299,8 +304,11 @@ fn incremental_cube_refreshes_equal_full_ones_after_three_rounds() {
         let from = 300_000 + (round - 1) * 40_000;
         append_orders(d, from, from + 40_000);
         // A later run: the cube and its source come from the warehouse.
-        let out = run(d, "REFRESH CUBE inc INCREMENTAL;
-REFRESH CUBE roll INCREMENTAL;");
+        let out = run(
+            d,
+            "REFRESH CUBE inc INCREMENTAL;
+REFRESH CUBE roll INCREMENTAL;",
+        );
         assert!(
             out.contains(&format!("id past {} up to {}", from - 1, from + 39_999)),
             "{out}"

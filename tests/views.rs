@@ -234,7 +234,7 @@ fn view_mistakes_are_named() {
         "materialized view plain exists: left as it is\n"
     );
     let e = err("DROP MATERIALIZED VIEW nothere;");
-    assert!(e.contains("no materialized view nothere to drop"), "{e}");
+    assert!(e.contains("no materialized view or cube nothere to drop"), "{e}");
     // The statement is checked with the rest of the script: nothing ran before the typo.
     let e = err("CREATE MATERIALIZED VIEW w AS SELECT * FROM orders;\nREFRESH MATERIALIZED VIEW w FULLY;");
     assert!(e.contains("line 3") && e.contains("FULLY"), "{e}");

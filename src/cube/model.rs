@@ -37,9 +37,7 @@ use datafusion::logical_expr::{Expr, TableType};
 use datafusion::physical_plan::ExecutionPlan;
 use serde::{Deserialize, Serialize};
 
-use datafusion::sql::sqlparser::ast::{
-    DuplicateTreatment, Expr as SqlExpr, FunctionArguments,
-};
+use datafusion::sql::sqlparser::ast::{DuplicateTreatment, Expr as SqlExpr, FunctionArguments};
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::parser::Parser;
 
@@ -645,12 +643,18 @@ mod tests {
             ("median(amount)", "median has no mergeable state"),
             ("sum(amount) / count(*)", "not one plain aggregate call"),
             ("count(DISTINCT user_id, city)", "several columns"),
-            ("sum(amount) FILTER (WHERE amount > 0)", "not one plain aggregate call"),
+            (
+                "sum(amount) FILTER (WHERE amount > 0)",
+                "not one plain aggregate call",
+            ),
         ] {
             let mut c = sales(Sets::Cube);
             c.measures.push(("x".into(), m.into(), None));
             let e = c.make_mergeable("sales").unwrap_err().to_string();
-            assert!(e.contains(&format!("measure x => {m} cannot be merged")) && e.contains(why), "{e}");
+            assert!(
+                e.contains(&format!("measure x => {m} cannot be merged")) && e.contains(why),
+                "{e}"
+            );
         }
     }
 

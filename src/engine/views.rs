@@ -131,6 +131,11 @@ impl Flumen {
                         self.redactor.redact(&text)
                     )));
                 }
+                let kind = if def.cube.is_some() {
+                    "cube"
+                } else {
+                    "materialized view"
+                };
                 let r = wh.refresh(&self.ctx, &mut def, &query, *incremental).await?;
                 // A view stored with a connector: the target gets the new version whole.
                 let published = match &def.target {
@@ -158,17 +163,17 @@ impl Flumen {
                 };
                 Ok(ViewOutput::Message(if r.incremental && r.appended > 0 {
                     format!(
-                        "materialized view {name} refreshed incrementally{range}: {} rows appended, {} rows (version {}){published}",
+                        "{kind} {name} refreshed incrementally{range}: {} rows appended, {} rows (version {}){published}",
                         r.appended, r.rows, r.version
                     )
                 } else if r.incremental {
                     format!(
-                        "materialized view {name} refreshed incrementally{range}: {} rows (version {}){published}",
+                        "{kind} {name} refreshed incrementally{range}: {} rows (version {}){published}",
                         r.rows, r.version
                     )
                 } else {
                     format!(
-                        "materialized view {name} refreshed: {} rows (version {}){published}",
+                        "{kind} {name} refreshed: {} rows (version {}){published}",
                         r.rows, r.version
                     )
                 }))
@@ -179,12 +184,18 @@ impl Flumen {
                         "-- statement at line {line}: drops materialized view {name}\n"
                     )));
                 }
+                let kind = match wh.load(name)? {
+                    Some(d) if d.cube.is_some() => "cube",
+                    _ => "materialized view",
+                };
                 match wh.drop_view(&self.ctx, name)? {
-                    true => Ok(ViewOutput::Message(format!("materialized view {name} dropped"))),
+                    true => Ok(ViewOutput::Message(format!("{kind} {name} dropped"))),
                     false if *if_exists => Ok(ViewOutput::Message(format!(
-                        "no materialized view {name}: nothing dropped"
+                        "no materialized view or cube {name}: nothing dropped"
                     ))),
-                    false => Err(Error::Config(format!("no materialized view {name} to drop"))),
+                    false => Err(Error::Config(format!(
+                        "no materialized view or cube {name} to drop"
+                    ))),
                 }
             }
             ViewStatement::Show => Ok(ViewOutput::Rows(wh.show()?)),
@@ -302,11 +313,7 @@ impl Flumen {
 
     /// Refuses target options the view decides itself.
     fn check_target(&self, view: &str, t: &Target) -> Result<()> {
-        if let Some((k, _)) = t
-            .options
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case("mode"))
-        {
+        if let Some((k, _)) = t.options.iter().find(|(k, _)| k.eq_ignore_ascii_case("mode")) {
             return Err(Error::Option(format!(
                 "materialized view {view}: option '{k}': the view decides how its target is written (each refresh replaces the target's rows); leave '{k}' out"
             )));
@@ -322,7 +329,9 @@ impl Flumen {
     /// `STORED AS X LOCATION '...'` of a view, secrets removed.
     fn target_shown(&self, def: &ViewDef) -> String {
         let shown = def.target.as_ref().map(|t| t.shown()).unwrap_or_default();
-        let sql = self.substitute(&Statement { text: shown, line: 0 }).unwrap_or_default();
+        let sql = self
+            .substitute(&Statement { text: shown, line: 0 })
+            .unwrap_or_default();
         self.redactor.redact(&sql)
     }
 
