@@ -87,6 +87,9 @@ enum Command {
     Run {
         /// The script.
         script: PathBuf,
+        /// Read incremental sources ('incremental_column') in full, ignoring their watermarks.
+        #[arg(long)]
+        full_refresh: bool,
         #[command(flatten)]
         result: ResultArgs,
     },
@@ -280,13 +283,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let g = &cli.global;
     let mut stdout = std::io::stdout();
     match &cli.command {
-        Command::Run { script, result } => {
+        Command::Run {
+            script,
+            full_refresh,
+            result,
+        } => {
             let flumen = engine(g)?;
             let text = read_script(script)?;
             let opts = RunOptions {
                 mode: Mode::Run,
                 result: result.target()?,
                 progress: progress_mode(g),
+                full_refresh: *full_refresh,
             };
             let name = script.display().to_string();
             let result = flumen.run_script(&name, &text, &opts, &mut stdout).await;
@@ -376,6 +384,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     rejected,
                     r.script
                 );
+                for w in &r.watermarks {
+                    println!("    {w}");
+                }
             }
         }
         Command::Explain { script } => {
@@ -401,6 +412,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 mode: Mode::Run,
                 result: result.target()?,
                 progress: progress_mode(g),
+                full_refresh: false,
             };
             if let Some(path) = init {
                 let text = read_script(path)?;

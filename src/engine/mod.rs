@@ -3,6 +3,7 @@
 
 mod copy;
 mod globs;
+pub mod incremental;
 mod redact;
 mod resume;
 mod run;
@@ -154,6 +155,8 @@ pub struct Flumen {
     warehouse: crate::cube::mv::Warehouse,
     /// Set once the warehouse's views are registered in the session.
     views_registered: tokio::sync::OnceCell<()>,
+    /// Source tables read incrementally, by lower-case name.
+    incremental: std::sync::RwLock<HashMap<String, incremental::Spec>>,
 }
 
 impl std::fmt::Debug for Flumen {
@@ -231,6 +234,7 @@ impl Flumen {
             run,
             warehouse,
             views_registered: tokio::sync::OnceCell::new(),
+            incremental: std::sync::RwLock::new(HashMap::new()),
         })
     }
 

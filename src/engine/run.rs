@@ -37,6 +37,8 @@ pub struct RunOptions {
     pub result: ResultTarget,
     /// How progress is shown.
     pub progress: ProgressMode,
+    /// Read incremental sources in full, ignoring their saved watermarks.
+    pub full_refresh: bool,
 }
 
 impl Default for RunOptions {
@@ -45,6 +47,7 @@ impl Default for RunOptions {
             mode: Mode::Run,
             result: ResultTarget::default(),
             progress: ProgressMode::Off,
+            full_refresh: false,
         }
     }
 }
@@ -130,7 +133,11 @@ impl Flumen {
                 "a materialized-view statement has no DataFusion plan".into(),
             ));
         };
-        let plan = self.ctx.state().statement_to_plan(parsed.clone()).await?;
+        let mut parsed = parsed.clone();
+        if let DfStatement::CreateExternalTable(c) = &mut parsed {
+            self.take_incremental_options(c)?;
+        }
+        let plan = self.ctx.state().statement_to_plan(parsed).await?;
         let plan = self.prepare(plan).await?;
         if let LogicalPlan::Ddl(DdlStatement::CreateExternalTable(cmd)) = &plan {
             // The text before substitution: no secret is ever written to the state directory.
@@ -140,6 +147,69 @@ impl Flumen {
             self.run.begin_statement(c.stmt.line);
         }
         Ok(plan)
+    }
+
+    /// Takes `'incremental_column'` and `'lookback'` out of a `CREATE EXTERNAL TABLE` (the
+    /// connector never sees them) and remembers them for the writes that read the table.
+    fn take_incremental_options(
+        &self,
+        c: &mut datafusion::sql::parser::CreateExternalTable,
+    ) -> Result<()> {
+        let mut spec = super::incremental::Spec {
+            column: String::new(),
+            lookback: None,
+        };
+        c.options.retain(|(k, v)| {
+            let bare = k
+                .strip_prefix(crate::connector::options::CONNECTOR_PREFIX)
+                .or_else(|| k.strip_prefix("format."))
+                .unwrap_or(k);
+            let text = match v {
+                datafusion::sql::sqlparser::ast::Value::SingleQuotedString(s) => s.clone(),
+                other => other.to_string(),
+            };
+            match bare {
+                "incremental_column" => spec.column = text,
+                "lookback" => spec.lookback = Some(text),
+                _ => return true,
+            }
+            false
+        });
+        let table = c.name.to_string().trim_matches('"').to_lowercase();
+        if spec.column.is_empty() {
+            if spec.lookback.is_some() {
+                return Err(Error::Option(format!(
+                    "table {table}: option 'lookback' needs 'incremental_column'"
+                )));
+            }
+            if let Ok(mut m) = self.incremental.write() {
+                m.remove(&table);
+            }
+            return Ok(());
+        }
+        if let Ok(mut m) = self.incremental.write() {
+            m.insert(table, spec);
+        }
+        Ok(())
+    }
+
+    /// Bounds the incremental sources a write reads (see [`super::incremental`]).
+    fn bound_incremental(
+        &self,
+        plan: LogicalPlan,
+        full: bool,
+    ) -> Result<(LogicalPlan, Vec<super::incremental::Bound>)> {
+        let target = match &plan {
+            LogicalPlan::Dml(d) => d.table_name.to_string(),
+            LogicalPlan::Copy(c) => c.output_url.clone(),
+            _ => return Ok((plan, Vec::new())),
+        };
+        let specs = self.incremental.read().map(|m| m.clone()).unwrap_or_default();
+        if specs.is_empty() {
+            return Ok((plan, Vec::new()));
+        }
+        let marks = super::incremental::Watermarks::new(self.run.dir()).load()?;
+        super::incremental::bound(plan, &specs, &marks, &target, full)
     }
 
     /// Wraps an error with the statement's position, secrets removed.
@@ -271,6 +341,7 @@ impl Flumen {
             });
         }
         let plan = self.plan_checked(c).await?;
+        let (plan, bounds) = self.bound_incremental(plan, opts.full_refresh)?;
         if opts.mode == Mode::Explain {
             let text = self.explain(plan).await?;
             writeln!(
@@ -340,6 +411,12 @@ impl Flumen {
                 self.run.pending().commit().await?;
                 // A replay of this run need not run this write again.
                 self.run.record_progress(&progress_key, "done")?;
+                // Only now do the incremental sources' watermarks move.
+                let marks = super::incremental::Watermarks::new(self.run.dir());
+                for line in super::incremental::commit(&marks, &bounds, self.run.run_id())? {
+                    self.run.record_watermark(&line);
+                    writeln!(out, "{line}").map_err(write_err)?;
+                }
             }
             _ => self.run.pending().release().await,
         }

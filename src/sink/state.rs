@@ -58,6 +58,9 @@ pub struct RunLedger {
     /// The process that last wrote the ledger.
     #[serde(default)]
     pub pid: u32,
+    /// What each incremental write read and where its watermark moved.
+    #[serde(default)]
+    pub watermarks: Vec<String>,
 }
 
 impl RunLedger {
@@ -135,6 +138,7 @@ pub struct RunState {
     manifests: Mutex<HashMap<String, Manifest>>,
     parts: Mutex<HashMap<String, Arc<AtomicU64>>>,
     progress: Mutex<BTreeMap<String, String>>,
+    watermarks: Mutex<Vec<String>>,
     /// Broker consumers of the running statement, waiting for its outcome.
     pending: crate::connector::broker::Pending,
 }
@@ -178,6 +182,7 @@ impl RunState {
             manifests: Mutex::default(),
             parts: Mutex::default(),
             progress: Mutex::default(),
+            watermarks: Mutex::default(),
             pending: Default::default(),
         }
     }
@@ -370,6 +375,13 @@ impl RunState {
         self.dir.join("runs").join(format!("{}.json", self.run_id))
     }
 
+    /// Notes what an incremental write read and where its watermark moved (for the ledger).
+    pub fn record_watermark(&self, line: &str) {
+        if let Ok(mut w) = self.watermarks.lock() {
+            w.push(line.to_string());
+        }
+    }
+
     /// Writes the ledger with `status` (and the error that ended the run, redacted).
     pub fn write_ledger(&self, status: RunStatus, error: Option<String>) -> Result<()> {
         let mut sinks = self.sink_snapshots();
@@ -411,6 +423,7 @@ impl RunState {
             progress: self.progress.lock().map(|p| p.clone()).unwrap_or_default(),
             error,
             pid: std::process::id(),
+            watermarks: self.watermarks.lock().map(|w| w.clone()).unwrap_or_default(),
         };
         write_json(&self.ledger_path(), &ledger)
     }
