@@ -422,3 +422,30 @@ fn generate_example_writes_a_partitioned_lake() {
     ]);
     assert_eq!(text(&back.stdout), "n\n20000\n");
 }
+
+#[test]
+fn incremental_option_mistakes_are_named() {
+    let src =
+        "CREATE EXTERNAL TABLE o STORED AS CSV LOCATION 'data/orders.csv' OPTIONS ('has_header' 'true', ";
+    let copy = "COPY (SELECT order_id FROM o) TO '/tmp/flumen-never-written.parquet';";
+    let e = fails(&format!("{src}'incremental_column' 'nosuch');\n{copy}"), &[]);
+    assert!(
+        e.contains("table o: option 'incremental_column': no column 'nosuch' (columns: order_id, user_id"),
+        "{e}"
+    );
+    let e = fails(
+        &format!("{src}'incremental_column' 'city', 'lookback' '1h');\n{copy}"),
+        &[],
+    );
+    assert!(
+        e.contains(
+            "table o: option 'lookback' '1h': a lookback needs a time or numeric column, and city is Utf8"
+        ),
+        "{e}"
+    );
+    let e = fails(&format!("{src}'lookback' '1h');\n{copy}"), &[]);
+    assert!(
+        e.contains("table o: option 'lookback' needs 'incremental_column'"),
+        "{e}"
+    );
+}

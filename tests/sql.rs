@@ -562,3 +562,94 @@ fn a_materialized_view_stored_in_postgres_follows_its_refreshes() {
     );
     assert!(!d.join("state/warehouse/v3").exists());
 }
+
+/// Incremental loads: a MariaDB table that grows and changes between runs, loaded into
+/// PostgreSQL (upsert on the key) by the same script three times. Each run after the first
+/// reads only the rows past the saved `updated_at` (the count the source query returned), the
+/// target equals the source after each run, a run whose sink fails leaves the watermark where
+/// it was (the rerun loads the rows it missed), and `--full-refresh` reads everything.
+#[test]
+fn incremental_runs_read_only_new_and_updated_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    my("DROP TABLE IF EXISTS inc_src; CREATE TABLE inc_src (id INT PRIMARY KEY, name VARCHAR(20), amount BIGINT, updated_at DATETIME(6) NOT NULL);
+        INSERT INTO inc_src SELECT seq, CONCAT('n', seq), seq * 10, TIMESTAMP('2026-01-01') + INTERVAL seq SECOND FROM seq_1_to_1000;");
+    pg("DROP TABLE IF EXISTS inc_dst");
+    let script = "CREATE EXTERNAL TABLE inc_src STORED AS MYSQL LOCATION '".to_string()
+        + MY
+        + "' OPTIONS ('table' 'inc_src', 'incremental_column' 'updated_at');\n\
+           CREATE EXTERNAL TABLE dst (id INT NOT NULL, name VARCHAR, amount BIGINT, updated_at TIMESTAMP) STORED AS POSTGRES \
+             LOCATION 'postgres://flumen:${PW}@127.0.0.1:${PORT}/flumen' \
+             OPTIONS ('table' 'inc_dst', 'mode' 'upsert', 'keys' 'id', 'max_attempts' '1', 'on_failure' 'fail');\n\
+           INSERT INTO dst SELECT id, name, amount, updated_at FROM inc_src;\n";
+    let run = |port: &str, extra: &[&str]| {
+        let mut args = vec!["--set", "PORT"];
+        let set = format!("PORT={port}");
+        args[1] = &set;
+        args.extend_from_slice(extra);
+        flumen(d, &script, &args)
+    };
+    // The rows the source query returned, from the run's report.
+    let read = |out: &str| -> u64 {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("incremental inc_src.updated_at -> dst: "))
+            .unwrap_or_else(|| panic!("no incremental line in {out}"));
+        line["incremental inc_src.updated_at -> dst: ".len()..]
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let same = || {
+        let src = my(
+            "SELECT id, name, amount, DATE_FORMAT(updated_at, '%Y-%m-%d %H:%i:%s') FROM inc_src ORDER BY id",
+        )
+        .replace('\t', "|");
+        let dst = pg(
+            "SELECT id, name, amount, to_char(updated_at, 'YYYY-MM-DD HH24:MI:SS') FROM inc_dst ORDER BY id",
+        );
+        assert_eq!(src.lines().count(), dst.lines().count());
+        assert!(src == dst, "the target differs from the source");
+    };
+    let out = ok(&run("5432", &[]));
+    assert_eq!(read(&out), 1000, "{out}");
+    same();
+    // Round 2: 200 new rows and 50 updated old ones (a newer updated_at; 10 more of the new).
+    my("INSERT INTO inc_src SELECT seq, CONCAT('n', seq), seq * 10, TIMESTAMP('2026-01-01') + INTERVAL seq SECOND FROM seq_1001_to_1200;
+        UPDATE inc_src SET amount = -amount, updated_at = TIMESTAMP('2026-02-01') + INTERVAL id SECOND WHERE id % 20 = 0;");
+    let out = ok(&run("5432", &[]));
+    assert_eq!(read(&out), 250, "{out}");
+    same();
+    // Round 3: the sink is down. The run fails and the watermark stays.
+    my("INSERT INTO inc_src SELECT seq, CONCAT('n', seq), seq * 10, TIMESTAMP('2026-03-01') + INTERVAL seq SECOND FROM seq_1201_to_1300;
+        UPDATE inc_src SET name = 'changed', updated_at = TIMESTAMP('2026-03-02') WHERE id <= 7;");
+    let before = std::fs::read_to_string(d.join("state/watermarks.json")).unwrap();
+    let failed = run("1", &[]);
+    assert!(!failed.status.success(), "a run to a closed port succeeded");
+    assert_eq!(
+        std::fs::read_to_string(d.join("state/watermarks.json")).unwrap(),
+        before
+    );
+    let out = ok(&run("5432", &[]));
+    assert_eq!(read(&out), 107, "{out}");
+    same();
+    // Nothing new: nothing read.
+    let out = ok(&run("5432", &[]));
+    assert_eq!(read(&out), 0, "{out}");
+    // --full-refresh reads it all again; the upsert keeps the target equal.
+    let out = ok(&run("5432", &["--full-refresh"]));
+    assert_eq!(read(&out), 1300, "{out}");
+    same();
+    let runs = Command::new(env!("CARGO_BIN_EXE_flumen"))
+        .args(["runs", "--state-dir"])
+        .arg(d.join("state"))
+        .output()
+        .unwrap();
+    let runs = ok(&runs);
+    assert!(
+        runs.contains("incremental inc_src.updated_at -> dst: 250 rows read past 2026-01-01T00:16:40"),
+        "{runs}"
+    );
+}

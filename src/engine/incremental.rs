@@ -28,11 +28,11 @@ use arrow::datatypes::DataType;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{Column, ScalarValue};
 use datafusion::functions_aggregate::min_max::MaxAccumulator;
-use datafusion::logical_expr::{
-    ColumnarValue, Expr, Filter, LogicalPlan, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl,
-    Signature, Volatility, cast, lit,
-};
 use datafusion::logical_expr::Accumulator;
+use datafusion::logical_expr::{
+    ColumnarValue, Expr, Filter, LogicalPlan, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
+    Volatility, cast, lit,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -137,8 +137,9 @@ impl Bound {
     }
 }
 
-/// The pass-through filter: `flumen_watermark_N(column, bound)` is `bound`, and notes the
-/// highest `column` and the count of the rows where `bound` holds.
+/// The pass-through filter: `flumen_watermark_N(column[, low])` is true, and notes the highest
+/// `column` and the count of the rows with `column > low`. It takes the bound, not the
+/// condition, so that the condition stays a plain `column > literal` the source can run.
 #[derive(Debug)]
 struct Observe {
     name: String,
@@ -174,25 +175,25 @@ impl ScalarUDFImpl for Observe {
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> datafusion::error::Result<ColumnarValue> {
         let n = args.number_rows;
         let mut it = args.args.into_iter();
-        let (Some(values), Some(bound)) = (it.next(), it.next()) else {
+        let Some(values) = it.next() else {
             return Err(datafusion::error::DataFusionError::Internal(format!(
-                "{} takes the column and its bound",
+                "{} takes the column (and its lower bound)",
                 self.name
             )));
         };
         let values: ArrayRef = values.into_array(n)?;
-        let bound = bound.into_array(n)?;
-        let Some(mask) = bound.as_any().downcast_ref::<BooleanArray>() else {
-            return Err(datafusion::error::DataFusionError::Internal(format!(
-                "{}: the bound is not a condition",
-                self.name
-            )));
+        // Rows past the lower bound (all when there is none); a NULL column value is not.
+        let mask = match it.next() {
+            Some(low) => {
+                let low = low.into_array(n)?;
+                arrow::compute::kernels::cmp::gt(&values, &low)?
+            }
+            None => BooleanArray::from(vec![true; n]),
         };
-        // NULL (a NULL column value) does not pass.
         let mask = if mask.null_count() > 0 {
-            arrow::compute::prep_null_mask_filter(mask)
+            arrow::compute::prep_null_mask_filter(&mask)
         } else {
-            mask.clone()
+            mask
         };
         let passed = arrow::compute::filter(&values, &mask)?;
         let mut acc = MaxAccumulator::try_new(passed.data_type())?;
@@ -212,7 +213,8 @@ impl ScalarUDFImpl for Observe {
                 seen.max = Some(max);
             }
         }
-        Ok(ColumnarValue::Array(Arc::new(mask)))
+        // The rows are filtered below (pushed into the source where it can): pass them all.
+        Ok(ColumnarValue::Scalar(ScalarValue::Boolean(Some(true))))
     }
 }
 
@@ -222,11 +224,7 @@ fn lower_bound(spec: &Spec, source: &str, dt: &DataType, from: &str) -> Result<E
     let Some(back) = &spec.lookback else {
         return Ok(low);
     };
-    let bad = |why: &str| {
-        Error::Option(format!(
-            "table {source}: option 'lookback' '{back}': {why}"
-        ))
-    };
+    let bad = |why: &str| Error::Option(format!("table {source}: option 'lookback' '{back}': {why}"));
     match dt {
         DataType::Timestamp(..) | DataType::Date32 | DataType::Date64 => {
             let d = crate::sink::parse_duration(back).map_err(|e| bad(&e))?;
@@ -285,6 +283,13 @@ pub fn bound(
                 )));
                 return Ok(Transformed::no(p));
             };
+            // A lookback that cannot apply is an error on the first run too.
+            if spec.lookback.is_some()
+                && let Err(e) = lower_bound(spec, &source, field.data_type(), "0")
+            {
+                failed = Some(e);
+                return Ok(Transformed::no(p));
+            }
             let from = if full {
                 None
             } else {
@@ -294,9 +299,9 @@ pub fn bound(
                     .map(|m| m.value.clone())
             };
             let c = Expr::Column(Column::new(Some(scan.table_name.clone()), &spec.column));
-            let pred = match &from {
+            let low = match &from {
                 Some(v) => match lower_bound(spec, &source, field.data_type(), v) {
-                    Ok(low) => Some(c.clone().gt(low)),
+                    Ok(low) => Some(low),
                     Err(e) => {
                         failed = Some(e);
                         return Ok(Transformed::no(p));
@@ -308,7 +313,7 @@ pub fn bound(
             let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let observe = ScalarUDF::new_from_impl(Observe {
                 name: format!("flumen_watermark_{n}"),
-                signature: Signature::any(2, Volatility::Volatile),
+                signature: Signature::variadic_any(Volatility::Volatile),
                 seen: Arc::clone(&seen),
             });
             bounds.push(Bound {
@@ -319,11 +324,12 @@ pub fn bound(
                 seen,
             });
             let mut node = p;
-            if let Some(pred) = &pred {
-                node = LogicalPlan::Filter(Filter::try_new(pred.clone(), Arc::new(node))?);
+            let mut args = vec![c.clone()];
+            if let Some(low) = low {
+                node = LogicalPlan::Filter(Filter::try_new(c.gt(low.clone()), Arc::new(node))?);
+                args.push(low);
             }
-            let noted = observe.call(vec![c, pred.unwrap_or(lit(true))]);
-            node = LogicalPlan::Filter(Filter::try_new(noted, Arc::new(node))?);
+            node = LogicalPlan::Filter(Filter::try_new(observe.call(args), Arc::new(node))?);
             Ok(Transformed::yes(node))
         })?
         .data;
@@ -355,7 +361,10 @@ pub fn commit(marks: &Watermarks, bounds: &[Bound], run_id: &str) -> Result<Vec<
     for (k, (b, high, rows)) in highs {
         let before = b.from.clone();
         // The watermark never moves back (a lookback re-reads rows below it).
-        let keep = saved.get(&k).filter(|m| m.column == b.column).map(|m| m.value.clone());
+        let keep = saved
+            .get(&k)
+            .filter(|m| m.column == b.column)
+            .map(|m| m.value.clone());
         let next = match (&high, &keep) {
             (Some(h), Some(old)) if b.from.is_some() && !greater(h, old) => Some(old.clone()),
             (Some(h), _) => Some(h.clone()),

@@ -151,10 +151,7 @@ impl Flumen {
 
     /// Takes `'incremental_column'` and `'lookback'` out of a `CREATE EXTERNAL TABLE` (the
     /// connector never sees them) and remembers them for the writes that read the table.
-    fn take_incremental_options(
-        &self,
-        c: &mut datafusion::sql::parser::CreateExternalTable,
-    ) -> Result<()> {
+    fn take_incremental_options(&self, c: &mut datafusion::sql::parser::CreateExternalTable) -> Result<()> {
         let mut spec = super::incremental::Spec {
             column: String::new(),
             lookback: None,

@@ -83,6 +83,24 @@ impl Dialect {
             ScalarValue::Date32(Some(_)) if *column == DataType::Date32 && self != Dialect::Sqlite => {
                 (format!("DATE '{v}'"), true)
             }
+            // Timestamps to the microsecond (what both servers keep); only for columns
+            // without a time zone, whose values the server compares as written.
+            ScalarValue::TimestampSecond(Some(_), None)
+            | ScalarValue::TimestampMillisecond(Some(_), None)
+            | ScalarValue::TimestampMicrosecond(Some(_), None)
+            | ScalarValue::TimestampNanosecond(Some(_), None)
+                if matches!(column, DataType::Timestamp(_, None)) && self != Dialect::Sqlite =>
+            {
+                let micros = match v {
+                    ScalarValue::TimestampSecond(Some(x), _) => x.checked_mul(1_000_000)?,
+                    ScalarValue::TimestampMillisecond(Some(x), _) => x.checked_mul(1_000)?,
+                    ScalarValue::TimestampMicrosecond(Some(x), _) => *x,
+                    ScalarValue::TimestampNanosecond(Some(x), _) if x % 1_000 == 0 => x / 1_000,
+                    _ => return None,
+                };
+                let t = chrono::DateTime::from_timestamp_micros(micros)?;
+                (format!("TIMESTAMP '{}'", t.format("%Y-%m-%d %H:%M:%S%.6f")), true)
+            }
             _ => return None,
         })
     }
@@ -96,6 +114,19 @@ impl Dialect {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timestamps_become_timestamp_literals() {
+        let ts = DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, None);
+        let v = ScalarValue::TimestampMicrosecond(Some(1_772_409_600_000_001), None);
+        assert_eq!(
+            Dialect::MySql.literal(&ts, &v, false),
+            Some(("TIMESTAMP '2026-03-02 00:00:00.000001'".to_string(), true))
+        );
+        assert_eq!(Dialect::Sqlite.literal(&ts, &v, false), None);
+        let zoned = DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, Some("UTC".into()));
+        assert_eq!(Dialect::Postgres.literal(&zoned, &v, false), None);
+    }
 
     #[test]
     fn quoting_and_literals_follow_the_dialect() {
