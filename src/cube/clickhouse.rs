@@ -51,12 +51,7 @@ fn column_type(cube: &str, schema: &Schema, column: &str, target: &Target) -> Re
     let f = schema.field_with_name(column).map_err(|_| {
         Error::Config(format!(
             "cube {cube}: the source has no column {column} (it has {})",
-            schema
-                .fields()
-                .iter()
-                .map(|f| f.name().as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
+            crate::connector::options::column_names(schema)
         ))
     })?;
     let t = ChType::from_arrow(f.data_type(), f.is_nullable())?;

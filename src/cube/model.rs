@@ -242,9 +242,8 @@ impl CubeDef {
         }
     }
 
-    /// The public type of a measure kept as state, if it is.
-    pub fn state_type(&self, measure: &str) -> Option<arrow::datatypes::DataType> {
-        let (_, kept) = self.kept_measures().into_iter().find(|(n, _)| *n == measure)?;
+    /// The public type of a measure kept as state (`None`: the stored column's own).
+    fn state_type(kept: &Kept) -> Option<arrow::datatypes::DataType> {
         match kept {
             Kept::Plain(_) => None,
             Kept::Avg(_) => Some(arrow::datatypes::DataType::Float64),
@@ -477,8 +476,8 @@ impl CubeTable {
             .filter_map(|(n, _)| store_schema.field_with_name(n).ok())
             .map(|f| Arc::new(f.clone()))
             .collect();
-        for (n, _, _) in &def.measures {
-            match def.state_type(n) {
+        for (n, kept) in def.kept_measures() {
+            match CubeDef::state_type(&kept) {
                 Some(dt) => fields.push(Arc::new(arrow::datatypes::Field::new(n, dt, true))),
                 None => {
                     if let Ok(f) = store_schema.field_with_name(n) {

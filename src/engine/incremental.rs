@@ -274,12 +274,7 @@ pub fn bound(
                 failed = Some(Error::Option(format!(
                     "table {source}: option 'incremental_column': no column '{}' (columns: {})",
                     spec.column,
-                    schema
-                        .fields()
-                        .iter()
-                        .map(|f| f.name().as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    crate::connector::options::column_names(&schema)
                 )));
                 return Ok(Transformed::no(p));
             };
@@ -353,7 +348,9 @@ pub fn commit(marks: &Watermarks, bounds: &[Bound], run_id: &str) -> Result<Vec<
         let high = b.high()?;
         let entry = highs.entry(k).or_insert((b, None, 0));
         entry.2 += b.rows();
-        if let Some(h) = high {
+        if let Some(h) = high
+            && entry.1.as_deref().is_none_or(|e| greater(&h, e))
+        {
             entry.1 = Some(h);
         }
     }

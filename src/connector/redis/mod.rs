@@ -43,7 +43,7 @@ use datafusion::logical_expr::CreateExternalTable;
 use self::conn::{ClusterMode, Redis};
 use self::sink::RedisBackend;
 use self::source::RedisReader;
-use crate::connector::options::{OptionSpec, TableOptions};
+use crate::connector::options::{OptionSpec, TableOptions, column_names as names};
 use crate::error::{Error, Result};
 use crate::sink::{SINK_OPTIONS, SinkOptions, SinkTable, SourceSinkTable, parse_duration};
 
@@ -203,14 +203,6 @@ fn pattern_of(t: &[Seg]) -> String {
                 .collect(),
         })
         .collect()
-}
-
-fn names(s: &Schema) -> String {
-    s.fields()
-        .iter()
-        .map(|f| f.name().as_str())
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// Whether a column can be a hash or stream field (a string in Redis).
