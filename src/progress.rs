@@ -393,6 +393,10 @@ impl RunSummary {
                 human_count(m.spilled),
                 human_count(m.rejected)
             ));
+            if !m.rules.is_empty() {
+                let per: Vec<String> = m.rules.iter().map(|(r, n)| format!("{r} {n}")).collect();
+                s.push_str(&format!(" (by rule: {})", per.join(", ")));
+            }
         }
         s
     }

@@ -565,6 +565,7 @@ impl<B: SinkBackend> DataSink for BatchSink<B> {
         };
         let mut in_flight = FuturesUnordered::new();
         let mut seen = 0u64;
+        let mut rules = super::validate::Rules::new(&self.table, &o.rules, &batcher.schema)?;
         let pipeline = async {
             let mut seq = 0u64;
             let mut delivered = 0u64;
@@ -586,8 +587,22 @@ impl<B: SinkBackend> DataSink for BatchSink<B> {
                     Some(batch) => {
                         let batch = batch?;
                         let lingered = batcher.since.is_some_and(|s| s.elapsed() >= o.linger);
+                        seen += batch.num_rows() as u64;
+                        // Rows that break a validation rule go to dead letters, never to the backend.
+                        let batch = match rules.as_mut() {
+                            Some(r) if batch.num_rows() > 0 => {
+                                let (passed, broken) = r.check(&batch)?;
+                                if !broken.rows.is_empty() {
+                                    shared.dead_letter(&batch, &broken.rows, 0)?;
+                                    for (rule, n) in &broken.by_rule {
+                                        shared.metrics.rejected_by(rule, *n);
+                                    }
+                                }
+                                passed
+                            }
+                            _ => batch,
+                        };
                         let rows = batch.num_rows();
-                        seen += rows as u64;
                         match fingerprint(&batch).filter(|_| rows > 0) {
                             Some(hash) => {
                                 let seen_before = occurrences.entry(hash).or_insert(0u32);

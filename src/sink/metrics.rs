@@ -13,6 +13,8 @@ pub struct SinkMetrics {
     retries: AtomicU64,
     spilled: AtomicU64,
     rejected: AtomicU64,
+    /// Rows rejected by each validation rule.
+    rules: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 /// A copy of a sink's counters.
@@ -28,8 +30,11 @@ pub struct SinkMetricsSnapshot {
     pub retries: u64,
     /// Rows written to staging because they could not be delivered.
     pub spilled: u64,
-    /// Rows the backend refused, now in dead letters.
+    /// Rows the backend refused or a validation rule rejected, now in dead letters.
     pub rejected: u64,
+    /// Of those, the rows each validation rule rejected.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub rules: std::collections::BTreeMap<String, u64>,
 }
 
 impl SinkMetrics {
@@ -53,6 +58,13 @@ impl SinkMetrics {
         self.rejected.fetch_add(rows, Ordering::Relaxed);
     }
 
+    /// Counts rows a validation rule rejected (they are counted as rejected too).
+    pub(crate) fn rejected_by(&self, rule: &str, rows: u64) {
+        if let Ok(mut m) = self.rules.lock() {
+            *m.entry(rule.to_string()).or_default() += rows;
+        }
+    }
+
     /// The counters now.
     pub fn snapshot(&self) -> SinkMetricsSnapshot {
         SinkMetricsSnapshot {
@@ -62,6 +74,7 @@ impl SinkMetrics {
             retries: self.retries.load(Ordering::Relaxed),
             spilled: self.spilled.load(Ordering::Relaxed),
             rejected: self.rejected.load(Ordering::Relaxed),
+            rules: self.rules.lock().map(|m| m.clone()).unwrap_or_default(),
         }
     }
 }
@@ -75,6 +88,9 @@ impl SinkMetricsSnapshot {
         self.retries += o.retries;
         self.spilled += o.spilled;
         self.rejected += o.rejected;
+        for (rule, n) in &o.rules {
+            *self.rules.entry(rule.clone()).or_default() += n;
+        }
     }
 }
 

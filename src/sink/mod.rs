@@ -19,6 +19,7 @@ mod options;
 mod retry;
 mod state;
 mod table;
+mod validate;
 
 pub use backend::{Outcome, SinkBackend};
 // Shared with the broker sources' dead letters and the FAULTY test backend.
@@ -34,3 +35,4 @@ pub use state::{
     run_manifests,
 };
 pub use table::{ScanSource, SourceSinkTable};
+pub use validate::{RuleOptions, Rules};

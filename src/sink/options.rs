@@ -33,6 +33,15 @@ pub const SINK_OPTIONS: &[OptionSpec] = &[
         "on_failure",
         "when retries are exhausted: 'spill' to staging (default) or 'fail'",
     ),
+    OptionSpec::new(
+        "validate",
+        "a SQL condition every row must meet (false: dead letters, rule 'validate')",
+    ),
+    OptionSpec::new("not_null", "columns that must not be NULL, comma-separated"),
+    OptionSpec::new(
+        "unique",
+        "columns whose values may appear once per statement, comma-separated",
+    ),
 ];
 
 /// What to do with a batch that could not be delivered.
@@ -121,6 +130,8 @@ pub struct SinkOptions {
     pub max_rejected: RejectLimit,
     /// What happens to a batch that cannot be delivered.
     pub on_failure: OnFailure,
+    /// Validation rules checked before the backend sees a row (`super::validate`).
+    pub rules: super::validate::RuleOptions,
 }
 
 impl Default for SinkOptions {
@@ -137,6 +148,7 @@ impl Default for SinkOptions {
             timeout: Duration::from_secs(60),
             max_rejected: RejectLimit::Count(0),
             on_failure: OnFailure::Spill,
+            rules: Default::default(),
         }
     }
 }
@@ -180,9 +192,25 @@ impl SinkOptions {
                 "fail" => OnFailure::Fail,
                 _ => OnFailure::Spill,
             },
+            rules: super::validate::RuleOptions {
+                validate: o.get("validate").map(str::to_string),
+                not_null: list(o.get("not_null")),
+                unique: list(o.get("unique")),
+            },
         };
         Ok(opts)
     }
+}
+
+/// A comma-separated list of names (empty when not given).
+fn list(v: Option<&str>) -> Vec<String> {
+    v.map(|v| {
+        v.split(',')
+            .map(|x| x.trim().to_string())
+            .filter(|x| !x.is_empty())
+            .collect()
+    })
+    .unwrap_or_default()
 }
 
 /// Parses `250ms`, `5s`, `2m`, `1h` (a bare number is seconds).
