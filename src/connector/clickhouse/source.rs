@@ -286,6 +286,11 @@ fn literal(v: &ScalarValue) -> Option<String> {
         ScalarValue::Utf8(Some(s)) | ScalarValue::LargeUtf8(Some(s)) | ScalarValue::Utf8View(Some(s)) => {
             super::client::quote_str(s)
         }
+        // A `DateTime` column's value (seconds): the same instant whatever the server's zone,
+        // on every version (an incremental watermark on a timestamp column).
+        ScalarValue::TimestampSecond(Some(x), _) if *x >= 0 && *x <= i64::from(u32::MAX) => {
+            format!("toDateTime({x})")
+        }
         _ => return None,
     })
 }
@@ -564,5 +569,18 @@ mod tests {
         assert!(to_sql(&col("name").like(lit("a%")), &schema).is_none());
         assert!(to_sql(&col("missing").eq(lit(1)), &schema).is_none());
         assert!(to_sql(&col("id").eq(lit(ScalarValue::Int32(None))), &schema).is_none());
+        let dt = Schema::new(vec![Field::new(
+            "at",
+            DataType::Timestamp(arrow::datatypes::TimeUnit::Second, None),
+            false,
+        )]);
+        assert_eq!(
+            to_sql(
+                &col("at").gt(lit(ScalarValue::TimestampSecond(Some(1_772_409_600), None))),
+                &dt
+            )
+            .unwrap(),
+            "(`at` > toDateTime(1772409600))"
+        );
     }
 }
