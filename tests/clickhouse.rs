@@ -6,23 +6,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-const URL: &str = "http://127.0.0.1:8123/";
-
-/// Runs SQL on the server with curl, failing with how to start it when it is not running.
-fn ch(sql: &str) -> String {
-    let out = Command::new("curl")
-        .args(["-s", "-S", "--data-binary", sql, URL])
-        .output()
-        .expect("curl runs");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "ClickHouse is not answering on {URL}: start it with `bash tests/services/start.sh` ({})",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(!text.contains("DB::Exception"), "{sql}: {text}");
-    text
-}
+use common::ch;
 
 fn flumen(dir: &Path, script: &str, extra: &[&str]) -> Output {
     let path = dir.join("job.sql");

@@ -3,29 +3,15 @@
 //! reimplementation of the REST API; no real Elasticsearch or OpenSearch can be installed here),
 //! and a test proxy in front of it (`tests/services/es_proxy.py`) for 429s and credentials.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 
 use serde_json::Value;
 
-const ES: &str = "http://127.0.0.1:9200";
-
-/// Calls the server with curl, failing with how to start it when it is not running.
-fn es(method: &str, path: &str, body: Option<&str>) -> Value {
-    let mut c = Command::new("curl");
-    c.args(["-s", "-S", "-X", method, &format!("{ES}/{path}")]);
-    if let Some(b) = body {
-        c.args(["-H", "content-type: application/json", "--data-binary", b]);
-    }
-    let out = c.output().expect("curl runs");
-    assert!(
-        out.status.success(),
-        "the search server is not answering on {ES}: start it with `bash tests/services/start.sh` ({})",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
-}
+use common::{ES, es};
 
 fn fresh(index: &str) {
     es("DELETE", index, None);

@@ -2,6 +2,8 @@
 //! PostgreSQL 15 and MariaDB 10.11 (MySQL protocol) on 127.0.0.1, user `flumen`, password
 //! `flumen-test`, database `flumen`; SQLite files in a temporary folder.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -575,13 +577,22 @@ fn incremental_runs_read_only_new_and_updated_rows() {
     my("DROP TABLE IF EXISTS inc_src; CREATE TABLE inc_src (id INT PRIMARY KEY, name VARCHAR(20), amount BIGINT, updated_at DATETIME(6) NOT NULL);
         INSERT INTO inc_src SELECT seq, CONCAT('n', seq), seq * 10, TIMESTAMP('2026-01-01') + INTERVAL seq SECOND FROM seq_1_to_1000;");
     pg("DROP TABLE IF EXISTS inc_dst");
+    common::ch("DROP DATABASE IF EXISTS flumen_t_inc");
+    common::ch("CREATE DATABASE flumen_t_inc");
+    // Two targets of one source, each with its own watermark: PostgreSQL (ON CONFLICT) and
+    // ClickHouse (a ReplacingMergeTree by id, versioned by updated_at, read with FINAL). The
+    // ClickHouse statement comes second, so a failed PostgreSQL run stops before it.
     let script = "CREATE EXTERNAL TABLE inc_src STORED AS MYSQL LOCATION '".to_string()
         + MY
         + "' OPTIONS ('table' 'inc_src', 'incremental_column' 'updated_at');\n\
            CREATE EXTERNAL TABLE dst (id INT NOT NULL, name VARCHAR, amount BIGINT, updated_at TIMESTAMP) STORED AS POSTGRES \
              LOCATION 'postgres://flumen:${PW}@127.0.0.1:${PORT}/flumen' \
              OPTIONS ('table' 'inc_dst', 'mode' 'upsert', 'keys' 'id', 'max_attempts' '1', 'on_failure' 'fail');\n\
-           INSERT INTO dst SELECT id, name, amount, updated_at FROM inc_src;\n";
+           CREATE EXTERNAL TABLE chdst (id INT NOT NULL, name VARCHAR, amount BIGINT, updated_at TIMESTAMP NOT NULL) \
+             STORED AS CLICKHOUSE LOCATION 'http://127.0.0.1:8123/flumen_t_inc' \
+             OPTIONS ('table' 'inc_dst', 'create' 'if_not_exists', 'mode' 'upsert', 'keys' 'id', 'version' 'updated_at');\n\
+           INSERT INTO dst SELECT id, name, amount, updated_at FROM inc_src;\n\
+           INSERT INTO chdst SELECT id, name, amount, updated_at FROM inc_src;\n";
     let run = |port: &str, extra: &[&str]| {
         let mut args = vec!["--set", "PORT"];
         let set = format!("PORT={port}");
@@ -589,18 +600,20 @@ fn incremental_runs_read_only_new_and_updated_rows() {
         args.extend_from_slice(extra);
         flumen(d, &script, &args)
     };
-    // The rows the source query returned, from the run's report.
-    let read = |out: &str| -> u64 {
+    // The rows the source query returned for one target, from the run's report.
+    let read_for = |target: &str, out: &str| -> u64 {
+        let prefix = format!("incremental inc_src.updated_at -> {target}: ");
         let line = out
             .lines()
-            .find(|l| l.starts_with("incremental inc_src.updated_at -> dst: "))
-            .unwrap_or_else(|| panic!("no incremental line in {out}"));
-        line["incremental inc_src.updated_at -> dst: ".len()..]
-            .split(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
+            .find(|l| l.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("no incremental line for {target} in {out}"));
+        line[prefix.len()..].split(' ').next().unwrap().parse().unwrap()
+    };
+    // Both targets read the same rows.
+    let read = |out: &str| -> u64 {
+        let n = read_for("dst", out);
+        assert_eq!(read_for("chdst", out), n, "{out}");
+        n
     };
     let same = || {
         let src = my(
@@ -612,6 +625,15 @@ fn incremental_runs_read_only_new_and_updated_rows() {
         );
         assert_eq!(src.lines().count(), dst.lines().count());
         assert!(src == dst, "the target differs from the source");
+        let ch = common::ch(
+            "SELECT id, name, amount, toString(updated_at, 'UTC') FROM flumen_t_inc.inc_dst FINAL ORDER BY id FORMAT TabSeparated",
+        )
+        .replace('\t', "|");
+        assert_eq!(src.lines().count(), ch.lines().count());
+        assert!(
+            src.trim_end() == ch.trim_end(),
+            "the ClickHouse target differs from the source"
+        );
     };
     let out = ok(&run("5432", &[]));
     assert_eq!(read(&out), 1000, "{out}");

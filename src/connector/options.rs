@@ -72,6 +72,16 @@ impl TableOptions {
         })
     }
 
+    /// The table these options belong to.
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// The connector's name as written after `STORED AS`.
+    pub fn connector(&self) -> &str {
+        &self.connector
+    }
+
     /// The raw value of an option, if given.
     pub fn get(&self, name: &str) -> Option<&str> {
         self.values.get(name).map(String::as_str)

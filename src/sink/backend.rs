@@ -70,6 +70,20 @@ pub trait SinkBackend: Debug + Send + Sync + 'static {
         String::new()
     }
 
+    /// The write modes (`mode` option) this backend honours; declaring a table with another is
+    /// an error at `CREATE EXTERNAL TABLE`.
+    fn modes(&self) -> &'static [&'static str] {
+        &["append"]
+    }
+
+    /// Whether requests must go one at a time. By default that is so for
+    /// [`SinkBackend::all_or_nothing`] backends (one transaction is one connection); a backend
+    /// whose statement is all or nothing by other means (writing to a staging table switched
+    /// in at [`SinkBackend::finish`]) may send in parallel.
+    fn serial(&self) -> bool {
+        self.all_or_nothing()
+    }
+
     /// Sends one request and classifies the response.
     async fn send(&self, request: &Self::Request, token: &str) -> Outcome;
 

@@ -38,13 +38,28 @@ pub struct SinkTable<B: SinkBackend> {
 }
 
 impl<B: SinkBackend> SinkTable<B> {
-    /// A write-only table named `table` (for messages and state paths).
-    pub fn new(backend: B, table: impl Into<String>, options: SinkOptions) -> Self {
-        Self {
-            backend: Arc::new(backend),
-            table: table.into(),
-            options,
+    /// A write-only table named `table` (for messages and state paths). Refuses a `mode` the
+    /// backend does not honour, so that no mode silently becomes an append.
+    pub fn new(backend: B, table: impl Into<String>, options: SinkOptions) -> Result<Self> {
+        let table = table.into();
+        let modes = backend.modes();
+        if !modes.contains(&options.mode.name()) {
+            let connector = if options.connector.is_empty() {
+                "this sink".to_string()
+            } else {
+                format!("STORED AS {}", options.connector)
+            };
+            return Err(Error::Option(format!(
+                "table {table}: 'mode' '{}' is not available for {connector}; it honours: {}",
+                options.mode.name(),
+                modes.join(", ")
+            )));
         }
+        Ok(Self {
+            backend: Arc::new(backend),
+            table,
+            options,
+        })
     }
 }
 
@@ -196,7 +211,7 @@ impl<B: SinkBackend> Shared<B> {
 
     /// A request went through: one more in flight, up to the configured concurrency.
     fn relieved(&self) {
-        let max = if self.backend.all_or_nothing() {
+        let max = if self.backend.serial() {
             1
         } else {
             self.options.concurrency as u64
@@ -548,7 +563,7 @@ impl<B: SinkBackend> DataSink for BatchSink<B> {
             staged_parts: AtomicU64::new(0),
             rejected_rows: AtomicU64::new(0),
             last_failure: Mutex::new(None),
-            allowed: AtomicU64::new(if self.backend.all_or_nothing() {
+            allowed: AtomicU64::new(if self.backend.serial() {
                 1
             } else {
                 self.options.concurrency as u64

@@ -27,7 +27,7 @@ pub(crate) use datasink::write_parquet;
 pub use datasink::{BatchSink, SinkTable};
 pub use journal::{Replay, SinkReplay, Slice, fingerprint};
 pub use metrics::{SinkMetrics, SinkMetricsSnapshot, prometheus};
-pub use options::{OnFailure, RejectLimit, SINK_OPTIONS, SinkOptions, parse_duration};
+pub use options::{OnFailure, RejectLimit, SINK_OPTIONS, SinkOptions, WriteMode, parse_duration};
 pub use retry::Backoff;
 pub(crate) use state::safe_name;
 pub use state::{

@@ -42,7 +42,38 @@ pub const SINK_OPTIONS: &[OptionSpec] = &[
         "unique",
         "columns whose values may appear once per statement, comma-separated",
     ),
+    OptionSpec::new(
+        "mode",
+        "'append' (default), 'overwrite' (the target ends up holding exactly this statement's rows) or 'upsert' (rows replace those with the same 'keys')",
+    ),
+    OptionSpec::new("keys", "upsert: the key columns, comma-separated"),
 ];
+
+/// How a statement's rows land in the target (option `mode`). Each sink says which modes it
+/// honours ([`super::SinkBackend::modes`]); any other is refused when the table is declared.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum WriteMode {
+    /// Rows are added to what the target holds.
+    #[default]
+    Append,
+    /// The target ends up holding exactly the statement's rows, switched atomically where the
+    /// target allows it.
+    Overwrite,
+    /// A row replaces the target's row with the same key columns (`keys`, which some sinks
+    /// derive from their own options when not given).
+    Upsert(Vec<String>),
+}
+
+impl WriteMode {
+    /// The option value that names this mode.
+    pub fn name(&self) -> &'static str {
+        match self {
+            WriteMode::Append => "append",
+            WriteMode::Overwrite => "overwrite",
+            WriteMode::Upsert(_) => "upsert",
+        }
+    }
+}
 
 /// What to do with a batch that could not be delivered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,6 +163,10 @@ pub struct SinkOptions {
     pub on_failure: OnFailure,
     /// Validation rules checked before the backend sees a row (`super::validate`).
     pub rules: super::validate::RuleOptions,
+    /// How rows land in the target.
+    pub mode: WriteMode,
+    /// The connector (`STORED AS` name), for messages.
+    pub connector: String,
 }
 
 impl Default for SinkOptions {
@@ -149,6 +184,8 @@ impl Default for SinkOptions {
             max_rejected: RejectLimit::Count(0),
             on_failure: OnFailure::Spill,
             rules: Default::default(),
+            mode: WriteMode::Append,
+            connector: String::new(),
         }
     }
 }
@@ -197,7 +234,21 @@ impl SinkOptions {
                 not_null: list(o.get("not_null")),
                 unique: list(o.get("unique")),
             },
+            mode: match o.choice_or("mode", &["append", "overwrite", "upsert"], "append")? {
+                "overwrite" => WriteMode::Overwrite,
+                "upsert" => WriteMode::Upsert(list(o.get("keys"))),
+                _ => WriteMode::Append,
+            },
+            connector: o.connector().to_string(),
         };
+        // (A sink with its own 'op' option, MongoDB's, also matches on 'keys'.)
+        if o.get("keys").is_some() && !matches!(opts.mode, WriteMode::Upsert(_)) && o.get("op").is_none() {
+            return Err(crate::error::Error::Option(format!(
+                "table {}: option 'keys' is for 'mode' 'upsert' (the mode is '{}')",
+                o.table(),
+                opts.mode.name()
+            )));
+        }
         Ok(opts)
     }
 }

@@ -92,3 +92,43 @@ pub fn assert_rows_close(what: &str, got: &str, want: &str) {
         }
     }
 }
+
+/// ClickHouse's HTTP interface, as `tests/services/start.sh` starts it.
+pub const CLICKHOUSE: &str = "http://127.0.0.1:8123/";
+
+/// Runs one ClickHouse statement over HTTP; its answer as text. Fails the test on a server
+/// error, or with how to start the server when none answers.
+pub fn ch(sql: &str) -> String {
+    let out = Command::new("curl")
+        .args(["-s", "-S", "--data-binary", sql, CLICKHOUSE])
+        .output()
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "ClickHouse is not answering on {CLICKHOUSE}: start it with `bash tests/services/start.sh` ({})",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!text.contains("DB::Exception"), "{sql}: {text}");
+    text
+}
+
+/// The search server `tests/services/start.sh` starts.
+pub const ES: &str = "http://127.0.0.1:9200";
+
+/// Calls the search server with curl: its JSON answer (Null when not JSON). Fails with how to
+/// start the server when none answers.
+pub fn es(method: &str, path: &str, body: Option<&str>) -> serde_json::Value {
+    let mut c = Command::new("curl");
+    c.args(["-s", "-S", "-X", method, &format!("{ES}/{path}")]);
+    if let Some(b) = body {
+        c.args(["-H", "content-type: application/json", "--data-binary", b]);
+    }
+    let out = c.output().expect("curl runs");
+    assert!(
+        out.status.success(),
+        "the search server is not answering on {ES}: start it with `bash tests/services/start.sh` ({})",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}

@@ -9,7 +9,7 @@ use arrow::datatypes::{Field, Schema, SchemaRef};
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider, TableProviderFactory};
 use datafusion::logical_expr::CreateExternalTable;
-use tokio::sync::OnceCell;
+use tokio::sync::{Mutex, OnceCell};
 
 use super::client::{
     BodyCompression, ChError, Client, is_bad_data, is_retriable, parse_settings, quote_ident, quote_str,
@@ -20,7 +20,7 @@ use super::source::Reader;
 use super::types::ChType;
 use crate::connector::options::{OptionSpec, TableOptions};
 use crate::error::{Error, Result};
-use crate::sink::{Outcome, SINK_OPTIONS, SinkBackend, SinkOptions, SinkTable, SourceSinkTable};
+use crate::sink::{Outcome, SINK_OPTIONS, SinkBackend, SinkOptions, SinkTable, SourceSinkTable, WriteMode};
 
 const OPTIONS: &[OptionSpec] = &[
     OptionSpec::new("table", "the ClickHouse table (required)"),
@@ -46,6 +46,14 @@ const OPTIONS: &[OptionSpec] = &[
     OptionSpec::new(
         "partitions",
         "parallel queries of a read with 'partition_on'; default 1",
+    ),
+    OptionSpec::new(
+        "version",
+        "upsert: the version column of the ReplacingMergeTree (UInt*, Date or DateTime); the row with the highest wins",
+    ),
+    OptionSpec::new(
+        "final",
+        "reads: 'true' adds FINAL (one row per key of a ReplacingMergeTree, merged at read time)",
     ),
     OptionSpec::new(
         "dedup",
@@ -85,6 +93,7 @@ impl TableProviderFactory for ClickHouseFactory {
             _ => BodyCompression::None,
         };
         let dedup = o.choice_or("dedup", &["auto", "off"], "auto")? == "auto";
+        let final_read = o.choice_or("final", &["true", "false"], "false")? == "true";
         let full = format!("{}.{}", quote_ident(&client.database), quote_ident(&table));
         let at = |e: ChError| Error::Config(format!("table {name}: ClickHouse {full}: {e}"));
         let version: Vec<u32> = client
@@ -132,6 +141,47 @@ impl TableProviderFactory for ClickHouseFactory {
             })
             .collect();
         let declared: Vec<Arc<Field>> = cmd.schema.fields().iter().cloned().collect();
+        let mut sink = sink;
+        let upsert = match &sink.mode {
+            WriteMode::Upsert(keys) => {
+                if keys.is_empty() {
+                    return Err(Error::Option(format!(
+                        "table {name}: 'mode' 'upsert' needs 'keys' (the ORDER BY of the ReplacingMergeTree)"
+                    ))
+                    .into());
+                }
+                if o.get("order_by").is_some() {
+                    return Err(Error::Option(format!(
+                        "table {name}: with 'mode' 'upsert' the table is ordered by its 'keys'; leave 'order_by' out"
+                    ))
+                    .into());
+                }
+                if let Some(e) = o.get("engine").filter(|e| !e.contains("ReplacingMergeTree")) {
+                    return Err(Error::Option(format!(
+                        "table {name}: 'mode' 'upsert' needs a ReplacingMergeTree, not engine '{e}'"
+                    ))
+                    .into());
+                }
+                Some(Upsert {
+                    keys: keys.clone(),
+                    version: o.get("version").map(str::to_string),
+                })
+            }
+            _ if o.get("version").is_some() => {
+                return Err(
+                    Error::Option(format!("table {name}: option 'version' is for 'mode' 'upsert'")).into(),
+                );
+            }
+            _ => None,
+        };
+        if !existing.is_empty()
+            && create != "replace"
+            && let Some(u) = &upsert
+        {
+            check_replacing(&client, &table, &full, u)
+                .await
+                .map_err(|e| Error::Option(format!("table {name}: {e}")))?;
+        }
         let (columns, ddl) = if existing.is_empty() || create == "replace" {
             if create == "never" {
                 return Err(Error::Option(format!(
@@ -164,7 +214,23 @@ impl TableProviderFactory for ClickHouseFactory {
             if create == "replace" {
                 ddl.push(format!("DROP TABLE IF EXISTS {full}"));
             }
-            let engine = o.get("engine").unwrap_or("MergeTree");
+            let (engine, order_by) = match &upsert {
+                Some(u) => {
+                    u.check_columns(&columns)
+                        .map_err(|e| Error::Option(format!("table {name}: {e}")))?;
+                    let engine = match (o.get("engine"), &u.version) {
+                        (Some(e), _) => e.to_string(),
+                        (None, Some(v)) => format!("ReplacingMergeTree({})", quote_ident(v)),
+                        (None, None) => "ReplacingMergeTree".to_string(),
+                    };
+                    let keys: Vec<String> = u.keys.iter().map(|k| quote_ident(k)).collect();
+                    (engine, format!("({})", keys.join(", ")))
+                }
+                None => (
+                    o.get("engine").unwrap_or("MergeTree").to_string(),
+                    o.get("order_by").unwrap_or("tuple()").to_string(),
+                ),
+            };
             let mut stmt = format!(
                 "CREATE TABLE IF NOT EXISTS {full} ({}) ENGINE = {engine}",
                 defs.join(", "),
@@ -172,7 +238,7 @@ impl TableProviderFactory for ClickHouseFactory {
             if let Some(p) = o.get("partition_by") {
                 stmt.push_str(&format!(" PARTITION BY {p}"));
             }
-            stmt.push_str(&format!(" ORDER BY {}", o.get("order_by").unwrap_or("tuple()")));
+            stmt.push_str(&format!(" ORDER BY {order_by}"));
             if tokens && engine.ends_with("MergeTree") && !engine.starts_with("Replicated") {
                 stmt.push_str(" SETTINGS non_replicated_deduplication_window = 1000");
             }
@@ -224,7 +290,37 @@ impl TableProviderFactory for ClickHouseFactory {
         if partitions == 0 {
             return Err(Error::Option(format!("table {name}: 'partitions' must be at least 1")).into());
         }
+        if let Some(u) = &upsert {
+            // Without a version column the row inserted last wins: requests go one at a time, in
+            // input order. With one, the highest version wins whatever the order.
+            if u.version.is_none() {
+                sink.concurrency = 1;
+            }
+        }
+        let overwrite = match sink.mode {
+            WriteMode::Overwrite => {
+                let atomic = client
+                    .query(&format!(
+                        "SELECT engine FROM system.databases WHERE name = {} FORMAT TabSeparated",
+                        quote_str(&client.database)
+                    ))
+                    .await
+                    .map_err(at)?
+                    .trim()
+                    == "Atomic";
+                let staging = format!("{table}__flumen_overwrite");
+                Some(Overwrite {
+                    staging_sql: format!("{}.{}", quote_ident(&client.database), quote_ident(&staging)),
+                    staging,
+                    table: table.clone(),
+                    exchange: atomic,
+                    switched: Mutex::new(false),
+                })
+            }
+            _ => None,
+        };
         let reader = Reader {
+            final_read,
             client: client.clone(),
             table_sql: full.clone(),
             schema: Arc::clone(&schema),
@@ -246,10 +342,12 @@ impl TableProviderFactory for ClickHouseFactory {
             created: OnceCell::new(),
             compression,
             tokens,
+            upsert,
+            overwrite,
         };
         Ok(Arc::new(SourceSinkTable::new(
             reader,
-            SinkTable::new(backend, name, sink),
+            SinkTable::new(backend, name, sink)?,
         )))
     }
 }
@@ -286,6 +384,103 @@ struct ClickHouseBackend {
     compression: BodyCompression,
     /// Send each request's delivery token as `insert_deduplication_token`.
     tokens: bool,
+    upsert: Option<Upsert>,
+    overwrite: Option<Overwrite>,
+}
+
+/// `mode` `upsert`: rows go to a ReplacingMergeTree ordered by the keys, which keeps one row
+/// per key (the highest `version`, or the last inserted) once its parts merge. Until then a
+/// plain `SELECT` may see several rows of one key: read with `FINAL` (option `final` of a
+/// ClickHouse source table) or `argMax(col, version) ... GROUP BY keys`.
+#[derive(Debug, Clone)]
+struct Upsert {
+    keys: Vec<String>,
+    version: Option<String>,
+}
+
+impl Upsert {
+    /// The keys and version are columns, and the version has a type ReplacingMergeTree takes.
+    fn check_columns(&self, columns: &[(String, ChType)]) -> std::result::Result<(), String> {
+        let find = |c: &str| columns.iter().find(|(n, _)| n == c).map(|(_, t)| t);
+        let names = || {
+            columns
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        for k in &self.keys {
+            if find(k).is_none() {
+                return Err(format!(
+                    "'keys' names {k}, which is not a column (columns: {})",
+                    names()
+                ));
+            }
+        }
+        if let Some(v) = &self.version {
+            match find(v) {
+                None => {
+                    return Err(format!(
+                        "'version' names {v}, which is not a column (columns: {})",
+                        names()
+                    ));
+                }
+                Some(ChType::UInt(_) | ChType::Date | ChType::DateTime(_)) => {}
+                Some(ChType::Int(_) | ChType::DateTime64(..)) => {}
+                Some(t) => {
+                    return Err(format!(
+                        "'version' column {v} is {t}; a ReplacingMergeTree version is an integer, Date or DateTime"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An existing table written with `mode` `upsert` must be a ReplacingMergeTree, else the
+/// "upsert" would append duplicates.
+async fn check_replacing(
+    client: &Client,
+    table: &str,
+    full: &str,
+    u: &Upsert,
+) -> std::result::Result<(), String> {
+    let engine = client
+        .query(&format!(
+            "SELECT engine FROM system.tables WHERE database = {} AND name = {} FORMAT TabSeparated",
+            quote_str(&client.database),
+            quote_str(table)
+        ))
+        .await
+        .map_err(|e| format!("ClickHouse {full}: {e}"))?;
+    let engine = engine.trim();
+    if !engine.ends_with("ReplacingMergeTree") {
+        return Err(format!(
+            "'mode' 'upsert' needs a ReplacingMergeTree, and ClickHouse {full} is a {engine}; \
+             recreate it with OPTIONS ('create' 'replace', 'keys' '{}') or use 'mode' 'append'",
+            u.keys.join(",")
+        ));
+    }
+    Ok(())
+}
+
+/// `mode` `overwrite`: the statement writes a staging table made like the target; when every
+/// row is in, the staging table takes the target's place in one step, so that a reader sees the
+/// old rows or the new ones, never an empty or half-written table. On an Atomic database (the
+/// default since ClickHouse 20.10) that is `EXCHANGE TABLES`; on an Ordinary one each of the
+/// target's partitions is replaced from the staging table (`REPLACE PARTITION`, atomic per
+/// partition: a table with no PARTITION BY has one, so the switch is one step) and partitions
+/// the new rows do not have are dropped. A failed statement drops the staging table and leaves
+/// the target as it was; the rerun starts over.
+#[derive(Debug)]
+struct Overwrite {
+    table: String,
+    staging: String,
+    staging_sql: String,
+    exchange: bool,
+    /// Whether the switch is done (finish runs once per statement).
+    switched: Mutex<bool>,
 }
 
 /// One insert's body and how many rows it carries.
@@ -302,6 +497,36 @@ fn gzip(block: &[u8]) -> Result<Vec<u8>> {
     z.write_all(block)
         .map_err(|e| Error::io("compressing a Native block", e))?;
     z.finish().map_err(|e| Error::io("compressing a Native block", e))
+}
+
+impl ClickHouseBackend {
+    /// Runs the DDL owed before the first insert, once: the target's, then (overwrite) a fresh
+    /// staging table made like the target.
+    async fn ensure_created(&self) -> std::result::Result<(), String> {
+        self.created
+            .get_or_init(|| async {
+                for stmt in &self.ddl {
+                    self.client
+                        .query(stmt)
+                        .await
+                        .map_err(|e| format!("creating {}: {e}", self.table_sql))?;
+                }
+                if let Some(w) = &self.overwrite {
+                    for stmt in [
+                        format!("DROP TABLE IF EXISTS {}", w.staging_sql),
+                        format!("CREATE TABLE {} AS {}", w.staging_sql, self.table_sql),
+                    ] {
+                        self.client
+                            .query(&stmt)
+                            .await
+                            .map_err(|e| format!("making the staging table of an overwrite: {stmt}: {e}"))?;
+                    }
+                }
+                Ok(())
+            })
+            .await
+            .clone()
+    }
 }
 
 #[async_trait]
@@ -349,31 +574,119 @@ impl SinkBackend for ClickHouseBackend {
         if !self.ddl.is_empty() {
             s.push_str(&format!(", on the first write runs: {}", self.ddl.join("; ")));
         }
+        if let Some(u) = &self.upsert {
+            s.push_str(&format!(
+                ", upsert on ({}){} into a ReplacingMergeTree: one row per key once parts merge; read with FINAL until then",
+                u.keys.join(", "),
+                u.version.as_ref().map(|v| format!(" by highest {v}")).unwrap_or_default()
+            ));
+        }
+        if let Some(w) = &self.overwrite {
+            s.push_str(&format!(
+                ", overwrite: rows go to {}, then {}",
+                w.staging_sql,
+                if w.exchange {
+                    "EXCHANGE TABLES with the target"
+                } else {
+                    "each partition of the target is replaced from it (REPLACE PARTITION)"
+                }
+            ));
+        }
         s
     }
 
-    async fn send(&self, request: &ChRequest, token: &str) -> Outcome {
-        let created = self
-            .created
-            .get_or_init(|| async {
-                for stmt in &self.ddl {
-                    self.client
-                        .query(stmt)
-                        .await
-                        .map_err(|e| format!("creating {}: {e}", self.table_sql))?;
-                }
-                Ok(())
-            })
-            .await;
-        if let Err(reason) = created {
-            return Outcome::Fatal {
-                reason: reason.clone(),
-            };
+    fn modes(&self) -> &'static [&'static str] {
+        &["append", "overwrite", "upsert"]
+    }
+
+    /// An overwrite is all or nothing: its rows go to a staging table that is switched in
+    /// at the end, or dropped.
+    fn all_or_nothing(&self) -> bool {
+        self.overwrite.is_some()
+    }
+
+    /// ... but its requests may go in parallel: they are inserts into the staging table.
+    fn serial(&self) -> bool {
+        false
+    }
+
+    async fn finish(&self, ok: bool) -> Result<()> {
+        let Some(w) = &self.overwrite else {
+            return Ok(());
+        };
+        let mut switched = w.switched.lock().await;
+        if *switched {
+            return Ok(());
         }
+        let at = |e: String| Error::Config(format!("ClickHouse {}: overwrite: {e}", self.table_sql));
+        if !ok {
+            // The target is untouched; the staging table is dropped (best effort).
+            let _ = self
+                .client
+                .query(&format!("DROP TABLE IF EXISTS {}", w.staging_sql))
+                .await;
+            return Ok(());
+        }
+        // An empty input still replaces the target's rows (with none).
+        self.ensure_created().await.map_err(at)?;
+        let q = |sql: String| async move { self.client.query(&sql).await.map_err(|e| format!("{sql}: {e}")) };
+        if w.exchange {
+            q(format!(
+                "EXCHANGE TABLES {} AND {}",
+                self.table_sql, w.staging_sql
+            ))
+            .await
+            .map_err(at)?;
+        } else {
+            let parts = |table: &str| {
+                format!(
+                    "SELECT DISTINCT partition_id FROM system.parts WHERE database = {} AND table = {} AND active FORMAT TabSeparated",
+                    quote_str(&self.client.database),
+                    quote_str(table)
+                )
+            };
+            let new = q(parts(&w.staging)).await.map_err(at)?;
+            let new: Vec<&str> = new.lines().filter(|l| !l.is_empty()).collect();
+            let old = q(parts(&w.table)).await.map_err(at)?;
+            for p in &new {
+                q(format!(
+                    "ALTER TABLE {} REPLACE PARTITION ID {} FROM {}",
+                    self.table_sql,
+                    quote_str(p),
+                    w.staging_sql
+                ))
+                .await
+                .map_err(at)?;
+            }
+            for p in old.lines().filter(|l| !l.is_empty() && !new.contains(l)) {
+                q(format!(
+                    "ALTER TABLE {} DROP PARTITION ID {}",
+                    self.table_sql,
+                    quote_str(p)
+                ))
+                .await
+                .map_err(at)?;
+            }
+        }
+        *switched = true;
+        q(format!("DROP TABLE IF EXISTS {}", w.staging_sql))
+            .await
+            .map_err(at)?;
+        Ok(())
+    }
+
+    async fn send(&self, request: &ChRequest, token: &str) -> Outcome {
+        if let Err(reason) = self.ensure_created().await {
+            return Outcome::Fatal { reason };
+        }
+        let into = match &self.overwrite {
+            Some(w) => &w.staging_sql,
+            None => &self.table_sql,
+        };
         match self
             .client
             .insert_native(
-                &self.table_sql,
+                into,
                 request.body.clone(),
                 self.compression,
                 self.tokens.then_some(token),

@@ -42,6 +42,8 @@ pub struct Reader {
     pub client: Client,
     /// `db`.`table`, quoted.
     pub table_sql: String,
+    /// Reads say `FINAL` (option `final`).
+    pub final_read: bool,
     pub schema: SchemaRef,
     pub types: Vec<ChType>,
     /// Column (index) whose range splits the read, and into how many parts.
@@ -111,7 +113,7 @@ impl ScanSource for Reader {
             .map(|range| {
                 let mut c = conds.clone();
                 c.extend(range);
-                let mut q = format!("SELECT {select} FROM {}", self.table_sql);
+                let mut q = format!("SELECT {select} FROM {}", self.read_from());
                 if !c.is_empty() {
                     q.push_str(&format!(" WHERE {}", c.join(" AND ")));
                 }
@@ -132,6 +134,16 @@ impl ScanSource for Reader {
 }
 
 impl Reader {
+    /// The table as read: with `FINAL` when asked (a ReplacingMergeTree's rows merged by key at
+    /// read time, so that an upserted table reads as one row per key).
+    fn read_from(&self) -> String {
+        if self.final_read {
+            format!("{} FINAL", self.table_sql)
+        } else {
+            self.table_sql.clone()
+        }
+    }
+
     /// Cuts the key's `[min, max]` (under the filters) into `partitions` ranges.
     async fn ranges(&self, col: usize, conds: &[String]) -> Result<Vec<Option<String>>> {
         let name = quote_ident(self.schema.field(col).name());
@@ -146,7 +158,7 @@ impl Reader {
         };
         let mut q = format!(
             "SELECT toString(min({key})), toString(max({key})) FROM {}",
-            self.table_sql
+            self.read_from()
         );
         if !conds.is_empty() {
             q.push_str(&format!(" WHERE {}", conds.join(" AND ")));

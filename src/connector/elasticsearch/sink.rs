@@ -12,13 +12,15 @@ use datafusion::logical_expr::CreateExternalTable;
 use serde_json::Value;
 use url::Url;
 
-use super::bulk::{BulkSpec, ItemOutcome, Op, encode, epoch_millis_columns, parse_index, read_response};
+use super::bulk::{
+    BulkSpec, IndexPart, ItemOutcome, Op, encode, epoch_millis_columns, parse_index, read_response,
+};
 use super::mapping::{MappingStyle, derive, to_arrow};
 use super::source::{EsReader, ID};
 use crate::connector::http::{decode, error_text};
 use crate::connector::options::{OptionSpec, TableOptions};
 use crate::error::{Error, Result};
-use crate::sink::{Outcome, SINK_OPTIONS, SinkBackend, SinkOptions, SinkTable, SourceSinkTable};
+use crate::sink::{Outcome, SINK_OPTIONS, SinkBackend, SinkOptions, SinkTable, SourceSinkTable, WriteMode};
 
 const OPTIONS: &[OptionSpec] = &[
     OptionSpec::new(
@@ -139,8 +141,35 @@ impl TableProviderFactory for ElasticsearchFactory {
                 })
                 .transpose()
         };
+        // 'mode' 'upsert' matches documents on `_id`: its one key column is the id column.
+        let keyed = match &sink.mode {
+            WriteMode::Upsert(keys) => match keys.as_slice() {
+                [] => None,
+                [k] => Some(fields.iter().position(|f| f.name() == k).ok_or_else(|| {
+                    Error::Option(format!(
+                        "table {name}: 'keys': '{k}' is not a column of the table"
+                    ))
+                })?),
+                _ => {
+                    return Err(Error::Option(format!(
+                        "table {name}: 'mode' 'upsert' matches documents on _id, one column; make one key column (e.g. SELECT concat(a, '-', b) AS id) and name it in 'keys'"
+                    ))
+                    .into());
+                }
+            },
+            _ => None,
+        };
         // A column named `_id` is the document id: read from each hit, never part of `_source`.
-        let id_column = match (col("id_column")?, fields.iter().position(|f| f.name() == ID)) {
+        let named_id = match (col("id_column")?, keyed) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(Error::Option(format!(
+                    "table {name}: 'keys' and 'id_column' name different columns; with 'mode' 'upsert' the key is the document id"
+                ))
+                .into());
+            }
+            (a, b) => a.or(b),
+        };
+        let id_column = match (named_id, fields.iter().position(|f| f.name() == ID)) {
             (Some(c), Some(i)) if c != i => {
                 return Err(Error::Option(format!(
                     "table {name}: column {ID} is the document id; 'id_column' cannot name another column"
@@ -160,6 +189,37 @@ impl TableProviderFactory for ElasticsearchFactory {
         let search_after = search_after.map(|i| fields[i].name().clone());
         let op = Op::parse(o.choice_or("op", &["index", "create", "update", "upsert", "delete"], "index")?)
             .unwrap_or(Op::Index);
+        match (&sink.mode, op) {
+            (WriteMode::Upsert(_), Op::Index | Op::Upsert) if id_column.is_none() => {
+                return Err(Error::Option(format!(
+                    "table {name}: 'mode' 'upsert' needs the document id: 'keys' (or 'id_column') naming its column"
+                ))
+                .into());
+            }
+            (WriteMode::Upsert(_), Op::Index | Op::Upsert) | (WriteMode::Append, _) => {}
+            (WriteMode::Overwrite, Op::Index | Op::Create) => {
+                if index.len() != 1 || !matches!(index.first(), Some(IndexPart::Text(_))) {
+                    return Err(Error::Option(format!(
+                        "table {name}: 'mode' 'overwrite' needs one index name, not the template '{index_text}' (an alias is switched to the new index)"
+                    ))
+                    .into());
+                }
+                if o.get("create_index") == Some("never") {
+                    return Err(Error::Option(format!(
+                        "table {name}: 'mode' 'overwrite' creates a new index each run; 'create_index' 'never' forbids it"
+                    ))
+                    .into());
+                }
+            }
+            (m, _) => {
+                return Err(Error::Option(format!(
+                    "table {name}: 'mode' '{}' and 'op' '{}' contradict each other",
+                    m.name(),
+                    o.get("op").unwrap_or("index")
+                ))
+                .into());
+            }
+        }
         if op.needs_id() && id_column.is_none() {
             return Err(Error::Option(format!(
                 "table {name}: 'op' '{}' needs 'id_column'",
@@ -230,6 +290,10 @@ impl TableProviderFactory for ElasticsearchFactory {
             id_column: id_column.map(|i| fields[i].name().clone()),
             routing_column: routing_column.map(|i| fields[i].name().clone()),
         };
+        let overwrite = (sink.mode == WriteMode::Overwrite).then(|| Overwrite {
+            alias: index_text.clone(),
+            generation: Mutex::new(None),
+        });
         let backend = EsBackend {
             client,
             spec: BulkSpec {
@@ -245,10 +309,11 @@ impl TableProviderFactory for ElasticsearchFactory {
             create_index,
             params,
             known: Mutex::new(HashSet::new()),
+            overwrite,
         };
         Ok(Arc::new(SourceSinkTable::new(
             reader,
-            SinkTable::new(backend, name, sink),
+            SinkTable::new(backend, name, sink)?,
         )))
     }
 }
@@ -411,6 +476,33 @@ struct EsBackend {
     params: Vec<(String, String)>,
     /// Indices known to exist (created or found).
     known: Mutex<HashSet<String>>,
+    overwrite: Option<Overwrite>,
+}
+
+/// `mode` `overwrite`: each statement writes a new index `<index>-flumen-<ms>`; when every
+/// document is in, it is refreshed and one `_aliases` request makes `<index>` name it (removing
+/// the alias from the earlier generation, or the index `<index>` itself if it was a concrete
+/// index), so that searches on `<index>` see the old documents or the new ones, never a
+/// half-written index. Earlier generations flumen made are then deleted; other indices the
+/// alias named are only unaliased. A failed statement deletes its new index.
+#[derive(Debug)]
+struct Overwrite {
+    alias: String,
+    /// The index this statement writes, chosen at its first request.
+    generation: Mutex<Option<String>>,
+}
+
+impl Overwrite {
+    fn generation(&self) -> String {
+        let mut g = self.generation.lock().unwrap_or_else(|e| e.into_inner());
+        g.get_or_insert_with(|| {
+            let ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis());
+            format!("{}-flumen-{ms}", self.alias)
+        })
+        .clone()
+    }
 }
 
 /// A document id from a request's token and a row: the same row of the same request gets the
@@ -423,6 +515,93 @@ fn row_id(token: &str, row: u32) -> String {
 }
 
 impl EsBackend {
+    /// One JSON request; the answer's status and text.
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> std::result::Result<(u16, String), String> {
+        let url = self.client.url(path).map_err(|e| e.to_string())?;
+        let mut r = self.client.request(method, url);
+        if let Some(b) = body {
+            r = r
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(b.to_string());
+        }
+        let resp = r
+            .send()
+            .await
+            .map_err(|e| format!("cannot reach {}: {}", self.client.base(), error_text(&e)))?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.text().await.unwrap_or_default()))
+    }
+
+    /// Makes `alias` name `generation` (created empty if no document was written) in one
+    /// `_aliases` request, then deletes the generations flumen made before.
+    async fn switch_alias(&self, alias: &str, generation: &str) -> std::result::Result<(), String> {
+        self.ensure_indices(&[generation.to_string()])
+            .await
+            .map_err(|o| match o {
+                Outcome::Retry { reason, .. } | Outcome::Fatal { reason } => reason,
+                _ => format!("creating {generation} failed"),
+            })?;
+        let ok = |(status, text): (u16, String), what: &str| {
+            if (200..300).contains(&status) {
+                Ok(text)
+            } else {
+                Err(format!("{what}: HTTP {status}: {}", first_line(&text)))
+            }
+        };
+        ok(
+            self.call(reqwest::Method::POST, &format!("{generation}/_refresh"), None)
+                .await?,
+            "refresh",
+        )?;
+        let (status, text) = self
+            .call(reqwest::Method::GET, &format!("_alias/{alias}"), None)
+            .await?;
+        let aliased: Vec<String> = match status {
+            200 => serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|v| v.as_object().map(|o| o.keys().cloned().collect()))
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        let mut actions: Vec<Value> = Vec::new();
+        if aliased.is_empty() {
+            // `alias` may be a concrete index: it goes in the same atomic request.
+            let (status, _) = self.call(reqwest::Method::HEAD, alias, None).await?;
+            if status == 200 {
+                actions.push(serde_json::json!({ "remove_index": { "index": alias } }));
+            }
+        }
+        for old in aliased.iter().filter(|i| i.as_str() != generation) {
+            actions.push(serde_json::json!({ "remove": { "index": old, "alias": alias } }));
+        }
+        actions.push(serde_json::json!({ "add": { "index": generation, "alias": alias } }));
+        ok(
+            self.call(
+                reqwest::Method::POST,
+                "_aliases",
+                Some(serde_json::json!({ "actions": actions })),
+            )
+            .await?,
+            "switching the alias",
+        )?;
+        let ours = format!("{alias}-flumen-");
+        for old in aliased
+            .iter()
+            .filter(|i| i.starts_with(&ours) && i.as_str() != generation)
+        {
+            if let Err(e) = ok(self.call(reqwest::Method::DELETE, old, None).await?, "deleting") {
+                tracing::warn!("elasticsearch: the earlier generation {old} stays: {e}");
+            }
+            self.known.lock().unwrap_or_else(|e| e.into_inner()).remove(old);
+        }
+        Ok(())
+    }
+
     /// Creates the indices of a request that are not known yet (with the mapping).
     async fn ensure_indices(&self, indices: &[String]) -> std::result::Result<(), Outcome> {
         if !self.create_index {
@@ -508,7 +687,14 @@ impl SinkBackend for EsBackend {
 
     fn encode_rows(&self, batch: &RecordBatch, token: &str, rows: Option<&[u32]>) -> Result<EsRequest> {
         let id = |r: usize| row_id(token, rows.map_or(r as u32, |m| m[r]));
-        let b = encode(batch, &self.spec, &id)?;
+        let b = match &self.overwrite {
+            Some(w) => {
+                let mut spec = self.spec.clone();
+                spec.index = vec![IndexPart::Text(w.generation())];
+                encode(batch, &spec, &id)?
+            }
+            None => encode(batch, &self.spec, &id)?,
+        };
         Ok(EsRequest {
             body: b.body.into(),
             items: b.items,
@@ -534,6 +720,34 @@ impl SinkBackend for EsBackend {
             ));
         }
         s
+    }
+
+    fn modes(&self) -> &'static [&'static str] {
+        &["append", "overwrite", "upsert"]
+    }
+
+    /// An overwrite's documents go to a new index that is switched in at the end, or deleted.
+    fn all_or_nothing(&self) -> bool {
+        self.overwrite.is_some()
+    }
+
+    fn serial(&self) -> bool {
+        false
+    }
+
+    async fn finish(&self, ok: bool) -> Result<()> {
+        let Some(w) = &self.overwrite else {
+            return Ok(());
+        };
+        let generation = w.generation();
+        let result = if ok {
+            self.switch_alias(&w.alias, &generation).await
+        } else {
+            let _ = self.call(reqwest::Method::DELETE, &generation, None).await;
+            Ok(())
+        };
+        *w.generation.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        result.map_err(|e| Error::Config(format!("elasticsearch index {}: overwrite: {e}", w.alias)))
     }
 
     async fn send(&self, request: &EsRequest, _token: &str) -> Outcome {

@@ -95,7 +95,7 @@ impl TableProviderFactory for FaultyFactory {
             backend,
             table,
             SinkOptions::from_options(&o)?,
-        )))
+        )?))
     }
 }
 

@@ -31,7 +31,7 @@ use self::sink::{MongoBackend, Op};
 use self::source::MongoReader;
 use crate::connector::options::{OptionSpec, TableOptions};
 use crate::error::{Error, Result};
-use crate::sink::{SINK_OPTIONS, SinkOptions, SinkTable, SourceSinkTable};
+use crate::sink::{SINK_OPTIONS, SinkOptions, SinkTable, SourceSinkTable, WriteMode};
 
 const OPTIONS: &[OptionSpec] = &[
     OptionSpec::new("collection", "the collection read and written"),
@@ -57,11 +57,7 @@ const OPTIONS: &[OptionSpec] = &[
     ),
     OptionSpec::new(
         "op",
-        "writes: insert (default), upsert ($set on the keys' match) or replace (whole document)",
-    ),
-    OptionSpec::new(
-        "keys",
-        "upsert/replace: the key columns, comma-separated (default _id)",
+        "writes: insert (default), upsert ($set on the keys' match) or replace (whole document); 'mode' 'upsert' is op replace",
     ),
     OptionSpec::new(
         "transaction",
@@ -207,11 +203,30 @@ impl TableProviderFactory for MongoFactory {
                 .map(|f| f.name().clone())
                 .map_err(|_| at(Error::Option(format!("'{c}' is not a column of the table"))))
         };
+        // 'mode' 'upsert' is a replace-one upsert on the keys; 'op' says the same more finely
+        // ('upsert' sets the given fields only), and may not contradict the mode.
         let op = match o.choice_or("op", &["insert", "upsert", "replace"], "insert")? {
             "upsert" => Op::Upsert,
             "replace" => Op::Replace,
+            _ if matches!(sink.mode, WriteMode::Upsert(_)) => Op::Replace,
             _ => Op::Insert,
         };
+        match (&sink.mode, o.get("op")) {
+            (WriteMode::Upsert(_), Some(_)) if op == Op::Insert => {
+                return Err(at(Error::Option(
+                    "'mode' 'upsert' and 'op' 'insert' contradict each other".into(),
+                ))
+                .into());
+            }
+            (WriteMode::Append, Some(_)) if o.get("mode").is_some() && op != Op::Insert => {
+                return Err(at(Error::Option(format!(
+                    "'mode' 'append' and 'op' '{}' contradict each other",
+                    op.name()
+                )))
+                .into());
+            }
+            _ => {}
+        }
         let keys: Vec<String> = match o.get("keys") {
             Some(k) => k.split(',').map(|c| col(c.trim())).collect::<Result<_>>()?,
             None if op != Op::Insert => vec![col("_id").map_err(|_| {
@@ -253,7 +268,7 @@ impl TableProviderFactory for MongoFactory {
         }
         Ok(Arc::new(SourceSinkTable::new(
             reader,
-            SinkTable::new(backend, name, sink),
+            SinkTable::new(backend, name, sink)?,
         )))
     }
 }

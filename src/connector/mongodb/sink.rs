@@ -216,6 +216,12 @@ impl SinkBackend for MongoBackend {
         self.job
     }
 
+    /// `upsert` is a replace-one upsert on the keys (default `_id`). No `overwrite`: MongoDB
+    /// has no atomic switch of a collection's contents that every server offers.
+    fn modes(&self) -> &'static [&'static str] {
+        &["append", "upsert"]
+    }
+
     async fn send(&self, req: &MongoRequest, _token: &str) -> Outcome {
         let mut rejected: Vec<(usize, String)> = Vec::new();
         let mut retry: Vec<usize> = Vec::new();

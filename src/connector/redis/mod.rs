@@ -45,7 +45,7 @@ use self::sink::RedisBackend;
 use self::source::RedisReader;
 use crate::connector::options::{OptionSpec, TableOptions, column_names as names};
 use crate::error::{Error, Result};
-use crate::sink::{SINK_OPTIONS, SinkOptions, SinkTable, SourceSinkTable, parse_duration};
+use crate::sink::{SINK_OPTIONS, SinkOptions, SinkTable, SourceSinkTable, WriteMode, parse_duration};
 
 const OPTIONS: &[OptionSpec] = &[
     OptionSpec::new("type", "hash (default), string, json, list, set, zset or stream"),
@@ -400,6 +400,26 @@ impl TableProviderFactory for RedisFactory {
                 .into());
             }
         }
+        // Upserts match on the Redis key: 'keys', when given, names the columns the key is made of.
+        if let WriteMode::Upsert(keys) = &sink.mode {
+            let mut made_of: Vec<&str> = (0..schema.fields().len())
+                .filter(|&i| {
+                    Some(i) == key_col || template.as_ref().is_some_and(|t| t.contains(&Seg::Col(i)))
+                })
+                .map(|i| schema.field(i).name().as_str())
+                .collect();
+            let mut given: Vec<&str> = keys.iter().map(String::as_str).collect();
+            made_of.sort_unstable();
+            given.sort_unstable();
+            if !keys.is_empty() && given != made_of {
+                return Err(at(Error::Option(format!(
+                    "'mode' 'upsert' matches on the Redis key, made of {}; 'keys' '{}' differs (leave 'keys' out)",
+                    if made_of.is_empty() { "no column".to_string() } else { made_of.join(", ") },
+                    keys.join(",")
+                )))
+                .into());
+            }
+        }
         let layout = Arc::new(Layout {
             table: name.clone(),
             kind,
@@ -423,7 +443,7 @@ impl TableProviderFactory for RedisFactory {
         let backend = RedisBackend { redis, layout };
         Ok(Arc::new(SourceSinkTable::new(
             reader,
-            SinkTable::new(backend, name, sink),
+            SinkTable::new(backend, name, sink)?,
         )))
     }
 }

@@ -131,6 +131,16 @@ impl SinkBackend for RedisBackend {
         Arc::clone(&self.layout.schema)
     }
 
+    /// A key write replaces the key's value (hash, string, json) or member (set, zset), so
+    /// `upsert` is what those types do anyway, on the Redis key. Lists and streams only append.
+    /// No `overwrite`: Redis cannot switch a whole key space at once.
+    fn modes(&self) -> &'static [&'static str] {
+        match self.layout.kind {
+            Kind::List | Kind::Stream => &["append"],
+            _ => &["append", "upsert"],
+        }
+    }
+
     fn encode(&self, batch: &RecordBatch) -> Result<RedisRequest> {
         let l = &self.layout;
         if l.template.is_none() && l.key_col.is_none() {

@@ -41,14 +41,6 @@ const OPTIONS: &[OptionSpec] = &[
         "'if_not_exists' (default: created from the columns on the first write), 'never' or 'replace'",
     ),
     OptionSpec::new(
-        "mode",
-        "'append' (default), 'overwrite' (one transaction) or 'upsert' (needs 'keys')",
-    ),
-    OptionSpec::new(
-        "keys",
-        "upsert: the key columns, comma-separated (a primary or unique key)",
-    ),
-    OptionSpec::new(
         "transaction",
         "'batch' (default: a transaction per request, failures staged for resume) or 'job' (all or nothing)",
     ),
@@ -78,23 +70,9 @@ pub enum Create {
     Replace,
 }
 
-/// How rows meet the rows already there.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Mode {
-    Append,
-    Overwrite,
-    Upsert(Vec<String>),
-}
-
-impl Mode {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Mode::Append => "append",
-            Mode::Overwrite => "overwrite",
-            Mode::Upsert(_) => "upsert",
-        }
-    }
-}
+/// How rows meet the rows already there: `overwrite` is one transaction, `upsert` needs
+/// `keys` (a primary or unique key of the table).
+pub type Mode = crate::sink::WriteMode;
 
 /// What every writer needs to know.
 #[derive(Debug, Clone)]
@@ -265,18 +243,12 @@ impl TableProviderFactory for SqlFactory {
             partition_range,
             chunk_keys: o.count_or("chunk_keys", 250_000)?.max(1),
         };
-        let mode = match o.choice_or("mode", &["append", "overwrite", "upsert"], "append")? {
-            "overwrite" => Mode::Overwrite,
-            "upsert" => {
-                let keys = o
-                    .get("keys")
-                    .ok_or_else(|| at(Error::Option("'mode' 'upsert' needs 'keys'".into())))?
-                    .split(',')
-                    .map(|k| col(k.trim()))
-                    .collect::<Result<Vec<_>>>()?;
-                Mode::Upsert(keys)
+        let mode = match &sink.mode {
+            Mode::Upsert(keys) if keys.is_empty() => {
+                return Err(at(Error::Option("'mode' 'upsert' needs 'keys'".into())).into());
             }
-            _ => Mode::Append,
+            Mode::Upsert(keys) => Mode::Upsert(keys.iter().map(|k| col(k)).collect::<Result<Vec<_>>>()?),
+            m => m.clone(),
         };
         let job = o.choice_or("transaction", &["batch", "job"], "batch")? == "job" || mode == Mode::Overwrite;
         // Upserts apply requests one at a time, in input order: with a key repeated across
@@ -300,7 +272,7 @@ impl TableProviderFactory for SqlFactory {
         Ok(match d {
             Dialect::Postgres => {
                 let backend = pg_backend(conn, spec, Arc::clone(&schema), &name).await?;
-                Arc::new(SourceSinkTable::new(reader, SinkTable::new(backend, name, sink)))
+                Arc::new(SourceSinkTable::new(reader, SinkTable::new(backend, name, sink)?))
             }
             Dialect::Sqlite => {
                 let path = location.strip_prefix("sqlite://").map(decode).unwrap_or_default();
@@ -313,11 +285,11 @@ impl TableProviderFactory for SqlFactory {
                     in_job: Default::default(),
                     prepared: Default::default(),
                 };
-                Arc::new(SourceSinkTable::new(reader, SinkTable::new(backend, name, sink)))
+                Arc::new(SourceSinkTable::new(reader, SinkTable::new(backend, name, sink)?))
             }
             Dialect::MySql => {
                 let backend = mysql::MySqlBackend::new(conn, spec, Arc::clone(&schema))?.shared();
-                Arc::new(SourceSinkTable::new(reader, SinkTable::new(backend, name, sink)))
+                Arc::new(SourceSinkTable::new(reader, SinkTable::new(backend, name, sink)?))
             }
         })
     }

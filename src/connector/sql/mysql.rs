@@ -614,6 +614,10 @@ impl SinkBackend for MySql {
         self.0.spec.job
     }
 
+    fn modes(&self) -> &'static [&'static str] {
+        &["append", "overwrite", "upsert"]
+    }
+
     async fn send(&self, req: &MySqlRequest, _token: &str) -> Outcome {
         let tsv = Arc::clone(&req.tsv);
         let batch = req.batch.clone();

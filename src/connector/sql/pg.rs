@@ -355,6 +355,10 @@ impl SinkBackend for PgBackend {
         self.spec.job
     }
 
+    fn modes(&self) -> &'static [&'static str] {
+        &["append", "overwrite", "upsert"]
+    }
+
     async fn send(&self, req: &PgRequest, _token: &str) -> Outcome {
         if let Err(o) = self.prepare().await {
             return o;

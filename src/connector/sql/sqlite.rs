@@ -335,6 +335,10 @@ impl SinkBackend for SqliteBackend {
         self.spec.job
     }
 
+    fn modes(&self) -> &'static [&'static str] {
+        &["append", "overwrite", "upsert"]
+    }
+
     async fn send(&self, req: &SqliteRequest, _token: &str) -> Outcome {
         let sql = self.insert_sql();
         let job = self.spec.job;
