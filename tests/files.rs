@@ -170,3 +170,93 @@ async fn progress_knows_the_input_size() {
     let input = PlanInput::of(&plan(format!("SELECT * FROM '{}'", pq.display())).await);
     assert_eq!((input.total_rows, input.estimated), (Some(10_000), false));
 }
+
+/// Files read incrementally by modification time: only files newer than the last load are
+/// opened; a rewritten file is read again; `--full-refresh` reads them all.
+#[test]
+fn files_are_read_incrementally_by_modification_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let input = d.join("in");
+    std::fs::create_dir(&input).unwrap();
+    let t0 = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_790_000_000);
+    let write = |name: &str, text: &str, at: std::time::SystemTime| {
+        let path = input.join(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(at)
+            .unwrap();
+    };
+    write("a.csv", "id,v\n1,a\n2,b\n", t0);
+    write("b.csv", "id,v\n3,c\n", t0 + std::time::Duration::from_secs(5));
+    let script = format!(
+        "CREATE EXTERNAL TABLE src STORED AS CSV LOCATION '{}/' OPTIONS ('format.has_header' 'true', 'incremental_column' '_modified');\n\
+         CREATE EXTERNAL TABLE dst (id BIGINT, v VARCHAR, _modified TIMESTAMP) STORED AS SQLITE LOCATION 'sqlite://{}/out.db' \
+           OPTIONS ('table' 'dst', 'mode' 'upsert', 'keys' 'id');\n\
+         INSERT INTO dst SELECT id, v, _modified FROM src;\n",
+        input.display(),
+        d.display()
+    );
+    std::fs::write(d.join("job.sql"), &script).unwrap();
+    let run = |extra: &[&str]| -> (u64, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_flumen"))
+            .args(["run", "-q", "--state-dir"])
+            .arg(d.join("state"))
+            .arg(d.join("job.sql"))
+            .args(extra)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with("incremental src._modified -> dst: "))
+            .unwrap_or_else(|| panic!("no incremental line: {stdout}"))
+            .to_string();
+        let n = line["incremental src._modified -> dst: ".len()..]
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        (n, line)
+    };
+    let rows = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_flumen"))
+            .args(["sql", "-q", "--format", "csv", "-e"])
+            .arg(format!(
+                "CREATE EXTERNAL TABLE t STORED AS SQLITE LOCATION 'sqlite://{}/out.db' OPTIONS ('table' 'dst'); SELECT id, v FROM t ORDER BY id",
+                d.display()
+            ))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).replace('\n', " ")
+    };
+    let (n, line) = run(&[]);
+    assert_eq!(n, 3, "{line}");
+    assert!(line.ends_with("watermark 2026-09-21T14:13:25Z"), "{line}");
+    // A new file, and a.csv rewritten (newer time): both read, b.csv not.
+    write(
+        "c.csv",
+        "id,v\n4,d\n5,e\n",
+        t0 + std::time::Duration::from_secs(60),
+    );
+    write(
+        "a.csv",
+        "id,v\n1,A\n2,B\n",
+        t0 + std::time::Duration::from_secs(61),
+    );
+    let (n, line) = run(&[]);
+    assert_eq!(n, 4, "{line}");
+    assert!(line.contains("past 2026-09-21T14:13:25Z"), "{line}");
+    assert_eq!(rows(), "id,v 1,A 2,B 3,c 4,d 5,e ");
+    let (n, line) = run(&[]);
+    assert_eq!(n, 0, "{line}");
+    let (n, line) = run(&["--full-refresh"]);
+    assert_eq!(n, 5, "{line}");
+    assert_eq!(rows(), "id,v 1,A 2,B 3,c 4,d 5,e ");
+}

@@ -4,6 +4,7 @@
 mod copy;
 mod globs;
 pub mod incremental;
+mod modified;
 mod redact;
 mod resume;
 mod run;
@@ -285,6 +286,30 @@ impl Flumen {
         globs::expand(&self.ctx, plan).await
     }
 
+    /// A file table read incrementally by `_modified` gets that column ([`modified`]).
+    async fn add_modified_column(&self, name: datafusion::common::TableReference) -> Result<()> {
+        let key = name.table().to_lowercase();
+        let by_time = self
+            .incremental
+            .read()
+            .map(|m| m.get(&key).is_some_and(|s| s.column == modified::COLUMN))
+            .unwrap_or(false);
+        if !by_time {
+            return Ok(());
+        }
+        let provider = self.ctx.table_provider(name.clone()).await?;
+        let Some(listing) = provider.downcast_ref::<datafusion::datasource::listing::ListingTable>() else {
+            return Err(Error::Option(format!(
+                "table {name}: 'incremental_column' '{}' is the modification time of files; this table is not read from files",
+                modified::COLUMN
+            )));
+        };
+        let wrapped = modified::ModifiedTable::wrap(&name.to_string(), Arc::new(listing.clone()))?;
+        self.ctx.deregister_table(name.clone())?;
+        self.ctx.register_table(name, Arc::new(wrapped))?;
+        Ok(())
+    }
+
     /// Rejects plans flumen can tell are wrong before DataFusion does, with a better message.
     fn check_plan(&self, plan: &LogicalPlan) -> Result<()> {
         if let LogicalPlan::Ddl(DdlStatement::CreateExternalTable(cmd)) = plan
@@ -302,8 +327,15 @@ impl Flumen {
     /// Starts a planned statement. DDL completes here; queries and writes return their stream.
     pub async fn execute(&self, plan: LogicalPlan) -> Result<Running> {
         let kind = StatementKind::of(&plan);
+        let created = match &plan {
+            LogicalPlan::Ddl(DdlStatement::CreateExternalTable(cmd)) => Some(cmd.name.clone()),
+            _ => None,
+        };
         let (plan, commit) = copy::stage(plan)?;
         let df = self.ctx.execute_logical_plan(plan).await?;
+        if let Some(name) = created {
+            self.add_modified_column(name).await?;
+        }
         if matches!(kind, StatementKind::Ddl | StatementKind::CreateTableAs) {
             return Ok(Running {
                 kind,
@@ -337,7 +369,14 @@ impl Flumen {
             }
             (StatementKind::Ddl, _) => {
                 let shown = plan.display_indent().to_string();
+                let created = match &plan {
+                    LogicalPlan::Ddl(DdlStatement::CreateExternalTable(cmd)) => Some(cmd.name.clone()),
+                    _ => None,
+                };
                 self.ctx.execute_logical_plan(plan).await?;
+                if let Some(name) = created {
+                    self.add_modified_column(name).await?;
+                }
                 Ok(shown)
             }
             _ => explain_text(self.ctx.execute_logical_plan(plan).await?).await,
