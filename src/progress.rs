@@ -385,6 +385,15 @@ impl RunSummary {
             s.push_str(&format!(", peak memory {}", human_bytes(rss)));
         }
         for (table, m) in &self.sinks {
+            // A source's rejections (values that do not fit their column) are kept like a
+            // sink's, under `source <table>`.
+            if let Some(source) = table.strip_prefix("source ") {
+                s.push_str(&format!(
+                    "\n  source {source}: {} rows rejected (values that do not fit their column; see the dead letters)",
+                    human_count(m.rejected)
+                ));
+                continue;
+            }
             s.push_str(&format!(
                 "\n  sink {table}: {} rows delivered, {} requests, {} retries, {} rows spilled, {} rows rejected",
                 human_count(m.rows),

@@ -260,3 +260,100 @@ fn files_are_read_incrementally_by_modification_time() {
     assert_eq!(n, 5, "{line}");
     assert_eq!(rows(), "id,v 1,A 2,B 3,c 4,d 5,e ");
 }
+
+/// A CSV value that does not fit its declared column (a word in a BIGINT column, a bad date) is
+/// a rejection: the row goes to dead letters naming the column and the value, the others load.
+/// `'strict' 'true'` fails the read instead.
+#[test]
+fn csv_values_that_do_not_fit_their_column_are_rejections() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut csv = String::from("id,amount,day,note\n");
+    let mut planted = Vec::new();
+    for i in 1..=1000u32 {
+        let (amount, day) = match i % 97 {
+            0 => {
+                planted.push(format!("{i},column amount: 'n/a{i}' is not a Int64"));
+                (format!("n/a{i}"), "2026-01-01".to_string())
+            }
+            13 => {
+                planted.push(format!(
+                    "{i},column day: '2026-13-{:02}' is not a Date32",
+                    i % 28 + 1
+                ));
+                (i.to_string(), format!("2026-13-{:02}", i % 28 + 1))
+            }
+            _ => (i.to_string(), "2026-01-01".to_string()),
+        };
+        // Empty fields are NULLs, not rejections.
+        let amount = if i % 50 == 7 { String::new() } else { amount };
+        csv.push_str(&format!("{i},{amount},{day},x\n"));
+    }
+    std::fs::write(d.join("in.csv"), csv).unwrap();
+    let script = |strict: &str| {
+        format!(
+            "CREATE EXTERNAL TABLE src (id BIGINT, amount BIGINT, day DATE, note VARCHAR) STORED AS CSV LOCATION '{}/in.csv' \
+               OPTIONS ('format.has_header' 'true'{strict});\n\
+             COPY (SELECT * FROM src) TO '{}/out.parquet' STORED AS PARQUET;\n",
+            d.display(),
+            d.display()
+        )
+    };
+    std::fs::write(d.join("job.sql"), script("")).unwrap();
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_flumen"))
+            .args(["run", "--state-dir"])
+            .arg(d.join("state"))
+            .arg(d.join("job.sql"))
+            .output()
+            .unwrap()
+    };
+    let out = run();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}");
+    assert_eq!(planted.len(), 21);
+    assert!(
+        stdout.contains("source src: 21 rows rejected (values that do not fit their column"),
+        "{stdout}"
+    );
+    let sql = |q: String| {
+        let out = Command::new(env!("CARGO_BIN_EXE_flumen"))
+            .args(["sql", "-q", "--format", "csv", "-e"])
+            .arg(q)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let loaded = sql(format!(
+        "SELECT count(*) AS n, count(amount) AS amounts, sum(id) AS ids FROM '{}/out.parquet'",
+        d.display()
+    ));
+    let good: u32 = (1..=1000u32).filter(|i| i % 97 != 0 && i % 97 != 13).sum();
+    let nulls = (1..=1000u32)
+        .filter(|i| i % 50 == 7 && i % 97 != 0 && i % 97 != 13)
+        .count();
+    assert_eq!(loaded, format!("n,amounts,ids\n979,{},{good}\n", 979 - nulls));
+    let run_dir = std::fs::read_dir(d.join("state/dead_letter"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let dead = sql(format!(
+        "SELECT id, _error FROM '{}/src/' ORDER BY CAST(id AS BIGINT)",
+        run_dir.display()
+    ));
+    let mut want = String::from("id,_error\n");
+    for p in &planted {
+        want.push_str(p);
+        want.push('\n');
+    }
+    assert_eq!(dead, want);
+    // Strict: the first bad value fails the read, naming it.
+    std::fs::write(d.join("job.sql"), script(", 'strict' 'true'")).unwrap();
+    let out = run();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Error while parsing value"), "{err}");
+}

@@ -4,6 +4,7 @@
 mod copy;
 mod globs;
 pub mod incremental;
+mod lenient;
 mod modified;
 mod redact;
 mod resume;
@@ -158,6 +159,8 @@ pub struct Flumen {
     views_registered: tokio::sync::OnceCell<()>,
     /// Source tables read incrementally, by lower-case name.
     incremental: std::sync::RwLock<HashMap<String, incremental::Spec>>,
+    /// CSV tables declared `'strict' 'true'`, by lower-case name.
+    strict: std::sync::RwLock<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for Flumen {
@@ -236,6 +239,7 @@ impl Flumen {
             warehouse,
             views_registered: tokio::sync::OnceCell::new(),
             incremental: std::sync::RwLock::new(HashMap::new()),
+            strict: Default::default(),
         })
     }
 
@@ -286,27 +290,48 @@ impl Flumen {
         globs::expand(&self.ctx, plan).await
     }
 
-    /// A file table read incrementally by `_modified` gets that column ([`modified`]).
-    async fn add_modified_column(&self, name: datafusion::common::TableReference) -> Result<()> {
+    /// What flumen adds to a file table: a CSV table's typed columns are cast by flumen, bad
+    /// values to dead letters, unless `'strict' 'true'` ([`lenient`]); a table read
+    /// incrementally by `_modified` gets that column ([`modified`]).
+    async fn wrap_file_table(&self, name: datafusion::common::TableReference) -> Result<()> {
         let key = name.table().to_lowercase();
         let by_time = self
             .incremental
             .read()
             .map(|m| m.get(&key).is_some_and(|s| s.column == modified::COLUMN))
             .unwrap_or(false);
-        if !by_time {
-            return Ok(());
-        }
+        let strict = self.strict.read().map(|s| s.contains(&key)).unwrap_or(false);
         let provider = self.ctx.table_provider(name.clone()).await?;
         let Some(listing) = provider.downcast_ref::<datafusion::datasource::listing::ListingTable>() else {
-            return Err(Error::Option(format!(
-                "table {name}: 'incremental_column' '{}' is the modification time of files; this table is not read from files",
-                modified::COLUMN
-            )));
+            if by_time {
+                return Err(Error::Option(format!(
+                    "table {name}: 'incremental_column' '{}' is the modification time of files; this table is not read from files",
+                    modified::COLUMN
+                )));
+            }
+            return Ok(());
         };
-        let wrapped = modified::ModifiedTable::wrap(&name.to_string(), Arc::new(listing.clone()))?;
+        let csv = listing.options().format.get_ext().eq_ignore_ascii_case("csv");
+        if strict && !csv {
+            return Err(Error::Option(format!(
+                "table {name}: option 'strict' is for CSV tables (other formats always fail on a bad value)"
+            )));
+        }
+        let lenient = if csv && !strict {
+            lenient::LenientTable::wrap(&name.to_string(), Arc::clone(&provider), listing, by_time)?
+        } else {
+            None
+        };
+        let wrapped: Arc<dyn datafusion::catalog::TableProvider> = match lenient {
+            Some(t) => Arc::new(t),
+            None if by_time => Arc::new(modified::ModifiedTable::wrap(
+                &name.to_string(),
+                Arc::new(listing.clone()),
+            )?),
+            None => return Ok(()),
+        };
         self.ctx.deregister_table(name.clone())?;
-        self.ctx.register_table(name, Arc::new(wrapped))?;
+        self.ctx.register_table(name, wrapped)?;
         Ok(())
     }
 
@@ -334,7 +359,7 @@ impl Flumen {
         let (plan, commit) = copy::stage(plan)?;
         let df = self.ctx.execute_logical_plan(plan).await?;
         if let Some(name) = created {
-            self.add_modified_column(name).await?;
+            self.wrap_file_table(name).await?;
         }
         if matches!(kind, StatementKind::Ddl | StatementKind::CreateTableAs) {
             return Ok(Running {
@@ -375,7 +400,7 @@ impl Flumen {
                 };
                 self.ctx.execute_logical_plan(plan).await?;
                 if let Some(name) = created {
-                    self.add_modified_column(name).await?;
+                    self.wrap_file_table(name).await?;
                 }
                 Ok(shown)
             }

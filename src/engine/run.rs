@@ -150,12 +150,14 @@ impl Flumen {
     }
 
     /// Takes `'incremental_column'` and `'lookback'` out of a `CREATE EXTERNAL TABLE` (the
-    /// connector never sees them) and remembers them for the writes that read the table.
+    /// connector never sees them) and remembers them for the writes that read the table; also
+    /// `'strict'`, which only flumen reads (CSV tables, see `super::lenient`).
     fn take_incremental_options(&self, c: &mut datafusion::sql::parser::CreateExternalTable) -> Result<()> {
         let mut spec = super::incremental::Spec {
             column: String::new(),
             lookback: None,
         };
+        let mut strict: Option<String> = None;
         c.options.retain(|(k, v)| {
             let bare = k
                 .strip_prefix(crate::connector::options::CONNECTOR_PREFIX)
@@ -168,11 +170,27 @@ impl Flumen {
             match bare {
                 "incremental_column" => spec.column = text,
                 "lookback" => spec.lookback = Some(text),
+                "strict" => strict = Some(text),
                 _ => return true,
             }
             false
         });
         let table = c.name.to_string().trim_matches('"').to_lowercase();
+        if let Ok(mut s) = self.strict.write() {
+            match strict.as_deref().map(str::to_ascii_lowercase).as_deref() {
+                None | Some("false") => {
+                    s.remove(&table);
+                }
+                Some("true") => {
+                    s.insert(table.clone());
+                }
+                Some(other) => {
+                    return Err(Error::Option(format!(
+                        "table {table}: option 'strict' has bad value '{other}': expected true or false"
+                    )));
+                }
+            }
+        }
         if spec.column.is_empty() {
             if spec.lookback.is_some() {
                 return Err(Error::Option(format!(

@@ -375,47 +375,58 @@ impl<B: SinkBackend> Shared<B> {
 
     /// Writes refused rows with their reasons to the dead-letter directory.
     fn dead_letter(&self, batch: &RecordBatch, rejected: &[(usize, String)], attempts: u32) -> Result<()> {
-        let idx = UInt64Array::from(rejected.iter().map(|(i, _)| *i as u64).collect::<Vec<_>>());
-        let mut cols: Vec<ArrayRef> = batch
-            .columns()
-            .iter()
-            .map(|c| arrow::compute::take(c, &idx, None))
-            .collect::<std::result::Result<_, _>>()?;
+        write_dead_letters(&self.state, &self.table, batch, rejected, attempts)?;
         let n = rejected.len();
-        let at = chrono::Utc::now().timestamp_micros();
-        cols.push(Arc::new(StringArray::from_iter_values(
-            rejected.iter().map(|(_, r)| r.as_str()),
-        )));
-        cols.push(Arc::new(UInt32Array::from(vec![attempts; n])));
-        cols.push(Arc::new(
-            TimestampMicrosecondArray::from(vec![at; n]).with_timezone("UTC"),
-        ));
-        let mut fields: Vec<Field> = batch
-            .schema()
-            .fields()
-            .iter()
-            .map(|f| f.as_ref().clone())
-            .collect();
-        fields.push(Field::new("_error", DataType::Utf8, false));
-        fields.push(Field::new("_attempts", DataType::UInt32, false));
-        fields.push(Field::new(
-            "_at",
-            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-            false,
-        ));
-        let out = RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)?;
-        let part = self.state.next_part(&format!("dead/{}", self.table));
-        write_parquet(
-            &self
-                .state
-                .dead_letter_dir(&self.table)
-                .join(format!("part-{part}.parquet")),
-            &out,
-        )?;
         self.metrics.rejected(n as u64);
         self.rejected_rows.fetch_add(n as u64, Ordering::Relaxed);
         Ok(())
     }
+}
+
+/// Writes rows `rejected` of `batch` (index, reason) to `table`'s dead letters as one Parquet
+/// part: the rows' columns, then `_error`, `_attempts` and `_at`.
+pub(crate) fn write_dead_letters(
+    state: &RunState,
+    table: &str,
+    batch: &RecordBatch,
+    rejected: &[(usize, String)],
+    attempts: u32,
+) -> Result<()> {
+    let idx = UInt64Array::from(rejected.iter().map(|(i, _)| *i as u64).collect::<Vec<_>>());
+    let mut cols: Vec<ArrayRef> = batch
+        .columns()
+        .iter()
+        .map(|c| arrow::compute::take(c, &idx, None))
+        .collect::<std::result::Result<_, _>>()?;
+    let n = rejected.len();
+    let at = chrono::Utc::now().timestamp_micros();
+    cols.push(Arc::new(StringArray::from_iter_values(
+        rejected.iter().map(|(_, r)| r.as_str()),
+    )));
+    cols.push(Arc::new(UInt32Array::from(vec![attempts; n])));
+    cols.push(Arc::new(
+        TimestampMicrosecondArray::from(vec![at; n]).with_timezone("UTC"),
+    ));
+    let mut fields: Vec<Field> = batch
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    fields.push(Field::new("_error", DataType::Utf8, false));
+    fields.push(Field::new("_attempts", DataType::UInt32, false));
+    fields.push(Field::new(
+        "_at",
+        DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+        false,
+    ));
+    let out = RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)?;
+    let part = state.next_part(&format!("dead/{}", table));
+    write_parquet(
+        &state.dead_letter_dir(table).join(format!("part-{part}.parquet")),
+        &out,
+    )?;
+    Ok(())
 }
 
 /// Writes one batch as a Parquet file, creating its directory. The file appears whole or not at

@@ -23,6 +23,7 @@ mod validate;
 
 pub use backend::{Outcome, SinkBackend};
 // Shared with the broker sources' dead letters and the FAULTY test backend.
+pub(crate) use datasink::write_dead_letters;
 pub(crate) use datasink::write_parquet;
 pub use datasink::{BatchSink, SinkTable};
 pub use journal::{Replay, SinkReplay, Slice, fingerprint};
