@@ -577,3 +577,68 @@ fn search_after_reads_every_document_once_in_parallel_ranges() {
         "{err}"
     );
 }
+
+/// An incremental read on a date field sends the watermark as an epoch-milliseconds range
+/// bound, so the second run fetches only the newer documents.
+#[test]
+fn incremental_reads_on_a_date_field_bound_the_search() {
+    fresh("flumen-t-inc-date");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let load = |from: u32, to: u32| {
+        let script = format!(
+            "CREATE EXTERNAL TABLE t (id BIGINT NOT NULL, ts TIMESTAMP) STORED AS ELASTICSEARCH LOCATION '{ES}' \
+               OPTIONS ('index' 'flumen-t-inc-date', 'refresh' 'true');\n\
+             INSERT INTO t SELECT value AS id, to_timestamp_millis(1772409600000 + value * 1500) AS ts FROM generate_series({from}, {to});\n"
+        );
+        let out = flumen(d, &script, &[]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    };
+    load(1, 100);
+    let job = format!(
+        "CREATE EXTERNAL TABLE src STORED AS ELASTICSEARCH LOCATION '{ES}' OPTIONS ('index' 'flumen-t-inc-date', 'incremental_column' 'ts');\n\
+         CREATE EXTERNAL TABLE dst (id BIGINT, ts TIMESTAMP) STORED AS SQLITE LOCATION 'sqlite://{}/out.db' OPTIONS ('table' 'dst');\n\
+         INSERT INTO dst SELECT id, ts FROM src;\n",
+        d.display()
+    );
+    let read = |out: &Output| -> u64 {
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let stdout = text(&out.stdout);
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with("incremental src.ts -> dst: "))
+            .unwrap_or_else(|| panic!("no incremental line: {stdout}"))
+            .to_string();
+        line["incremental src.ts -> dst: ".len()..]
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let run_dir = d.join("run");
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let run = |extra: &[&str]| {
+        std::fs::write(run_dir.join("job.sql"), &job).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_flumen"))
+            .arg(if extra.contains(&"explain") {
+                "explain"
+            } else {
+                "run"
+            })
+            .arg(run_dir.join("job.sql"))
+            .args(["-q", "--state-dir"])
+            .arg(run_dir.join("state"))
+            .output()
+            .unwrap()
+    };
+    assert_eq!(read(&run(&[])), 100);
+    load(101, 130);
+    let explain = text(&run(&["explain"]).stdout);
+    assert!(
+        explain.contains(r#""format":"epoch_millis""#) && explain.contains(r#""gt":1772409750000"#),
+        "the bound is not in the search: {explain}"
+    );
+    assert_eq!(read(&run(&[])), 30);
+    assert_eq!(read(&run(&[])), 0);
+}

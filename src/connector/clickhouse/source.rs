@@ -303,8 +303,30 @@ fn literal(v: &ScalarValue) -> Option<String> {
         ScalarValue::TimestampSecond(Some(x), _) if *x >= 0 && *x <= i64::from(u32::MAX) => {
             format!("toDateTime({x})")
         }
+        // A `DateTime64(3/6/9)` column's value: the instant as UTC text at the unit's precision
+        // (ClickHouse 20.1+, the servers that have DateTime64).
+        ScalarValue::TimestampMillisecond(Some(x), _) => datetime64(*x, 3)?,
+        ScalarValue::TimestampMicrosecond(Some(x), _) => datetime64(*x, 6)?,
+        ScalarValue::TimestampNanosecond(Some(x), _) => datetime64(*x, 9)?,
         _ => return None,
     })
+}
+
+/// `toDateTime64('YYYY-MM-DD hh:mm:ss.f', p, 'UTC')` for `ticks` of 10^-p seconds since the
+/// epoch; `None` before 1900 or after 2299 (DateTime64's range).
+fn datetime64(ticks: i64, p: u32) -> Option<String> {
+    let per = 10i64.pow(p);
+    let secs = ticks.div_euclid(per);
+    let frac = ticks.rem_euclid(per);
+    let t = chrono::DateTime::from_timestamp(secs, 0)?;
+    if !(1900..=2299).contains(&chrono::Datelike::year(&t)) {
+        return None;
+    }
+    Some(format!(
+        "toDateTime64('{}.{frac:0width$}', {p}, 'UTC')",
+        t.format("%Y-%m-%d %H:%M:%S"),
+        width = p as usize
+    ))
 }
 
 /// One ClickHouse query per partition, streamed and decoded.
@@ -594,5 +616,18 @@ mod tests {
             .unwrap(),
             "(`at` > toDateTime(1772409600))"
         );
+    }
+
+    #[test]
+    fn datetime64_bounds_are_utc_text() {
+        assert_eq!(
+            super::datetime64(1_772_409_600_123, 3).unwrap(),
+            "toDateTime64('2026-03-02 00:00:00.123', 3, 'UTC')"
+        );
+        assert_eq!(
+            super::datetime64(-1, 6).unwrap(),
+            "toDateTime64('1969-12-31 23:59:59.999999', 6, 'UTC')"
+        );
+        assert!(super::datetime64(i64::MAX, 3).is_none());
     }
 }

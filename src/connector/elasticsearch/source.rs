@@ -324,15 +324,34 @@ impl EsReader {
                             _ => None,
                         };
                     }
+                    let time = matches!(
+                        value,
+                        ScalarValue::TimestampSecond(..)
+                            | ScalarValue::TimestampMillisecond(..)
+                            | ScalarValue::TimestampMicrosecond(..)
+                            | ScalarValue::TimestampNanosecond(..)
+                    );
                     match op {
+                        // Dates only as range bounds (a term on a date depends on its format).
+                        Operator::Eq | Operator::NotEq if time => return None,
                         Operator::Eq => json!({"term": {name: v}}),
                         Operator::NotEq => {
                             json!({"bool": {"must": [{"exists": {"field": name}}], "must_not": [{"term": {name: v}}]}})
                         }
-                        Operator::Lt => json!({"range": {name: {"lt": v}}}),
-                        Operator::LtEq => json!({"range": {name: {"lte": v}}}),
-                        Operator::Gt => json!({"range": {name: {"gt": v}}}),
-                        Operator::GtEq => json!({"range": {name: {"gte": v}}}),
+                        Operator::Lt | Operator::LtEq | Operator::Gt | Operator::GtEq => {
+                            let key = match op {
+                                Operator::Lt => "lt",
+                                Operator::LtEq => "lte",
+                                Operator::Gt => "gt",
+                                _ => "gte",
+                            };
+                            // A date bound goes as epoch milliseconds, whatever the field's format.
+                            if time {
+                                json!({"range": {name: {key: v, "format": "epoch_millis"}}})
+                            } else {
+                                json!({"range": {name: {key: v}}})
+                            }
+                        }
                         _ => return None,
                     }
                 }
@@ -408,6 +427,7 @@ impl EsReader {
             };
         }
         let numeric = ty.is_integer() || ty.is_floating();
+        let time = matches!(ty, DataType::Timestamp(..));
         Some(match v {
             ScalarValue::Int8(Some(x)) if numeric => json!(x),
             ScalarValue::Int16(Some(x)) if numeric => json!(x),
@@ -419,6 +439,13 @@ impl EsReader {
             ScalarValue::UInt64(Some(x)) if numeric => json!(x),
             ScalarValue::Float64(Some(x)) if numeric && x.is_finite() => json!(x),
             ScalarValue::Boolean(Some(b)) if *ty == DataType::Boolean => json!(b),
+            // A date field holds milliseconds: a bound with a finer part would round on the server.
+            ScalarValue::TimestampSecond(Some(x), _) if time => json!(x.checked_mul(1000)?),
+            ScalarValue::TimestampMillisecond(Some(x), _) if time => json!(x),
+            ScalarValue::TimestampMicrosecond(Some(x), _) if time && x % 1000 == 0 => json!(x / 1000),
+            ScalarValue::TimestampNanosecond(Some(x), _) if time && x % 1_000_000 == 0 => {
+                json!(x / 1_000_000)
+            }
             ScalarValue::Utf8(Some(s)) | ScalarValue::Utf8View(Some(s)) | ScalarValue::LargeUtf8(Some(s))
                 if self.exact_strings.contains(field) =>
             {
