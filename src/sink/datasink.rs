@@ -421,11 +421,8 @@ pub(crate) fn write_dead_letters(
         false,
     ));
     let out = RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)?;
-    let part = state.next_part(&format!("dead/{}", table));
-    write_parquet(
-        &state.dead_letter_dir(table).join(format!("part-{part}.parquet")),
-        &out,
-    )?;
+    let path = state.new_dead_letter_file(table, "part");
+    write_parquet(&path, &out)?;
     Ok(())
 }
 
@@ -559,6 +556,8 @@ impl<B: SinkBackend> DataSink for BatchSink<B> {
             }
         }
         let mut occurrences: std::collections::HashMap<u64, u32> = std::collections::HashMap::new();
+        // Occurrences of input batches with rule-breaking rows (before the rules filter them).
+        let mut input_occurrences: std::collections::HashMap<u64, u32> = std::collections::HashMap::new();
         if !state.resuming() {
             state.write_ledger(super::state::RunStatus::Running, None)?;
         }
@@ -614,14 +613,31 @@ impl<B: SinkBackend> DataSink for BatchSink<B> {
                         let batch = batch?;
                         let lingered = batcher.since.is_some_and(|s| s.elapsed() >= o.linger);
                         seen += batch.num_rows() as u64;
-                        // Rows that break a validation rule go to dead letters, never to the backend.
+                        // Rows that break a validation rule go to dead letters, never to the backend;
+                        // a replay does not write again those an earlier attempt wrote.
                         let batch = match rules.as_mut() {
                             Some(r) if batch.num_rows() > 0 => {
                                 let (passed, broken) = r.check(&batch)?;
                                 if !broken.rows.is_empty() {
-                                    shared.dead_letter(&batch, &broken.rows, 0)?;
-                                    for (rule, n) in &broken.by_rule {
-                                        shared.metrics.rejected_by(rule, *n);
+                                    let input = fingerprint(&batch).map(|h| {
+                                        let n = input_occurrences.entry(h).or_insert(0u32);
+                                        *n += 1;
+                                        (h, *n - 1)
+                                    });
+                                    let written = match (&replay, input) {
+                                        (Some(r), Some((h, occ))) => r.rejections_written(h, occ),
+                                        _ => false,
+                                    };
+                                    if !written {
+                                        shared.dead_letter(&batch, &broken.rows, 0)?;
+                                        for (rule, n) in &broken.by_rule {
+                                            shared.metrics.rejected_by(rule, *n);
+                                        }
+                                        if let Some((h, occ)) =
+                                            input.filter(|_| !self.backend.all_or_nothing())
+                                        {
+                                            state.journal().rejected(&shared.key, h, occ)?;
+                                        }
                                     }
                                 }
                                 passed

@@ -50,6 +50,12 @@ enum Record {
     Staged {
         token: String,
     },
+    /// The rows of input batch (`hash`, `occ`) that broke a validation rule are dead-lettered.
+    Rejected {
+        sink: String,
+        hash: u64,
+        occ: u32,
+    },
 }
 
 /// The fingerprint of a batch's rows; `None` for types the hasher does not know.
@@ -126,12 +132,24 @@ impl Journal {
     pub fn staged(&self, token: &str) -> Result<()> {
         self.append(&Record::Staged { token: token.into() })
     }
+
+    /// The rule-breaking rows of an input batch are in dead letters (a replay does not write
+    /// them again).
+    pub fn rejected(&self, sink: &str, hash: u64, occ: u32) -> Result<()> {
+        self.append(&Record::Rejected {
+            sink: sink.into(),
+            hash,
+            occ,
+        })
+    }
 }
 
 /// What an earlier attempt accounted for, for one sink.
 #[derive(Debug, Clone, Default)]
 pub struct SinkReplay {
     accounted: HashMap<(u64, u32), Vec<(u32, u32)>>,
+    /// Input batches whose rule-breaking rows an earlier attempt dead-lettered.
+    rejected: std::collections::HashSet<(u64, u32)>,
     /// Requests sent without a recorded ending: (token, slices).
     pub in_flight: Vec<(String, Vec<Slice>)>,
 }
@@ -145,6 +163,12 @@ impl SinkReplay {
                 .or_default()
                 .push((s.start, s.len));
         }
+    }
+
+    /// Whether an earlier attempt dead-lettered the rule-breaking rows of input batch
+    /// (`hash`, `occ`).
+    pub fn rejections_written(&self, hash: u64, occ: u32) -> bool {
+        self.rejected.contains(&(hash, occ))
     }
 
     /// The row ranges of a batch of `rows` rows that still need sending.
@@ -185,6 +209,7 @@ impl Replay {
         };
         let mut sent: HashMap<String, (String, Vec<Slice>)> = HashMap::new();
         let mut ended: Vec<String> = Vec::new();
+        let mut rejected: Vec<(String, u64, u32)> = Vec::new();
         for line in std::io::BufReader::new(file).lines() {
             let line = line.map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
             match serde_json::from_str::<Record>(&line) {
@@ -192,10 +217,16 @@ impl Replay {
                     sent.insert(token, (sink, slices));
                 }
                 Ok(Record::Done { token } | Record::Staged { token }) => ended.push(token),
+                Ok(Record::Rejected { sink, hash, occ }) => {
+                    rejected.push((sink, hash, occ));
+                }
                 Err(_) => break,
             }
         }
         let mut replay = Replay::default();
+        for (sink, hash, occ) in rejected {
+            replay.sinks.entry(sink).or_default().rejected.insert((hash, occ));
+        }
         for token in ended {
             if let Some((sink, slices)) = sent.remove(&token) {
                 replay.sinks.entry(sink).or_default().account(&slices);
@@ -258,6 +289,7 @@ mod tests {
         j.send("t@l3", "b", &[s(10, 5)]).unwrap();
         j.staged("b").unwrap();
         j.send("t@l3", "c", &[s(20, 5)]).unwrap();
+        j.rejected("t@l3", 9, 1).unwrap();
         // A torn last line, as a killed process leaves it.
         std::fs::OpenOptions::new()
             .append(true)
@@ -270,6 +302,7 @@ mod tests {
         assert_eq!(sink.remaining(7, 0, 30), vec![(15, 15)]);
         assert_eq!(sink.remaining(7, 1, 30), vec![(0, 30)]);
         assert_eq!(sink.in_flight.len(), 1);
+        assert!(sink.rejections_written(9, 1) && !sink.rejections_written(9, 0));
         let mut sink = sink;
         let flight = sink.in_flight[0].1.clone();
         sink.account(&flight);

@@ -323,6 +323,19 @@ impl RunState {
             .join(safe_name(table))
     }
 
+    /// A new file `<prefix>-<n>.parquet` in `table`'s dead letters. A resumed run counts parts
+    /// from 0 again, so the names an earlier attempt used are skipped, never overwritten.
+    pub fn new_dead_letter_file(&self, table: &str, prefix: &str) -> PathBuf {
+        let dir = self.dead_letter_dir(table);
+        loop {
+            let part = self.next_part(&format!("dead/{table}"));
+            let path = dir.join(format!("{prefix}-{part}.parquet"));
+            if !path.exists() {
+                return path;
+            }
+        }
+    }
+
     /// The next part number of a table's staging or dead-letter files.
     pub fn next_part(&self, key: &str) -> u64 {
         let counter = match self.parts.lock() {

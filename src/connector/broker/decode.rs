@@ -393,9 +393,8 @@ impl DeadLetters {
             ),
         ];
         let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?;
-        let part = run.next_part(&format!("dead/{}", self.table));
         let dir = run.dead_letter_dir(&self.table);
-        crate::sink::write_parquet(&dir.join(format!("src-part-{part}.parquet")), &batch)?;
+        crate::sink::write_parquet(&run.new_dead_letter_file(&self.table, "src-part"), &batch)?;
         tracing::warn!(
             "table {}: {} message(s) did not decode and went to {} (first: {}: {})",
             self.table,
