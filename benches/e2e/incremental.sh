@@ -19,7 +19,7 @@ N=$(count "$ROWS"); NEW=$(count "${NEW:-$((N / 100))}")
 export PGPASSWORD=flumen-test
 pgq() { psql -h 127.0.0.1 -U flumen -d flumen -qtAc "$1"; }
 myq() { mysql --protocol=tcp -h 127.0.0.1 -u flumen -pflumen-test -N -B flumen -e "$1"; }
-COLS="order_id BIGINT PRIMARY KEY, user_id BIGINT, created_at DATETIME(6), status VARCHAR(20), city VARCHAR(40), amount DECIMAL(18, 2), quantity INT, discount DOUBLE, note TEXT"
+COLS="order_id BIGINT PRIMARY KEY, user_id BIGINT, created_at DATETIME(6), status VARCHAR(20), city VARCHAR(40), amount DECIMAL(18, 2), quantity INT, discount DOUBLE PRECISION, note TEXT"
 
 echo "generating $ROWS orders and loading them into MariaDB"
 "$FLUMEN" gen orders --rows "$ROWS" -o "$D/orders.parquet" -q
@@ -31,7 +31,7 @@ CREATE EXTERNAL TABLE dst STORED AS MYSQL LOCATION 'mysql://flumen:flumen-test@1
 INSERT INTO dst SELECT * FROM src;
 SQL
 "$FLUMEN" run -q --state-dir "$D/seed-state" "$D/seed.sql" >/dev/null
-pgq "DROP TABLE IF EXISTS inc_bench_dst"
+pgq "DROP TABLE IF EXISTS inc_bench_dst; CREATE TABLE inc_bench_dst (${COLS//DATETIME(6)/TIMESTAMP})"
 cat > "$D/job.sql" <<SQL
 CREATE EXTERNAL TABLE orders STORED AS MYSQL LOCATION 'mysql://flumen:flumen-test@127.0.0.1:3306/flumen'
   OPTIONS ('table' 'inc_bench', 'incremental_column' 'order_id', 'partition_on' 'order_id', 'partitions' '2');
