@@ -10,6 +10,8 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "cluster")]
+pub mod cluster;
 pub mod connector;
 pub mod cube;
 pub mod datagen;

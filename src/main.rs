@@ -121,6 +121,12 @@ enum Command {
         #[command(subcommand)]
         action: CubeAction,
     },
+    /// Run a Ballista scheduler or executor (built with `--features cluster`).
+    #[cfg(feature = "cluster")]
+    Cluster {
+        #[command(subcommand)]
+        role: ClusterRole,
+    },
     /// Generate a deterministic data set (users, orders, events) as CSV, NDJSON or Parquet.
     Gen {
         /// users, orders or events.
@@ -140,6 +146,35 @@ enum Command {
         /// Output file, or - for standard output.
         #[arg(long, short)]
         output: PathBuf,
+    },
+}
+
+#[cfg(feature = "cluster")]
+#[derive(Subcommand, Debug)]
+enum ClusterRole {
+    /// The scheduler: plans jobs and hands their tasks to executors.
+    Scheduler {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:50050")]
+        bind: std::net::SocketAddr,
+    },
+    /// An executor: runs tasks the scheduler hands it.
+    Executor {
+        /// The scheduler, host:port.
+        #[arg(long)]
+        scheduler: String,
+        /// Address of its Flight service (shuffle data).
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        bind: std::net::SocketAddr,
+        /// Port of its gRPC service.
+        #[arg(long, default_value_t = 50052)]
+        grpc_port: u16,
+        /// Tasks run at once (default: the cores).
+        #[arg(long)]
+        slots: Option<usize>,
+        /// Where shuffle files go.
+        #[arg(long)]
+        work_dir: Option<String>,
     },
 }
 
@@ -363,6 +398,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        #[cfg(feature = "cluster")]
+        Command::Cluster { role } => match role {
+            ClusterRole::Scheduler { bind } => flumen::cluster::scheduler(*bind).await?,
+            ClusterRole::Executor {
+                scheduler,
+                bind,
+                grpc_port,
+                slots,
+                work_dir,
+            } => {
+                let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+                flumen::cluster::executor(
+                    scheduler,
+                    *bind,
+                    *grpc_port,
+                    slots.unwrap_or(cores),
+                    work_dir.clone(),
+                )
+                .await?
+            }
+        },
         Command::Runs => {
             let runs = flumen::sink::list_runs(&g.state_dir)?;
             if runs.is_empty() {
