@@ -67,24 +67,22 @@ fn kill_after(state: &Path, script: &str, dir: &Path, files: usize) {
     assert!(!child.wait().unwrap().success());
 }
 
+/// `flumen sql -q --format csv -e QUERY` with the test's state directory.
+fn sql_csv(state: &Path, query: &str) -> Output {
+    flumen(state, &["sql", "-q", "--format", "csv", "-e", query])
+}
+
 /// (rows, distinct order ids) of what the sink directory holds.
 fn delivered(state: &Path, sink: &Path) -> (u64, u64) {
     if parquet_files(sink) == 0 {
         return (0, 0);
     }
-    let out = flumen(
+    let out = sql_csv(
         state,
-        &[
-            "sql",
-            "-q",
-            "--format",
-            "csv",
-            "-e",
-            &format!(
-                "SELECT count(*) AS n, count(DISTINCT order_id) AS d FROM '{}/'",
-                sink.display()
-            ),
-        ],
+        &format!(
+            "SELECT count(*) AS n, count(DISTINCT order_id) AS d FROM '{}/'",
+            sink.display()
+        ),
     );
     let s = text(&out.stdout);
     let line = s
@@ -167,19 +165,12 @@ fn a_sink_down_for_the_whole_run_is_staged_then_resumed_exactly_once() {
     assert_eq!(delivered(&state, &sink).0, 0);
 
     // Staged parts are plain Parquet that flumen can read.
-    let staged = flumen(
+    let staged = sql_csv(
         &state,
-        &[
-            "sql",
-            "-q",
-            "--format",
-            "csv",
-            "-e",
-            &format!(
-                "SELECT count(*) AS n FROM '{}/staging/{run}/sink/'",
-                state.display()
-            ),
-        ],
+        &format!(
+            "SELECT count(*) AS n FROM '{}/staging/{run}/sink/'",
+            state.display()
+        ),
     );
     assert_eq!(text(&staged.stdout), "n\n300000\n");
     let runs = text(&flumen(&state, &["runs"]).stdout);
@@ -247,21 +238,14 @@ fn rejected_rows_go_to_dead_letters_with_the_reason() {
     assert_eq!(delivered(&state, &sink), (198_000, 198_000));
     assert_eq!(metrics(&m)["rejected"], 2000);
     let run = run_id(&state);
-    let dead = flumen(
+    let dead = sql_csv(
         &state,
-        &[
-            "sql",
-            "-q",
-            "--format",
-            "csv",
-            "-e",
-            &format!(
-                "SELECT count(*) AS n, sum(CASE WHEN order_id % 100 = 0 THEN 1 ELSE 0 END) AS multiples, \
+        &format!(
+            "SELECT count(*) AS n, sum(CASE WHEN order_id % 100 = 0 THEN 1 ELSE 0 END) AS multiples, \
              min(_error) AS reason, max(_attempts) AS attempts, count(_at) AS stamped \
              FROM '{}/dead_letter/{run}/sink/'",
-                state.display()
-            ),
-        ],
+            state.display()
+        ),
     );
     assert_eq!(
         text(&dead.stdout),
@@ -381,19 +365,12 @@ fn a_run_killed_half_way_is_completed_by_resume_without_duplicates() {
     let said = text(&out.stdout);
     assert!(said.contains("replayed its script"), "{said}");
     assert_eq!(delivered(&state, &sink), (399_600, 399_600), "every row once");
-    let dead = flumen(
+    let dead = sql_csv(
         &state,
-        &[
-            "sql",
-            "-q",
-            "--format",
-            "csv",
-            "-e",
-            &format!(
-                "SELECT count(*) AS n, count(DISTINCT order_id) AS ids FROM '{}/dead_letter/{run}/sink/'",
-                state.display()
-            ),
-        ],
+        &format!(
+            "SELECT count(*) AS n, count(DISTINCT order_id) AS ids FROM '{}/dead_letter/{run}/sink/'",
+            state.display()
+        ),
     );
     assert_eq!(text(&dead.stdout), "n,ids\n400,400\n", "{}", text(&dead.stderr));
     // Nothing is left: a second resume delivers nothing.
