@@ -50,6 +50,10 @@ struct Global {
     /// Where runs keep their ledger, staging and dead letters.
     #[arg(long, global = true, default_value = ".flumen", env = "FLUMEN_STATE_DIR")]
     state_dir: PathBuf,
+    /// Plan and run queries on a Ballista cluster: df://host:port of its scheduler (started with
+    /// `flumen cluster scheduler`; needs a build with `--features cluster`).
+    #[arg(long, global = true, env = "FLUMEN_CLUSTER")]
+    cluster: Option<String>,
     /// Where materialized views are kept (default: warehouse/ in the state directory).
     #[arg(long, global = true, env = "FLUMEN_WAREHOUSE")]
     warehouse: Option<PathBuf>,
@@ -263,6 +267,7 @@ fn engine_for(g: &Global, resume_run: Option<String>) -> anyhow::Result<Flumen> 
         spill_dir: g.spill_dir.clone(),
         target_partitions: g.partitions,
         vars: g.set.iter().cloned().collect::<HashMap<_, _>>(),
+        cluster: g.cluster.clone(),
         ..Config::default()
     };
     Ok(Flumen::new(config)?)

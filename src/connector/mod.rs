@@ -73,6 +73,23 @@ impl Registry {
         self
     }
 
+    /// The factory for `STORED AS name` (case-insensitive), if a connector has it.
+    pub fn factory(&self, name: &str) -> Option<Arc<dyn TableProviderFactory>> {
+        self.factories.get(&name.to_ascii_uppercase()).cloned()
+    }
+
+    /// The same connectors, each wrapped by `wrap` (on a cluster: so that their tables
+    /// remember how they were created).
+    pub fn map(&self, wrap: impl Fn(Arc<dyn TableProviderFactory>) -> Arc<dyn TableProviderFactory>) -> Self {
+        Self {
+            factories: self
+                .factories
+                .iter()
+                .map(|(k, f)| (k.clone(), wrap(Arc::clone(f))))
+                .collect(),
+        }
+    }
+
     /// The connector names, sorted.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.factories.keys().map(String::as_str)

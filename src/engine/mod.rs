@@ -61,6 +61,9 @@ pub struct Config {
     pub resume_run: Option<String>,
     /// Where materialized views are kept; default `warehouse/` in the state directory.
     pub warehouse: Option<PathBuf>,
+    /// A Ballista scheduler (`df://host:port`) to plan and run queries on; default: this
+    /// process. Needs the `cluster` feature.
+    pub cluster: Option<String>,
 }
 
 /// Half of the machine's memory, read from `/proc/meminfo`; 4 GiB where that is unavailable.
@@ -161,6 +164,8 @@ pub struct Flumen {
     incremental: std::sync::RwLock<HashMap<String, incremental::Spec>>,
     /// CSV tables declared `'strict' 'true'`, by lower-case name.
     strict: std::sync::RwLock<std::collections::HashSet<String>>,
+    /// Queries run on a Ballista cluster (`--cluster`).
+    cluster: bool,
 }
 
 impl std::fmt::Debug for Flumen {
@@ -218,12 +223,15 @@ impl Flumen {
             session = session.with_batch_size(n.max(1));
         }
         let registry = config.registry.unwrap_or_else(Registry::builtin);
+        let cluster = config.cluster.is_some();
+        let installed = cluster_registry(&registry, cluster);
         let builder = SessionStateBuilder::new()
             .with_config(session)
             .with_runtime_env(runtime)
             .with_default_features();
-        let mut state = registry.install(builder).build();
+        let mut state = installed.install(builder).build();
         state.register_file_format(Arc::new(NdjsonExtension(JsonFormatFactory::new())), false)?;
+        let state = on_cluster(state, config.cluster.as_deref(), run.dir())?;
         let ctx = SessionContext::new_with_state(state).enable_url_table();
         // Full-text search, pushed into searches of ELASTICSEARCH tables.
         ctx.register_udf(datafusion::logical_expr::ScalarUDF::from(
@@ -240,7 +248,13 @@ impl Flumen {
             views_registered: tokio::sync::OnceCell::new(),
             incremental: std::sync::RwLock::new(HashMap::new()),
             strict: Default::default(),
+            cluster,
         })
+    }
+
+    /// Whether queries run on a Ballista cluster.
+    pub fn on_cluster(&self) -> bool {
+        self.cluster
     }
 
     /// Registers the warehouse's materialized views, once per engine.
@@ -295,6 +309,12 @@ impl Flumen {
     /// incrementally by `_modified` gets that column ([`modified`]).
     async fn wrap_file_table(&self, name: datafusion::common::TableReference) -> Result<()> {
         let key = name.table().to_lowercase();
+        if self.cluster {
+            // On a cluster a table must cross to the executors as DataFusion's own
+            // ListingTable: CSV is read by arrow-csv's typed reader (as with 'strict'), and
+            // files cannot be read incrementally by modification time.
+            return self.check_cluster_file_table(&key, &name);
+        }
         let by_time = self
             .incremental
             .read()
@@ -332,6 +352,21 @@ impl Flumen {
         };
         self.ctx.deregister_table(name.clone())?;
         self.ctx.register_table(name, wrapped)?;
+        Ok(())
+    }
+
+    fn check_cluster_file_table(&self, key: &str, name: &datafusion::common::TableReference) -> Result<()> {
+        let by_time = self
+            .incremental
+            .read()
+            .map(|m| m.get(key).is_some_and(|s| s.column == modified::COLUMN))
+            .unwrap_or(false);
+        if by_time {
+            return Err(Error::Option(format!(
+                "table {name}: 'incremental_column' '{}' is not available on a cluster (run it without --cluster)",
+                modified::COLUMN
+            )));
+        }
         Ok(())
     }
 
@@ -406,6 +441,48 @@ impl Flumen {
             }
             _ => explain_text(self.ctx.execute_logical_plan(plan).await?).await,
         }
+    }
+}
+
+/// The connectors to install: on a cluster each table remembers how it was created, so that
+/// it can be created again on the scheduler and the executors.
+#[cfg(feature = "cluster")]
+fn cluster_registry(registry: &Registry, cluster: bool) -> Registry {
+    if cluster {
+        registry.map(crate::cluster::codec::RememberingFactory::wrap)
+    } else {
+        registry.clone()
+    }
+}
+
+#[cfg(not(feature = "cluster"))]
+fn cluster_registry(registry: &Registry, _cluster: bool) -> Registry {
+    registry.clone()
+}
+
+#[cfg(feature = "cluster")]
+fn on_cluster(
+    state: datafusion::execution::SessionState,
+    url: Option<&str>,
+    state_dir: &std::path::Path,
+) -> Result<datafusion::execution::SessionState> {
+    match url {
+        Some(url) => crate::cluster::upgrade(state, url, state_dir),
+        None => Ok(state),
+    }
+}
+
+#[cfg(not(feature = "cluster"))]
+fn on_cluster(
+    state: datafusion::execution::SessionState,
+    url: Option<&str>,
+    _state_dir: &std::path::Path,
+) -> Result<datafusion::execution::SessionState> {
+    match url {
+        Some(url) => Err(Error::Option(format!(
+            "--cluster {url}: this flumen was built without the 'cluster' feature (cargo build --release --features cluster)"
+        ))),
+        None => Ok(state),
     }
 }
 
