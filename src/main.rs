@@ -161,6 +161,10 @@ enum ClusterRole {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:50050")]
         bind: std::net::SocketAddr,
+        /// Seconds without a heartbeat after which an executor counts as lost and its tasks
+        /// run again elsewhere.
+        #[arg(long, default_value_t = 180)]
+        executor_timeout: u64,
     },
     /// An executor: runs tasks the scheduler hands it.
     Executor {
@@ -176,9 +180,14 @@ enum ClusterRole {
         /// Tasks run at once (default: the cores).
         #[arg(long)]
         slots: Option<usize>,
-        /// Where shuffle files go.
+        /// Where shuffle files and the executor's run state (sink journals, staging, dead
+        /// letters, under `flumen/`) go (default: $TMPDIR/flumen-executor-<port>).
         #[arg(long)]
         work_dir: Option<String>,
+        /// Seconds between heartbeats to the scheduler (keep it well under the scheduler's
+        /// --executor-timeout).
+        #[arg(long, default_value_t = 60)]
+        heartbeat: u64,
     },
 }
 
@@ -405,13 +414,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         #[cfg(feature = "cluster")]
         Command::Cluster { role } => match role {
-            ClusterRole::Scheduler { bind } => flumen::cluster::scheduler(*bind).await?,
+            ClusterRole::Scheduler {
+                bind,
+                executor_timeout,
+            } => flumen::cluster::scheduler(*bind, *executor_timeout).await?,
             ClusterRole::Executor {
                 scheduler,
                 bind,
                 grpc_port,
                 slots,
                 work_dir,
+                heartbeat,
             } => {
                 let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
                 flumen::cluster::executor(
@@ -420,6 +433,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     *grpc_port,
                     slots.unwrap_or(cores),
                     work_dir.clone(),
+                    *heartbeat,
                 )
                 .await?
             }

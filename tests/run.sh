@@ -21,12 +21,13 @@ fi
 bash tests/services/start.sh
 
 start=$(date +%s)
-cargo test --no-fail-fast --features test-backends
+# test-backends: the fault-injecting sink; cluster: Ballista scheduler/executor (tests/cluster.rs).
+cargo test --no-fail-fast --features test-backends,cluster
 echo "tests took $(( $(date +%s) - start ))s"
 
 if [ "${FLUMEN_SKIP_LINT:-0}" != "1" ]; then
   cargo fmt --all -- --check
-  cargo clippy --all-targets --features test-backends --quiet -- -D warnings
+  cargo clippy --all-targets --features test-backends,cluster --quiet -- -D warnings
   cargo clippy --all-targets --quiet -- -D warnings
   echo "fmt and clippy clean"
 fi

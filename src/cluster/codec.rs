@@ -38,6 +38,7 @@ use datafusion::logical_expr::{
 };
 use datafusion::physical_expr::EquivalenceProperties;
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::metrics::{BaselineMetrics, ExecutionPlanMetricsSet, MetricsSet};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, Distribution, ExecutionPlan, ExecutionPlanProperties, Partitioning,
@@ -46,11 +47,11 @@ use datafusion::physical_plan::{
 use datafusion_proto::bytes::Serializeable;
 use datafusion_proto::logical_plan::LogicalExtensionCodec;
 use datafusion_proto::physical_plan::{PhysicalExtensionCodec, PhysicalProtoConverterExtension};
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
 use crate::connector::Registry;
-use crate::sink::RunState;
+use crate::sink::{RunState, SinkMetricsSnapshot};
 
 /// Leads every buffer flumen's codecs write, so that Ballista's own buffers are told apart.
 const TABLE: &[u8] = b"flumen-table:";
@@ -68,6 +69,9 @@ pub struct TableSpec {
     schema: Vec<u8>,
     /// The client's run id: executors journal and stage under it.
     run: String,
+    /// The client's claim service ([`super::claims`]), where write tasks claim their partition.
+    #[serde(default)]
+    claims: Option<String>,
 }
 
 impl fmt::Debug for TableSpec {
@@ -80,13 +84,48 @@ impl fmt::Debug for TableSpec {
     }
 }
 
-/// What a write returns: one `count` column, as DataFusion's own sinks.
+/// The column of a cluster write's output that carries the executor's sink counters (JSON,
+/// table to [`SinkMetricsSnapshot`]); the client adds them to its run summary and ledger.
+pub const METRICS_COLUMN: &str = "flumen_sink_metrics";
+
+/// What a write returns: a `count` column, as DataFusion's own sinks, and the sink counters
+/// of the executor that wrote.
 fn count_schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![arrow::datatypes::Field::new(
-        "count",
-        arrow::datatypes::DataType::UInt64,
-        false,
-    )]))
+    Arc::new(Schema::new(vec![
+        arrow::datatypes::Field::new("count", arrow::datatypes::DataType::UInt64, false),
+        arrow::datatypes::Field::new(METRICS_COLUMN, arrow::datatypes::DataType::Utf8, true),
+    ]))
+}
+
+/// The sink counters a cluster write's output batch carries, by table.
+pub fn sink_metrics_of(batch: &arrow::array::RecordBatch) -> BTreeMap<String, SinkMetricsSnapshot> {
+    let mut out: BTreeMap<String, SinkMetricsSnapshot> = BTreeMap::new();
+    let Some(col) = batch
+        .column_by_name(METRICS_COLUMN)
+        .and_then(|c| c.as_any().downcast_ref::<arrow::array::StringArray>())
+    else {
+        return out;
+    };
+    for json in col.iter().flatten() {
+        if let Ok(m) = serde_json::from_str::<BTreeMap<String, SinkMetricsSnapshot>>(json) {
+            for (table, s) in m {
+                out.entry(table).or_default().add(&s);
+            }
+        }
+    }
+    out
+}
+
+/// The address of the client's claim service, in the client's session config.
+#[derive(Debug, Clone)]
+pub struct ClaimService(pub String);
+
+/// The Ballista job a task on an executor belongs to: Ballista names a task
+/// `TID <job>/<stage>.<stage attempt>/<task>.<task attempt>`.
+fn job_of(ctx: &TaskContext) -> Option<String> {
+    let id = ctx.task_id()?;
+    let tid = id.split_whitespace().last()?;
+    Some(tid.split('/').next()?.to_string())
 }
 
 fn schema_bytes(schema: &Schema) -> DfResult<Vec<u8>> {
@@ -115,6 +154,7 @@ impl TableSpec {
             options: cmd.options.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             schema: schema_bytes(cmd.schema.as_arrow())?,
             run: run.to_string(),
+            claims: None,
         })
     }
 
@@ -152,13 +192,8 @@ impl TableSpec {
         .build())
     }
 
-    /// Creates the table again through its connector, in a session built on `ctx`.
-    async fn create(
-        &self,
-        ctx: &TaskContext,
-        state_dir: &std::path::Path,
-    ) -> DfResult<Arc<dyn TableProvider>> {
-        let state = session_on(ctx, &self.run, state_dir);
+    /// Creates the table again through its connector, in `state` (see [`session_on`]).
+    async fn create(&self, state: &datafusion::execution::SessionState) -> DfResult<Arc<dyn TableProvider>> {
         let registry = Registry::builtin();
         let factory = registry.factory(&self.stored_as).ok_or_else(|| {
             DataFusionError::Plan(format!(
@@ -166,7 +201,7 @@ impl TableSpec {
                 self.name, self.stored_as
             ))
         })?;
-        factory.create(&state, &self.command()?).await
+        factory.create(state, &self.command()?).await
     }
 }
 
@@ -217,10 +252,12 @@ impl TableProviderFactory for RememberingFactory {
             .get_extension::<RunState>()
             .map(|r| r.run_id().to_string())
             .unwrap_or_else(crate::sink::new_run_id);
-        Ok(Arc::new(Remembered {
-            spec: TableSpec::of(cmd, &run)?,
-            inner,
-        }))
+        let mut spec = TableSpec::of(cmd, &run)?;
+        spec.claims = state
+            .config()
+            .get_extension::<ClaimService>()
+            .map(|c| c.0.clone());
+        Ok(Arc::new(Remembered { spec, inner }))
     }
 }
 
@@ -306,6 +343,8 @@ pub struct ClusterScanExec {
     plan: Arc<tokio::sync::OnceCell<Arc<dyn ExecutionPlan>>>,
     state_dir: PathBuf,
     properties: Arc<PlanProperties>,
+    /// Output rows, which the scheduler's job metrics add up as the rows read.
+    metrics: ExecutionPlanMetricsSet,
 }
 
 impl ClusterScanExec {
@@ -332,6 +371,7 @@ impl ClusterScanExec {
             plan: Arc::new(cell),
             state_dir: PathBuf::from(".flumen"),
             properties: Arc::new(properties),
+            metrics: ExecutionPlanMetricsSet::new(),
         })
     }
 
@@ -348,14 +388,14 @@ impl ClusterScanExec {
     async fn planned(&self, ctx: &TaskContext) -> DfResult<Arc<dyn ExecutionPlan>> {
         self.plan
             .get_or_try_init(|| async {
-                let provider = self.spec.table.create(ctx, &self.state_dir).await?;
+                let state = session_on(ctx, &self.spec.table.run, &self.state_dir);
+                let provider = self.spec.table.create(&state).await?;
                 let filters = self
                     .spec
                     .filters
                     .iter()
                     .map(|b| Expr::from_bytes_with_ctx(b, ctx))
                     .collect::<DfResult<Vec<_>>>()?;
-                let state = session_on(ctx, &self.spec.table.run, &self.state_dir);
                 let plan = provider
                     .scan(&state, self.spec.projection.as_ref(), &filters, self.spec.limit)
                     .await?;
@@ -394,6 +434,10 @@ impl ExecutionPlan for ClusterScanExec {
         "ClusterScanExec"
     }
 
+    fn metrics(&self) -> Option<MetricsSet> {
+        Some(self.metrics.clone_inner())
+    }
+
     fn apply_expressions(
         &self,
         _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> DfResult<TreeNodeRecursion>,
@@ -422,13 +466,16 @@ impl ExecutionPlan for ClusterScanExec {
             plan: Arc::clone(&self.plan),
             state_dir: self.state_dir.clone(),
             properties: Arc::clone(&self.properties),
+            metrics: self.metrics.clone(),
         };
         let schema = self.schema();
+        let baseline = BaselineMetrics::new(&self.metrics, partition);
         let stream = futures::stream::once(async move {
             let plan = this.planned(&context).await?;
             plan.execute(partition, context)
         })
-        .try_flatten();
+        .try_flatten()
+        .inspect_ok(move |b| baseline.record_output(b.num_rows()));
         Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream)))
     }
 }
@@ -563,18 +610,74 @@ impl ExecutionPlan for ClusterSinkExec {
         let state_dir = self.state_dir.clone();
         let provider = Arc::clone(&self.provider);
         let stream = futures::stream::once(async move {
-            let provider = provider
-                .get_or_try_init(|| table.create(&context, &state_dir))
-                .await?;
-            let state = session_on(&context, &table.run, &state_dir);
+            let job = job_of(&context).unwrap_or_default();
+            if let Some(addr) = &table.claims {
+                // Ballista runs the task of a lost executor again under a new id: only the
+                // client can tell this partition was handed out before.
+                let first = super::claims::claim(addr, &job, &table.name, partition)
+                    .await
+                    .map_err(|e| {
+                        DataFusionError::Execution(format!(
+                            "table {}: the write of partition {partition} cannot reach flumen run at {addr} to claim it: {e}",
+                            table.name
+                        ))
+                    })?;
+                if !first {
+                    // An earlier attempt may have delivered rows that only its (lost)
+                    // executor's journal knows of: writing again could deliver them twice.
+                    return Err(DataFusionError::Execution(format!(
+                        "table {}: the write of partition {partition} was started before on an executor that was \
+                         lost; rows that attempt delivered may be in the table, so this run stops instead of \
+                         writing them twice. Check the table, then run the script again",
+                        table.name
+                    )));
+                }
+            }
+            // Each write task is a run of its own on its executor (its ledger, journal, staging
+            // and dead letters): `<run>-<job>-<table>-p<partition>`.
+            let run = format!(
+                "{}-{}-{}-p{partition}",
+                table.run,
+                crate::sink::safe_name(&job),
+                crate::sink::safe_name(&table.name)
+            );
+            let state = session_on(&context, &run, &state_dir);
+            let before = run_metrics(&state);
+            let provider = provider.get_or_try_init(|| table.create(&state)).await?;
             let plan = provider.insert_into(&state, input, InsertOp::Append).await?;
             // The sink finds its run state (journal, staging) in the task's config.
             let task = Arc::new(TaskContext::from(&state));
-            plan.execute(0, task)
-        })
-        .try_flatten();
+            let mut written = plan.execute(0, task)?;
+            let mut count = 0u64;
+            while let Some(batch) = written.next().await {
+                count += crate::engine::count_of(&batch?);
+            }
+            let mut metrics = run_metrics(&state);
+            for (table, was) in before {
+                if let Some(now) = metrics.get_mut(&table) {
+                    now.subtract(&was);
+                }
+            }
+            let json = serde_json::to_string(&metrics).map_err(|e| decode_err("sink counters", e))?;
+            Ok(arrow::array::RecordBatch::try_new(
+                count_schema(),
+                vec![
+                    Arc::new(arrow::array::UInt64Array::from(vec![count])),
+                    Arc::new(arrow::array::StringArray::from(vec![json])),
+                ],
+            )?)
+        });
         Ok(Box::pin(RecordBatchStreamAdapter::new(count_schema(), stream)))
     }
+}
+
+/// The sink counters of the run state a session carries.
+fn run_metrics(state: &datafusion::execution::SessionState) -> BTreeMap<String, SinkMetricsSnapshot> {
+    state
+        .config()
+        .get_extension::<RunState>()
+        .map(|r| r.sink_snapshots())
+        .unwrap_or_default()
 }
 
 /// One partition of a plan, shown as a plan of one partition (what a sink reads).
@@ -673,7 +776,8 @@ impl LogicalExtensionCodec for LogicalCodec {
         // Table providers are created by async factories; the codec is called synchronously
         // from within the scheduler's runtime.
         let created = tokio::task::block_in_place(|| {
-            tokio::runtime::Handle::current().block_on(spec.create(ctx, &self.state_dir))
+            let state = session_on(ctx, &spec.run, &self.state_dir);
+            tokio::runtime::Handle::current().block_on(spec.create(&state))
         })?;
         Ok(Arc::new(Remembered { spec, inner: created }))
     }

@@ -31,7 +31,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 
 pub use redact::{MASK, Redactor};
 pub use resume::ResumeReport;
-pub use run::{Mode, RunOptions, SqlOutput};
+pub use run::{Mode, RunOptions, SqlOutput, count_of};
 pub use script::{Statement, Variables};
 pub use stores::LazyStoreRegistry;
 
@@ -165,7 +165,7 @@ pub struct Flumen {
     /// CSV tables declared `'strict' 'true'`, by lower-case name.
     strict: std::sync::RwLock<std::collections::HashSet<String>>,
     /// Queries run on a Ballista cluster (`--cluster`).
-    cluster: bool,
+    cluster: Option<String>,
 }
 
 impl std::fmt::Debug for Flumen {
@@ -248,13 +248,13 @@ impl Flumen {
             views_registered: tokio::sync::OnceCell::new(),
             incremental: std::sync::RwLock::new(HashMap::new()),
             strict: Default::default(),
-            cluster,
+            cluster: config.cluster.clone(),
         })
     }
 
     /// Whether queries run on a Ballista cluster.
     pub fn on_cluster(&self) -> bool {
-        self.cluster
+        self.cluster.is_some()
     }
 
     /// Registers the warehouse's materialized views, once per engine.
@@ -309,17 +309,23 @@ impl Flumen {
     /// incrementally by `_modified` gets that column ([`modified`]).
     async fn wrap_file_table(&self, name: datafusion::common::TableReference) -> Result<()> {
         let key = name.table().to_lowercase();
-        if self.cluster {
-            // On a cluster a table must cross to the executors as DataFusion's own
-            // ListingTable: CSV is read by arrow-csv's typed reader (as with 'strict'), and
-            // files cannot be read incrementally by modification time.
-            return self.check_cluster_file_table(&key, &name);
-        }
         let by_time = self
             .incremental
             .read()
             .map(|m| m.get(&key).is_some_and(|s| s.column == modified::COLUMN))
             .unwrap_or(false);
+        if self.on_cluster() {
+            // On a cluster a table must cross to the executors as DataFusion's own
+            // ListingTable: CSV is read by arrow-csv's typed reader (as with 'strict'), and
+            // files cannot be read incrementally by modification time.
+            if by_time {
+                return Err(Error::Option(format!(
+                    "table {name}: 'incremental_column' '{}' is not available on a cluster (run it without --cluster)",
+                    modified::COLUMN
+                )));
+            }
+            return Ok(());
+        }
         let strict = self.strict.read().map(|s| s.contains(&key)).unwrap_or(false);
         let provider = self.ctx.table_provider(name.clone()).await?;
         let Some(listing) = provider.downcast_ref::<datafusion::datasource::listing::ListingTable>() else {
@@ -352,21 +358,6 @@ impl Flumen {
         };
         self.ctx.deregister_table(name.clone())?;
         self.ctx.register_table(name, wrapped)?;
-        Ok(())
-    }
-
-    fn check_cluster_file_table(&self, key: &str, name: &datafusion::common::TableReference) -> Result<()> {
-        let by_time = self
-            .incremental
-            .read()
-            .map(|m| m.get(key).is_some_and(|s| s.column == modified::COLUMN))
-            .unwrap_or(false);
-        if by_time {
-            return Err(Error::Option(format!(
-                "table {name}: 'incremental_column' '{}' is not available on a cluster (run it without --cluster)",
-                modified::COLUMN
-            )));
-        }
         Ok(())
     }
 
@@ -422,7 +413,7 @@ impl Flumen {
             (StatementKind::CreateTableAs, LogicalPlan::Ddl(DdlStatement::CreateMemoryTable(cmd))) => {
                 let df = self.ctx.execute_logical_plan((*cmd.input).clone()).await?;
                 let schema = Arc::new(df.schema().as_arrow().clone());
-                let text = explain_text(df).await?;
+                let text = self.explain_text(df).await?;
                 let table = MemTable::try_new(schema, vec![vec![]])?;
                 self.ctx.register_table(cmd.name.clone(), Arc::new(table))?;
                 Ok(format!("creates in-memory table {} from:\n{text}", cmd.name))
@@ -439,7 +430,10 @@ impl Flumen {
                 }
                 Ok(shown)
             }
-            _ => explain_text(self.ctx.execute_logical_plan(plan).await?).await,
+            _ => {
+                self.explain_text(self.ctx.execute_logical_plan(plan).await?)
+                    .await
+            }
         }
     }
 }
@@ -486,12 +480,63 @@ fn on_cluster(
     }
 }
 
-/// The optimized logical plan and the physical plan of a query, as indented text.
-async fn explain_text(df: datafusion::dataframe::DataFrame) -> Result<String> {
-    let physical = df.clone().create_physical_plan().await?;
-    Ok(format!(
-        "logical plan:\n{}\nphysical plan:\n{}",
-        df.into_optimized_plan()?.display_indent(),
-        datafusion::physical_plan::displayable(physical.as_ref()).indent(true)
-    ))
+impl Flumen {
+    /// The logical and physical plan of a query. On a cluster the physical plan is the one the
+    /// scheduler cuts into stages, followed by how many tasks read each source and whether
+    /// each write runs in parallel or as one task.
+    async fn explain_text(&self, df: datafusion::dataframe::DataFrame) -> Result<String> {
+        let logical = df.clone().into_optimized_plan()?;
+        let physical = if self.on_cluster() {
+            // Ballista's planner hands the whole plan to the scheduler; plan it here as the
+            // scheduler will.
+            let state = self.ctx.state();
+            datafusion::physical_planner::PhysicalPlanner::create_physical_plan(
+                &datafusion::physical_planner::DefaultPhysicalPlanner::default(),
+                &logical,
+                &state,
+            )
+            .await?
+        } else {
+            df.create_physical_plan().await?
+        };
+        let mut text = format!(
+            "logical plan:\n{}\nphysical plan:\n{}",
+            logical.display_indent(),
+            datafusion::physical_plan::displayable(physical.as_ref()).indent(true)
+        );
+        if self.on_cluster() {
+            text.push_str("on the cluster:\n");
+            for note in cluster_notes(&physical) {
+                text.push_str(&format!("  {note}\n"));
+            }
+        }
+        Ok(text)
+    }
+}
+
+/// What the executors read for the statement that ran as `plan` on the cluster at `url`.
+#[cfg(feature = "cluster")]
+pub(super) async fn cluster_rows_read(
+    plan: &Arc<dyn datafusion::physical_plan::ExecutionPlan>,
+    url: &str,
+) -> Option<u64> {
+    crate::cluster::rows_read(plan, url).await
+}
+
+#[cfg(not(feature = "cluster"))]
+pub(super) async fn cluster_rows_read(
+    _plan: &Arc<dyn datafusion::physical_plan::ExecutionPlan>,
+    _url: &str,
+) -> Option<u64> {
+    None
+}
+
+#[cfg(feature = "cluster")]
+fn cluster_notes(plan: &Arc<dyn datafusion::physical_plan::ExecutionPlan>) -> Vec<String> {
+    crate::cluster::notes(plan)
+}
+
+#[cfg(not(feature = "cluster"))]
+fn cluster_notes(_plan: &Arc<dyn datafusion::physical_plan::ExecutionPlan>) -> Vec<String> {
+    Vec::new()
 }

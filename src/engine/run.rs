@@ -413,7 +413,9 @@ impl Flumen {
             (StatementKind::Write, Some(mut stream)) => {
                 let drained = async {
                     while let Some(batch) = stream.next().await {
-                        written += count_of(&batch?);
+                        let batch = batch?;
+                        written += count_of(&batch);
+                        add_executor_metrics(&self.run, &batch);
                     }
                     running.commit()
                 }
@@ -436,6 +438,10 @@ impl Flumen {
             _ => self.run.pending().release().await,
         }
         let mut stats = tracker.finish().await;
+        if let (Some(url), Some(plan)) = (&self.cluster, &running.plan) {
+            // The executors read: the scheduler has their counts.
+            stats.rows_read = super::cluster_rows_read(plan, url).await.unwrap_or(0);
+        }
         if let Some(table) = table {
             writeln!(out, "{table}").map_err(write_err)?;
         }
@@ -525,8 +531,20 @@ impl SqlOutput {
     }
 }
 
-/// The row count a DataFusion write returns (one `count` column).
-pub(super) fn count_of(batch: &RecordBatch) -> u64 {
+/// On a cluster a write's output carries the counters of the executors' sinks: they join the
+/// run's own, for the summary and the ledger.
+#[cfg(feature = "cluster")]
+fn add_executor_metrics(run: &crate::sink::RunState, batch: &RecordBatch) {
+    for (table, m) in crate::cluster::codec::sink_metrics_of(batch) {
+        run.metrics_for(&table).add(&m);
+    }
+}
+
+#[cfg(not(feature = "cluster"))]
+fn add_executor_metrics(_run: &crate::sink::RunState, _batch: &RecordBatch) {}
+
+/// The row count a DataFusion write returns (its first column, `count`).
+pub fn count_of(batch: &RecordBatch) -> u64 {
     batch
         .columns()
         .first()

@@ -65,6 +65,21 @@ impl SinkMetrics {
         }
     }
 
+    /// Adds counters kept elsewhere (a sink that ran on a cluster executor).
+    pub fn add(&self, o: &SinkMetricsSnapshot) {
+        self.rows.fetch_add(o.rows, Ordering::Relaxed);
+        self.bytes.fetch_add(o.bytes, Ordering::Relaxed);
+        self.requests.fetch_add(o.requests, Ordering::Relaxed);
+        self.retries.fetch_add(o.retries, Ordering::Relaxed);
+        self.spilled.fetch_add(o.spilled, Ordering::Relaxed);
+        self.rejected.fetch_add(o.rejected, Ordering::Relaxed);
+        if let Ok(mut m) = self.rules.lock() {
+            for (rule, n) in &o.rules {
+                *m.entry(rule.clone()).or_default() += n;
+            }
+        }
+    }
+
     /// The counters now.
     pub fn snapshot(&self) -> SinkMetricsSnapshot {
         SinkMetricsSnapshot {
@@ -80,6 +95,21 @@ impl SinkMetrics {
 }
 
 impl SinkMetricsSnapshot {
+    /// Takes away an earlier snapshot of the same counters (what happened since).
+    pub fn subtract(&mut self, o: &SinkMetricsSnapshot) {
+        self.rows = self.rows.saturating_sub(o.rows);
+        self.bytes = self.bytes.saturating_sub(o.bytes);
+        self.requests = self.requests.saturating_sub(o.requests);
+        self.retries = self.retries.saturating_sub(o.retries);
+        self.spilled = self.spilled.saturating_sub(o.spilled);
+        self.rejected = self.rejected.saturating_sub(o.rejected);
+        for (rule, n) in &o.rules {
+            if let Some(v) = self.rules.get_mut(rule) {
+                *v = v.saturating_sub(*n);
+            }
+        }
+    }
+
     /// Adds another snapshot (several statements writing one table).
     pub fn add(&mut self, o: &SinkMetricsSnapshot) {
         self.rows += o.rows;

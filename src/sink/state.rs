@@ -104,7 +104,11 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     }
-    let tmp = path.with_extension("json.tmp");
+    // A temporary name of this writer's own: two writers of one file must not rename each
+    // other's half-written text (the last complete one wins).
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let tmp = path.with_extension(format!("json.{}-{n}.tmp", std::process::id()));
     let text = serde_json::to_vec_pretty(value)
         .map_err(|e| Error::Config(format!("encoding {}: {e}", path.display())))?;
     std::fs::write(&tmp, text).map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
