@@ -155,7 +155,7 @@ fn script_prefix(script: &str) -> String {
 /// DataFusion's own messages are good but nest prefixes ("External error: Arrow error: ...");
 /// strip the wrapping so the user reads the cause first, and point at the usual fix.
 fn describe_datafusion(e: &DataFusionError) -> String {
-    let mut msg = e.to_string();
+    let mut msg = cluster_task_error(&e.to_string());
     if let DataFusionError::ResourcesExhausted(_) = e.find_root() {
         msg.push_str(
             "; raise --memory-limit, or check that --spill-dir has free space so operators can spill",
@@ -164,9 +164,45 @@ fn describe_datafusion(e: &DataFusionError) -> String {
     msg
 }
 
+/// A task's error as a Ballista cluster reports it ("Job J failed due to stage S failed: Task
+/// failed due to runtime execution error: DataFusionError(Shared(External(Config(\"...\"))))")
+/// with the task's own message taken out of its debug form: `job J failed on the cluster: ...`.
+fn cluster_task_error(msg: &str) -> String {
+    const TASK: &str = "Task failed due to runtime execution error: ";
+    let Some(at) = msg.find(TASK) else {
+        return msg.to_string();
+    };
+    let job = msg
+        .split_whitespace()
+        .skip_while(|w| *w != "Job")
+        .nth(1)
+        .unwrap_or("?")
+        .to_string();
+    let detail = &msg[at + TASK.len()..];
+    let inner = match (detail.find("(\""), detail.rfind("\")")) {
+        (Some(start), Some(end)) if end > start + 2 => detail[start + 2..end]
+            .replace("\\\"", "\"")
+            .replace("\\n", "\n")
+            .replace("\\\\", "\\"),
+        _ => detail.to_string(),
+    };
+    format!("job {job} failed on the cluster: {inner}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cluster_task_error_shows_the_task_s_message() {
+        let msg = "Execution error: Job 038HQ failed: Job failed due to stage 0 failed: Task failed due to runtime \
+                   execution error: DataFusionError(Shared(External(Config(\"table d: 5 rows \\\"x\\\" staged\"))))";
+        assert_eq!(
+            cluster_task_error(msg),
+            "job 038HQ failed on the cluster: table d: 5 rows \"x\" staged"
+        );
+        assert_eq!(cluster_task_error("plain"), "plain");
+    }
 
     #[test]
     fn flumen_error_survives_a_trip_through_datafusion() {

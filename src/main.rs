@@ -236,11 +236,18 @@ fn kv_arg(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("'{s}' is not NAME=VALUE"))
 }
 
-fn init_logging(g: &Global) {
+fn init_logging(g: &Global, serving: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FLUMEN_LOG").unwrap_or_else(|_| {
-        // The connection pools inside ConnectorX log each failed attempt; flumen reports the
-        // failure itself, once.
-        tracing_subscriber::EnvFilter::new(if g.quiet { "warn,r2d2=off" } else { "info,r2d2=off" })
+        // The connection pools inside ConnectorX log each failed attempt, and Ballista's client
+        // (`--cluster`) each job and its failure; flumen reports the failure itself, once. A
+        // scheduler or executor keeps Ballista's log.
+        let level = if g.quiet { "warn" } else { "info" };
+        let client = if serving {
+            ""
+        } else {
+            ",ballista_core=off,ballista=off"
+        };
+        tracing_subscriber::EnvFilter::new(format!("{level},r2d2=off{client}"))
     });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -614,7 +621,11 @@ fn main() -> ExitCode {
     // already installed, which is as good.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
-    init_logging(&cli.global);
+    #[cfg(feature = "cluster")]
+    let serving = matches!(cli.command, Command::Cluster { .. });
+    #[cfg(not(feature = "cluster"))]
+    let serving = false;
+    init_logging(&cli.global, serving);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

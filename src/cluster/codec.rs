@@ -72,6 +72,10 @@ pub struct TableSpec {
     /// The client's claim service ([`super::claims`]), where write tasks claim their partition.
     #[serde(default)]
     claims: Option<String>,
+    /// The `CREATE` statement before `${VAR}` substitution (no secret in it), for a `resume`
+    /// on the executor of what its write staged.
+    #[serde(default)]
+    template: Option<String>,
 }
 
 impl fmt::Debug for TableSpec {
@@ -155,6 +159,7 @@ impl TableSpec {
             schema: schema_bytes(cmd.schema.as_arrow())?,
             run: run.to_string(),
             claims: None,
+            template: None,
         })
     }
 
@@ -253,6 +258,10 @@ impl TableProviderFactory for RememberingFactory {
             .map(|r| r.run_id().to_string())
             .unwrap_or_else(crate::sink::new_run_id);
         let mut spec = TableSpec::of(cmd, &run)?;
+        spec.template = state
+            .config()
+            .get_extension::<RunState>()
+            .and_then(|r| r.template(&cmd.name.to_string()));
         spec.claims = state
             .config()
             .get_extension::<ClaimService>()
@@ -642,16 +651,53 @@ impl ExecutionPlan for ClusterSinkExec {
                 crate::sink::safe_name(&table.name)
             );
             let state = session_on(&context, &run, &state_dir);
-            let before = run_metrics(&state);
-            let provider = provider.get_or_try_init(|| table.create(&state)).await?;
-            let plan = provider.insert_into(&state, input, InsertOp::Append).await?;
-            // The sink finds its run state (journal, staging) in the task's config.
-            let task = Arc::new(TaskContext::from(&state));
-            let mut written = plan.execute(0, task)?;
-            let mut count = 0u64;
-            while let Some(batch) = written.next().await {
-                count += crate::engine::count_of(&batch?);
+            if let (Some(t), Some(r)) = (&table.template, state.config().get_extension::<RunState>()) {
+                r.record_template(&table.name, t);
             }
+            let before = run_metrics(&state);
+            let write = async {
+                let provider = provider.get_or_try_init(|| table.create(&state)).await?;
+                let plan = provider.insert_into(&state, input, InsertOp::Append).await?;
+                // The sink finds its run state (journal, staging) in the task's config.
+                let task = Arc::new(TaskContext::from(&state));
+                let mut written = plan.execute(0, task)?;
+                let mut count = 0u64;
+                while let Some(batch) = written.next().await {
+                    count += crate::engine::count_of(&batch?);
+                }
+                Ok::<_, DataFusionError>(count)
+            };
+            let result = write.await;
+            // The task's own ledger on the executor ends as the client's does.
+            if let Some(run) = state.config().get_extension::<RunState>()
+                && !run.sink_snapshots().is_empty()
+            {
+                let spilled = run.sink_snapshots().values().any(|m| m.spilled > 0);
+                let (status, error) = match &result {
+                    Ok(_) if spilled => (crate::sink::RunStatus::Spilled, None),
+                    Ok(_) => (crate::sink::RunStatus::Succeeded, None),
+                    Err(e) => (
+                        crate::sink::RunStatus::Failed,
+                        Some(crate::engine::Redactor::default().redact(&e.to_string())),
+                    ),
+                };
+                run.write_ledger(status, error)
+                    .map_err(|e| DataFusionError::External(Box::new(e)))?;
+            }
+            // A resume must run where the staging is: on this executor, in its state dir.
+            let count = result.map_err(|e| {
+                let msg = e.to_string();
+                let msg = msg.strip_prefix("External error: ").unwrap_or(&msg).to_string();
+                let at = format!("flumen resume {run}");
+                if msg.contains(&at) {
+                    DataFusionError::Execution(msg.replace(
+                        &format!("`{at}`"),
+                        &format!("`{at} --state-dir {}` on that executor", state_dir.display()),
+                    ))
+                } else {
+                    e
+                }
+            })?;
             let mut metrics = run_metrics(&state);
             for (table, was) in before {
                 if let Some(now) = metrics.get_mut(&table) {
