@@ -444,3 +444,55 @@ fn a_write_lost_with_its_executor_is_not_written_twice() {
         cluster.logs()
     );
 }
+
+#[test]
+fn what_an_executor_staged_is_resumed_on_that_executor() {
+    // A sink that is down: the executor's write stages its rows and the run fails, naming the
+    // executor's run and state directory; `flumen resume` there delivers them, once.
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path());
+    let sink = dir.path().join("sink");
+    let script = dir.path().join("down.sql");
+    std::fs::write(
+        &script,
+        format!(
+            "CREATE EXTERNAL TABLE src STORED AS GENERATE LOCATION 'orders' OPTIONS ('rows' '10k', 'partitions' '1');\n\
+             CREATE EXTERNAL TABLE down (order_id BIGINT NOT NULL, amount DECIMAL(18, 2)) STORED AS FAULTY LOCATION '{}'\n\
+               OPTIONS ('down' '${{DOWN}}', 'max_attempts' '2', 'retry_initial' '10ms', 'batch_rows' '3000');\n\
+             INSERT INTO down SELECT order_id, amount FROM src;\n",
+            sink.display()
+        ),
+    )
+    .unwrap();
+    let out = run(
+        &script,
+        &dir.path().join("state"),
+        &["--cluster", &cluster.url, "--set", "DOWN=true"],
+    );
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "the sink is down: {err}");
+    assert!(
+        err.contains("failed on the cluster: table down: 10000 rows in 4 parts could not be delivered"),
+        "{err}"
+    );
+    let hint = err
+        .split('`')
+        .find(|s| s.starts_with("flumen resume "))
+        .unwrap_or_else(|| panic!("no resume hint: {err}"));
+    let words: Vec<&str> = hint.split_whitespace().collect();
+    assert_eq!(words.len(), 5, "flumen resume RUN --state-dir DIR: {hint}");
+    assert!(err.contains(&format!("`{hint}` on that executor")), "{err}");
+    let resumed = Command::new(BIN)
+        .args(["resume", words[2], "--state-dir", words[4], "--set", "DOWN=false"])
+        .output()
+        .unwrap();
+    let said = succeeded("resume on the executor", &resumed, Some(&cluster));
+    assert!(said.contains("delivered 4 staged parts, 10000 rows"), "{said}");
+    assert_eq!(
+        query(&format!(
+            "SELECT count(*), count(DISTINCT order_id) FROM '{}/'",
+            sink.display()
+        )),
+        "10000,10000"
+    );
+}
