@@ -165,6 +165,10 @@ enum ClusterRole {
         /// run again elsewhere.
         #[arg(long, default_value_t = 180)]
         executor_timeout: u64,
+        /// How tasks are handed to executors: round-robin (one task per executor in turn, so
+        /// scans and sinks spread over the machines) or bias (fill one executor's slots first).
+        #[arg(long, default_value = "round-robin", value_parser = ["round-robin", "bias"])]
+        distribution: String,
     },
     /// An executor: runs tasks the scheduler hands it.
     Executor {
@@ -424,7 +428,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ClusterRole::Scheduler {
                 bind,
                 executor_timeout,
-            } => flumen::cluster::scheduler(*bind, *executor_timeout).await?,
+                distribution,
+            } => flumen::cluster::scheduler(*bind, *executor_timeout, distribution == "bias").await?,
             ClusterRole::Executor {
                 scheduler,
                 bind,

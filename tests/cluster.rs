@@ -129,6 +129,20 @@ impl Cluster {
         self.executors.push(child);
     }
 
+    /// Starts `flumen run --cluster` of `script` in the background, its output piped.
+    fn spawn_run(&self, script: &Path, state: &Path) -> Child {
+        Command::new(BIN)
+            .arg("run")
+            .arg(script)
+            .arg("--state-dir")
+            .arg(state)
+            .args(["--cluster", &self.url])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("flumen runs")
+    }
+
     /// The first executor (polled in order) for which `ready` holds.
     fn first_executor(&self, within: Duration, ready: impl Fn(usize) -> bool) -> usize {
         let until = Instant::now() + within;
@@ -369,16 +383,7 @@ fn a_lost_executor_s_tasks_run_again_on_the_other() {
 
     let mut cluster = Cluster::start(dir.path());
     let script = group_by_script(dir.path(), &orders, &cluster_db);
-    let job = Command::new(BIN)
-        .arg("run")
-        .arg(&script)
-        .arg("--state-dir")
-        .arg(dir.path().join("state-cluster"))
-        .args(["--cluster", &cluster.url])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let job = cluster.spawn_run(&script, &dir.path().join("state-cluster"));
     // Kill the executor that runs the first task of the first stage (the scan and partial
     // aggregate), as soon as it starts it.
     let killed = cluster.first_executor(Duration::from_secs(120), |i| {
@@ -415,16 +420,7 @@ fn a_write_lost_with_its_executor_is_not_written_twice() {
         ),
     )
     .unwrap();
-    let job = Command::new(BIN)
-        .arg("run")
-        .arg(&script)
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .args(["--cluster", &cluster.url])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let job = cluster.spawn_run(&script, &dir.path().join("state"));
     // Kill the first executor whose sink has sent a request (its journal appears then).
     let killed = cluster.first_executor(Duration::from_secs(120), |i| {
         std::fs::read_dir(dir.path().join(format!("e{i}/flumen/runs")))

@@ -4,11 +4,14 @@
 # executors (2 slots each) on this same machine. Same cores, so no speed-up is expected: the
 # ratio is the overhead (planning on the scheduler, task hand-off, shuffle files between the
 # stages). Prints both times, the ratio and peak RSS, and checks both wrote the same rows.
+# The cluster run uses --partitions 4, the cluster's 4 slots (the default is the client's
+# cores, 2, which Ballista would hand to one executor as one task); the local run the default.
 #
 #   bash benches/e2e/cluster.sh            # 10M rows
-#   ROWS=1M bash benches/e2e/cluster.sh
+#   ROWS=1M RUNS=5 bash benches/e2e/cluster.sh   # medians of RUNS alternating runs (default 3)
 source "$(dirname "$0")/common.sh"
 ROWS="${ROWS:-10M}"
+RUNS="${RUNS:-3}"
 
 command -v bc >/dev/null || { sudo_=""; [ "$(id -u)" -eq 0 ] || sudo_=sudo; $sudo_ apt-get install -y -qq bc >/dev/null; }
 ensure_time
@@ -53,18 +56,31 @@ done
 for _ in $(seq 300); do [ "$(grep -c egister "$D/scheduler.log")" -ge 2 ] && break; sleep 0.1; done
 [ "$(grep -c egister "$D/scheduler.log")" -ge 2 ] || { echo "the executors did not register" >&2; cat "$D"/*.log >&2; exit 1; }
 
-rm -rf "$D/out-local" "$D/out-cluster"
-echo "Parquet -> GROUP BY user_id -> Parquet"
-timed cluster_local "$FLUMEN" run "$D/local.sql" --state-dir "$D/state"
-timed cluster_remote "$FLUMEN" run "$D/cluster.sql" --state-dir "$D/state" --cluster "df://127.0.0.1:$SP"
+echo "Parquet -> GROUP BY user_id -> Parquet, $RUNS alternating runs each"
+for r in $(seq "$RUNS"); do
+  rm -rf "$D/out-local" "$D/out-cluster"
+  timed "cluster_local_$r" "$FLUMEN" run "$D/local.sql" --state-dir "$D/state"
+  timed "cluster_remote_$r" "$FLUMEN" run "$D/cluster.sql" --state-dir "$D/state" --cluster "df://127.0.0.1:$SP" --partitions 4
+done
+# The median of the runs' seconds (and that run's RSS) as NAME.secs / NAME.rss.
+median() {
+  local name="$1" best
+  best=$(for r in $(seq "$RUNS"); do echo "$(cat "$BENCH_DIR/${name}_$r.secs") $r"; done | sort -n | sed -n "$(( (RUNS + 1) / 2 ))p" | cut -d' ' -f2)
+  cp "$BENCH_DIR/${name}_$best.secs" "$BENCH_DIR/$name.secs"
+  cp "$BENCH_DIR/${name}_$best.rss" "$BENCH_DIR/$name.rss"
+}
+median cluster_local
+median cluster_remote
 
 check() { "$FLUMEN" sql -q --format csv -e "SELECT count(*), sum(orders), sum(amount), sum(user_id) FROM '$D/out-$1/'" | tail -1; }
 a=$(check local); b=$(check cluster)
 [ "$a" = "$b" ] || { echo "the two runs wrote different rows: local $a, cluster $b" >&2; exit 1; }
 echo "both wrote the same rows: count, sum(orders), sum(amount), sum(user_id) = $a"
 echo
-echo "summary ($ROWS rows in 4 files; ratio = cluster time / local time, the overhead)"
+echo "summary ($ROWS rows in 4 files, medians of $RUNS; ratio = cluster time / local time, the overhead)"
 printf '  local    %6ss  peak RSS %s MiB\n' "$(cat "$BENCH_DIR/cluster_local.secs")" "$(cat "$BENCH_DIR/cluster_local.rss")"
 printf '  cluster  %6ss  client peak RSS %s MiB (1 scheduler + 2 executors x 2 slots)\n' \
   "$(cat "$BENCH_DIR/cluster_remote.secs")" "$(cat "$BENCH_DIR/cluster_remote.rss")"
+hwm() { awk '/VmHWM/ {printf "%.0f", $2/1024}' "/proc/$1/status" 2>/dev/null || echo "?"; }
+printf '  peak RSS of the scheduler %s MiB, executors %s and %s MiB\n' "$(hwm "${pids[0]}")" "$(hwm "${pids[1]}")" "$(hwm "${pids[2]}")"
 printf '  ratio    %s\n' "$(echo "$(cat "$BENCH_DIR/cluster_remote.secs") / $(cat "$BENCH_DIR/cluster_local.secs")" | bc -l | xargs printf '%.2f')"

@@ -23,8 +23,9 @@ use ballista_scheduler::config::SchedulerConfig;
 use crate::error::{Error, Result};
 
 /// Runs a scheduler on `bind` until the process is stopped; an executor silent for
-/// `executor_timeout` seconds is lost, and its tasks run again on the others.
-pub async fn scheduler(bind: SocketAddr, executor_timeout: u64) -> Result<()> {
+/// `executor_timeout` seconds is lost, and its tasks run again on the others. Tasks go to the
+/// executors in turn, or with `bias` to fill one executor's slots first.
+pub async fn scheduler(bind: SocketAddr, executor_timeout: u64, bias: bool) -> Result<()> {
     let config = SchedulerConfig {
         bind_host: bind.ip().to_string(),
         external_host: bind.ip().to_string(),
@@ -32,6 +33,11 @@ pub async fn scheduler(bind: SocketAddr, executor_timeout: u64) -> Result<()> {
         override_logical_codec: Some(Arc::new(codec::LogicalCodec::new(PathBuf::from(".flumen")))),
         override_physical_codec: Some(Arc::new(codec::PhysicalCodec::new(PathBuf::from(".flumen")))),
         executor_timeout_seconds: executor_timeout.max(1),
+        task_distribution: if bias {
+            ballista_scheduler::config::TaskDistributionPolicy::Bias
+        } else {
+            ballista_scheduler::config::TaskDistributionPolicy::RoundRobin
+        },
         expire_dead_executor_interval_seconds: (executor_timeout / 4).clamp(1, 15),
         no_executors_grace_period_seconds: executor_timeout.max(1),
         ..SchedulerConfig::default()
