@@ -615,106 +615,121 @@ impl ExecutionPlan for ClusterSinkExec {
                 Boundedness::Bounded,
             )),
         });
-        let table = self.table.clone();
-        let state_dir = self.state_dir.clone();
-        let provider = Arc::clone(&self.provider);
-        let stream = futures::stream::once(async move {
-            let job = job_of(&context).unwrap_or_default();
-            if let Some(addr) = &table.claims {
-                // Ballista runs the task of a lost executor again under a new id: only the
-                // client can tell this partition was handed out before.
-                let first = super::claims::claim(addr, &job, &table.name, partition)
-                    .await
-                    .map_err(|e| {
-                        DataFusionError::Execution(format!(
-                            "table {}: the write of partition {partition} cannot reach flumen run at {addr} to claim it: {e}",
-                            table.name
-                        ))
-                    })?;
-                if !first {
-                    // An earlier attempt may have delivered rows that only its (lost)
-                    // executor's journal knows of: writing again could deliver them twice.
-                    return Err(DataFusionError::Execution(format!(
-                        "table {}: the write of partition {partition} was started before on an executor that was \
-                         lost; rows that attempt delivered may be in the table, so this run stops instead of \
-                         writing them twice. Check the table, then run the script again",
-                        table.name
-                    )));
-                }
-            }
-            // Each write task is a run of its own on its executor (its ledger, journal, staging
-            // and dead letters): `<run>-<job>-<table>-p<partition>`.
-            let run = format!(
-                "{}-{}-{}-p{partition}",
-                table.run,
-                crate::sink::safe_name(&job),
-                crate::sink::safe_name(&table.name)
-            );
-            let state = session_on(&context, &run, &state_dir);
-            if let (Some(t), Some(r)) = (&table.template, state.config().get_extension::<RunState>()) {
-                r.record_template(&table.name, t);
-            }
-            let before = run_metrics(&state);
-            let write = async {
-                let provider = provider.get_or_try_init(|| table.create(&state)).await?;
-                let plan = provider.insert_into(&state, input, InsertOp::Append).await?;
-                // The sink finds its run state (journal, staging) in the task's config.
-                let task = Arc::new(TaskContext::from(&state));
-                let mut written = plan.execute(0, task)?;
-                let mut count = 0u64;
-                while let Some(batch) = written.next().await {
-                    count += crate::engine::count_of(&batch?);
-                }
-                Ok::<_, DataFusionError>(count)
-            };
-            let result = write.await;
-            // The task's own ledger on the executor ends as the client's does.
-            if let Some(run) = state.config().get_extension::<RunState>()
-                && !run.sink_snapshots().is_empty()
-            {
-                let spilled = run.sink_snapshots().values().any(|m| m.spilled > 0);
-                let (status, error) = match &result {
-                    Ok(_) if spilled => (crate::sink::RunStatus::Spilled, None),
-                    Ok(_) => (crate::sink::RunStatus::Succeeded, None),
-                    Err(e) => (
-                        crate::sink::RunStatus::Failed,
-                        Some(crate::engine::Redactor::default().redact(&e.to_string())),
-                    ),
-                };
-                run.write_ledger(status, error)
-                    .map_err(|e| DataFusionError::External(Box::new(e)))?;
-            }
-            // A resume must run where the staging is: on this executor, in its state dir.
-            let count = result.map_err(|e| {
-                let msg = e.to_string();
-                let msg = msg.strip_prefix("External error: ").unwrap_or(&msg).to_string();
-                let at = format!("flumen resume {run}");
-                if msg.contains(&at) {
-                    DataFusionError::Execution(msg.replace(
-                        &format!("`{at}`"),
-                        &format!("`{at} --state-dir {}` on that executor", state_dir.display()),
-                    ))
-                } else {
-                    e
-                }
-            })?;
-            let mut metrics = run_metrics(&state);
-            for (table, was) in before {
-                if let Some(now) = metrics.get_mut(&table) {
-                    now.subtract(&was);
-                }
-            }
-            let json = serde_json::to_string(&metrics).map_err(|e| decode_err("sink counters", e))?;
-            Ok(arrow::array::RecordBatch::try_new(
-                count_schema(),
-                vec![
-                    Arc::new(arrow::array::UInt64Array::from(vec![count])),
-                    Arc::new(arrow::array::StringArray::from(vec![json])),
-                ],
-            )?)
-        });
+        let stream = futures::stream::once(write_task(
+            self.table.clone(),
+            input,
+            partition,
+            context,
+            self.state_dir.clone(),
+            Arc::clone(&self.provider),
+        ));
         Ok(Box::pin(RecordBatchStreamAdapter::new(count_schema(), stream)))
     }
+}
+
+/// One write task on an executor: claims its partition at the client, writes it as a run of
+/// its own (`<run>-<job>-<table>-p<partition>`: its ledger, journal, staging and dead letters)
+/// and returns its row count with its sink counters.
+async fn write_task(
+    table: TableSpec,
+    input: Arc<dyn ExecutionPlan>,
+    partition: usize,
+    context: Arc<TaskContext>,
+    state_dir: PathBuf,
+    provider: Arc<tokio::sync::OnceCell<Arc<dyn TableProvider>>>,
+) -> DfResult<arrow::array::RecordBatch> {
+    let job = job_of(&context).unwrap_or_default();
+    if let Some(addr) = &table.claims {
+        claim(addr, &job, &table.name, partition).await?;
+    }
+    let run = format!(
+        "{}-{}-{}-p{partition}",
+        table.run,
+        crate::sink::safe_name(&job),
+        crate::sink::safe_name(&table.name)
+    );
+    let state = session_on(&context, &run, &state_dir);
+    let run_state = state.config().get_extension::<RunState>();
+    if let (Some(t), Some(r)) = (&table.template, &run_state) {
+        r.record_template(&table.name, t);
+    }
+    let before = run_metrics(&state);
+    let write = async {
+        let provider = provider.get_or_try_init(|| table.create(&state)).await?;
+        let plan = provider.insert_into(&state, input, InsertOp::Append).await?;
+        // The sink finds its run state (journal, staging) in the task's config.
+        let task = Arc::new(TaskContext::from(&state));
+        let mut written = plan.execute(0, task)?;
+        let mut count = 0u64;
+        while let Some(batch) = written.next().await {
+            count += crate::engine::count_of(&batch?);
+        }
+        Ok::<_, DataFusionError>(count)
+    };
+    let result = write.await;
+    if let Some(r) = &run_state {
+        let error = result
+            .as_ref()
+            .err()
+            .map(|e| crate::engine::Redactor::default().redact(&e.to_string()));
+        r.finish(error)
+            .map_err(|e| DataFusionError::External(Box::new(e)))?;
+    }
+    let count = result.map_err(|e| resume_here(e, &run, &state_dir))?;
+    let mut metrics = run_metrics(&state);
+    for (table, was) in before {
+        if let Some(now) = metrics.get_mut(&table) {
+            now.subtract(&was);
+        }
+    }
+    let json = serde_json::to_string(&metrics).map_err(|e| decode_err("sink counters", e))?;
+    Ok(arrow::array::RecordBatch::try_new(
+        count_schema(),
+        vec![
+            Arc::new(arrow::array::UInt64Array::from(vec![count])),
+            Arc::new(arrow::array::StringArray::from(vec![json])),
+        ],
+    )?)
+}
+
+/// Claims the write of `partition` at the client ([`super::claims`]): Ballista runs the task of
+/// a lost executor again under a new id, and only the client can tell the partition was handed
+/// out before. An earlier attempt may have delivered rows that only its (lost) executor's
+/// journal knows of, so a second claim is an error rather than a second delivery.
+async fn claim(addr: &str, job: &str, table: &str, partition: usize) -> DfResult<()> {
+    let first = super::claims::claim(addr, job, table, partition)
+        .await
+        .map_err(|e| {
+            DataFusionError::Execution(format!(
+                "table {table}: the write of partition {partition} cannot reach flumen run at {addr} to claim it: {e}"
+            ))
+        })?;
+    if first {
+        return Ok(());
+    }
+    Err(DataFusionError::Execution(format!(
+        "table {table}: the write of partition {partition} was started before on an executor that was \
+         lost; rows that attempt delivered may be in the table, so this run stops instead of \
+         writing them twice. Check the table, then run the script again"
+    )))
+}
+
+/// A sink's error, with its `flumen resume RUN` hint pointed at this executor's state dir,
+/// where the staging is.
+fn resume_here(e: DataFusionError, run: &str, state_dir: &std::path::Path) -> DataFusionError {
+    let msg = e.to_string();
+    let msg = msg.strip_prefix("External error: ").unwrap_or(&msg);
+    let at = format!("`flumen resume {run}`");
+    if !msg.contains(&at) {
+        return e;
+    }
+    DataFusionError::Execution(msg.replace(
+        &at,
+        &format!(
+            "`flumen resume {run} --state-dir {}` on that executor",
+            state_dir.display()
+        ),
+    ))
 }
 
 /// The sink counters of the run state a session carries.

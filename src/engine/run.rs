@@ -16,7 +16,6 @@ use crate::cube::statement::ViewStatement;
 use crate::error::{Error, Result};
 use crate::output::{ResultFormat, ResultTarget, write_result};
 use crate::progress::{ProgressMode, RunSummary, Tracker, peak_rss};
-use crate::sink::RunStatus;
 
 /// Run the statements, or only show what they would do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -308,22 +307,15 @@ impl Flumen {
                 Ok(stats) => summary.add(stats),
                 Err(e) => {
                     let e = located(self.at(&c.stmt, e));
-                    if ledger && !self.run.sink_snapshots().is_empty() {
-                        let spilled = self.run.sink_snapshots().values().any(|m| m.spilled > 0);
-                        let status = if spilled {
-                            RunStatus::Spilled
-                        } else {
-                            RunStatus::Failed
-                        };
-                        self.run
-                            .write_ledger(status, Some(self.redactor.redact(&e.to_string())))?;
+                    if ledger {
+                        self.run.finish(Some(self.redactor.redact(&e.to_string())))?;
                     }
                     return Err(e);
                 }
             }
         }
-        if ledger && !self.run.sink_snapshots().is_empty() {
-            self.run.write_ledger(RunStatus::Succeeded, None)?;
+        if ledger {
+            self.run.finish(None)?;
         }
         summary.seconds = started.elapsed().as_secs_f64();
         summary.peak_rss_bytes = peak_rss();

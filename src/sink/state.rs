@@ -306,6 +306,21 @@ impl RunState {
         }
     }
 
+    /// Ends the ledger of a run that wrote to a sink: succeeded, or with `error` spilled (rows
+    /// wait in staging) or failed. A run that wrote to no sink keeps no ledger.
+    pub fn finish(&self, error: Option<String>) -> Result<()> {
+        let sinks = self.sink_snapshots();
+        if sinks.is_empty() {
+            return Ok(());
+        }
+        let status = match &error {
+            None => RunStatus::Succeeded,
+            Some(_) if sinks.values().any(|m| m.spilled > 0) => RunStatus::Spilled,
+            Some(_) => RunStatus::Failed,
+        };
+        self.write_ledger(status, error)
+    }
+
     /// Every sink's counters.
     pub fn sink_snapshots(&self) -> BTreeMap<String, SinkMetricsSnapshot> {
         self.sinks
