@@ -129,6 +129,16 @@ impl Cluster {
         self.executors.push(child);
     }
 
+    /// What `flumen explain --cluster` prints for `script`.
+    fn explain(&self, script: &Path) -> String {
+        let out = Command::new(BIN)
+            .args(["explain", "--cluster", &self.url])
+            .arg(script)
+            .output()
+            .expect("flumen explain runs");
+        succeeded("explain --cluster", &out, Some(self))
+    }
+
     /// Starts `flumen run --cluster` of `script` in the background, its output piped.
     fn spawn_run(&self, script: &Path, state: &Path) -> Child {
         Command::new(BIN)
@@ -236,6 +246,14 @@ fn orders(dir: &Path, files: usize, rows: &str) -> PathBuf {
     at
 }
 
+/// The checksums of the group-by script run locally into a fresh database `db`.
+fn local_checksums(dir: &Path, orders: &Path, db: &str) -> String {
+    let db = database(db);
+    let out = run(&group_by_script(dir, orders, &db), &dir.join("state-local"), &[]);
+    succeeded("group by (local)", &out, None);
+    agg_checksums(&db)
+}
+
 /// Orders per city and status into ClickHouse table `db.agg`.
 fn group_by_script(dir: &Path, orders: &Path, db: &str) -> PathBuf {
     let path = dir.join(format!("{db}.sql"));
@@ -295,14 +313,8 @@ fn quickstart_and_a_group_by_into_clickhouse_equal_the_local_run() {
 
     // Parquet -> GROUP BY -> ClickHouse: the sink writes from the executors.
     let orders = orders(dir.path(), 2, "200k");
-    let local_db = database("flumen_t_cluster_local");
+    let want = local_checksums(dir.path(), &orders, "flumen_t_cluster_local");
     let cluster_db = database("flumen_t_cluster_remote");
-    let out = run(
-        &group_by_script(dir.path(), &orders, &local_db),
-        &dir.path().join("state-local"),
-        &[],
-    );
-    succeeded("group by (local)", &out, None);
     let script = group_by_script(dir.path(), &orders, &cluster_db);
     let out = run(
         &script,
@@ -310,7 +322,6 @@ fn quickstart_and_a_group_by_into_clickhouse_equal_the_local_run() {
         &["--cluster", &cluster.url],
     );
     let stdout = succeeded("group by (cluster)", &out, Some(&cluster));
-    let want = agg_checksums(&local_db);
     assert!(want.starts_with("100\t400000\t"), "{want}");
     assert_eq!(agg_checksums(&cluster_db), want);
     assert!(stdout.contains("100 rows written"), "{stdout}");
@@ -332,12 +343,7 @@ fn quickstart_and_a_group_by_into_clickhouse_equal_the_local_run() {
     assert!(journals >= 1, "no executor journal: {}", cluster.logs());
 
     // explain --cluster says how each statement runs.
-    let out = Command::new(BIN)
-        .args(["explain", "--cluster", &cluster.url])
-        .arg(&script)
-        .output()
-        .unwrap();
-    let plan = succeeded("explain --cluster", &out, Some(&cluster));
+    let plan = cluster.explain(&script);
     assert!(plan.contains("on the cluster:"), "{plan}");
     assert!(plan.contains("table agg: written by"), "{plan}");
     assert!(plan.contains("DataSourceExec: read by"), "{plan}");
@@ -353,12 +359,7 @@ fn quickstart_and_a_group_by_into_clickhouse_equal_the_local_run() {
         ),
     )
     .unwrap();
-    let out = Command::new(BIN)
-        .args(["explain", "--cluster", &cluster.url])
-        .arg(&one)
-        .output()
-        .unwrap();
-    let plan = succeeded("explain --cluster", &out, Some(&cluster));
+    let plan = cluster.explain(&one);
     assert!(
         plan.contains("table one: read as one task (its source is one stream that cannot be split)"),
         "{plan}"
@@ -370,15 +371,8 @@ fn quickstart_and_a_group_by_into_clickhouse_equal_the_local_run() {
 fn a_lost_executor_s_tasks_run_again_on_the_other() {
     let dir = tempfile::tempdir().unwrap();
     let orders = orders(dir.path(), 4, "1M");
-    let local_db = database("flumen_t_cluster_kill_local");
+    let want = local_checksums(dir.path(), &orders, "flumen_t_cluster_kill_local");
     let cluster_db = database("flumen_t_cluster_kill_remote");
-    let out = run(
-        &group_by_script(dir.path(), &orders, &local_db),
-        &dir.path().join("state-local"),
-        &[],
-    );
-    succeeded("group by (local)", &out, None);
-    let want = agg_checksums(&local_db);
     assert!(want.starts_with("100\t4000000\t"), "{want}");
 
     let mut cluster = Cluster::start(dir.path());

@@ -217,14 +217,18 @@ fn session_on(
     run: &str,
     state_dir: &std::path::Path,
 ) -> datafusion::execution::SessionState {
-    let mut config = ctx.session_config().clone();
-    if config.get_extension::<RunState>().is_none() {
-        config = config.with_extension(Arc::new(RunState::new(
-            state_dir.to_path_buf(),
-            run.to_string(),
-            false,
-        )));
+    let config = ctx.session_config().clone();
+    if config.get_extension::<RunState>().is_some() {
+        return session_with(ctx, config);
     }
+    let run = Arc::new(RunState::new(state_dir.to_path_buf(), run.to_string(), false));
+    session_with(ctx, config.with_extension(run))
+}
+
+fn session_with(
+    ctx: &TaskContext,
+    config: datafusion::prelude::SessionConfig,
+) -> datafusion::execution::SessionState {
     SessionStateBuilder::new()
         .with_config(config)
         .with_runtime_env(ctx.runtime_env())
@@ -648,12 +652,18 @@ async fn write_task(
         crate::sink::safe_name(&job),
         crate::sink::safe_name(&table.name)
     );
-    let state = session_on(&context, &run, &state_dir);
-    let run_state = state.config().get_extension::<RunState>();
-    if let (Some(t), Some(r)) = (&table.template, &run_state) {
-        r.record_template(&table.name, t);
+    // Always a run state of its own, so that its counters are this task's alone.
+    let run_state = Arc::new(RunState::new(state_dir.clone(), run.clone(), false));
+    let state = session_with(
+        &context,
+        context
+            .session_config()
+            .clone()
+            .with_extension(Arc::clone(&run_state)),
+    );
+    if let Some(t) = &table.template {
+        run_state.record_template(&table.name, t);
     }
-    let before = run_metrics(&state);
     let write = async {
         let provider = provider.get_or_try_init(|| table.create(&state)).await?;
         let plan = provider.insert_into(&state, input, InsertOp::Append).await?;
@@ -667,21 +677,15 @@ async fn write_task(
         Ok::<_, DataFusionError>(count)
     };
     let result = write.await;
-    if let Some(r) = &run_state {
-        let error = result
-            .as_ref()
-            .err()
-            .map(|e| crate::engine::Redactor::default().redact(&e.to_string()));
-        r.finish(error)
-            .map_err(|e| DataFusionError::External(Box::new(e)))?;
-    }
+    let error = result
+        .as_ref()
+        .err()
+        .map(|e| crate::engine::Redactor::default().redact(&e.to_string()));
+    run_state
+        .finish(error)
+        .map_err(|e| DataFusionError::External(Box::new(e)))?;
     let count = result.map_err(|e| resume_here(e, &run, &state_dir))?;
-    let mut metrics = run_metrics(&state);
-    for (table, was) in before {
-        if let Some(now) = metrics.get_mut(&table) {
-            now.subtract(&was);
-        }
-    }
+    let metrics = run_state.sink_snapshots();
     let json = serde_json::to_string(&metrics).map_err(|e| decode_err("sink counters", e))?;
     Ok(arrow::array::RecordBatch::try_new(
         count_schema(),
@@ -730,15 +734,6 @@ fn resume_here(e: DataFusionError, run: &str, state_dir: &std::path::Path) -> Da
             state_dir.display()
         ),
     ))
-}
-
-/// The sink counters of the run state a session carries.
-fn run_metrics(state: &datafusion::execution::SessionState) -> BTreeMap<String, SinkMetricsSnapshot> {
-    state
-        .config()
-        .get_extension::<RunState>()
-        .map(|r| r.sink_snapshots())
-        .unwrap_or_default()
 }
 
 /// One partition of a plan, shown as a plan of one partition (what a sink reads).

@@ -95,21 +95,6 @@ impl SinkMetrics {
 }
 
 impl SinkMetricsSnapshot {
-    /// Takes away an earlier snapshot of the same counters (what happened since).
-    pub fn subtract(&mut self, o: &SinkMetricsSnapshot) {
-        self.rows = self.rows.saturating_sub(o.rows);
-        self.bytes = self.bytes.saturating_sub(o.bytes);
-        self.requests = self.requests.saturating_sub(o.requests);
-        self.retries = self.retries.saturating_sub(o.retries);
-        self.spilled = self.spilled.saturating_sub(o.spilled);
-        self.rejected = self.rejected.saturating_sub(o.rejected);
-        for (rule, n) in &o.rules {
-            if let Some(v) = self.rules.get_mut(rule) {
-                *v = v.saturating_sub(*n);
-            }
-        }
-    }
-
     /// Adds another snapshot (several statements writing one table).
     pub fn add(&mut self, o: &SinkMetricsSnapshot) {
         self.rows += o.rows;
