@@ -61,6 +61,27 @@ pub enum Error {
         source: Box<Error>,
     },
 
+    /// Rows of a write could not be delivered: they wait in staging for `flumen resume`. The
+    /// write read its whole input, so every row is delivered, staged or in dead letters.
+    #[error(
+        "table {table}: {rows} rows in {parts} parts could not be delivered ({reason}); they are staged in {} — run `{resume}` once the sink is back",
+        dir.display()
+    )]
+    Staged {
+        /// The sink table.
+        table: String,
+        /// Rows staged by this write.
+        rows: u64,
+        /// Parts staged by this write.
+        parts: u64,
+        /// The last failure.
+        reason: String,
+        /// The table's staging folder.
+        dir: PathBuf,
+        /// The command that delivers them.
+        resume: String,
+    },
+
     /// A table option is unknown, missing or has a bad value.
     #[error("{0}")]
     Option(String),
@@ -107,6 +128,20 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether the error is a write whose undelivered rows are all staged (the write itself
+    /// consumed its input), wherever it is wrapped.
+    pub fn is_staged(&self) -> bool {
+        match self {
+            Error::Staged { .. } => true,
+            Error::Statement { source, .. } | Error::InScript { source, .. } => source.is_staged(),
+            Error::DataFusion(df) => matches!(
+                df.find_root(),
+                DataFusionError::External(e) if e.downcast_ref::<Error>().is_some_and(Error::is_staged)
+            ),
+            _ => false,
+        }
+    }
+
     /// Wraps an IO error with what flumen was doing.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io {

@@ -359,14 +359,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let name = script.display().to_string();
             let result = flumen.run_script(&name, &text, &opts, &mut stdout).await;
             write_metrics(g, &flumen)?;
-            let summary = result.map_err(|e| redacted(&flumen, e))?;
+            let summary = result.map_err(|e| match flumen.recovery_hint(&e) {
+                Some(hint) => anyhow::anyhow!("{}\n  {hint}", redacted(&flumen, e)),
+                None => redacted(&flumen, e),
+            })?;
             report(g, &summary);
         }
         Command::Resume { run_id } => {
             let flumen = engine_for(g, Some(run_id.clone()))?;
             let result = flumen.resume(&mut stdout).await;
             write_metrics(g, &flumen)?;
-            let r = result.map_err(|e| redacted(&flumen, e))?;
+            let r = result.map_err(|e| match flumen.recovery_hint(&e) {
+                Some(hint) => anyhow::anyhow!("{}\n  {hint}", redacted(&flumen, e)),
+                None => redacted(&flumen, e),
+            })?;
             if r.replayed {
                 println!(
                     "run {run_id}: replayed its script, {} rows written",
@@ -462,14 +468,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     spilled += m.spilled;
                     rejected += m.rejected;
                 }
+                let status = match r.status {
+                    flumen::sink::RunStatus::Running if !r.is_live(&g.state_dir) => "died".to_string(),
+                    s => format!("{s:?}").to_lowercase(),
+                };
                 println!(
                     "{}  {:<9}  {:>12} delivered  {:>10} spilled  {:>8} rejected  {}",
-                    r.run_id,
-                    format!("{:?}", r.status).to_lowercase(),
-                    delivered,
-                    spilled,
-                    rejected,
-                    r.script
+                    r.run_id, status, delivered, spilled, rejected, r.script
                 );
                 for w in &r.watermarks {
                     println!("    {w}");

@@ -618,3 +618,65 @@ fn mqtt_a_killed_read_loses_nothing() {
     ));
     assert_eq!(all, format!("ids,first,last\n{good},0,{}\n", total - 1));
 }
+
+/// Messages whose rows were staged (the sink was down) are acknowledged: the staged parts own
+/// them. `flumen resume` delivers them, and the next run reads nothing again: each row once.
+#[test]
+fn broker_rows_staged_for_resume_are_acknowledged_and_delivered_once() {
+    let db = 13;
+    redis_cli(db, &["FLUSHDB"], None);
+    let dir = tempfile::tempdir().unwrap();
+    let n = 30_000u64;
+    let mut input = Vec::new();
+    for i in 0..n {
+        input.extend(resp(&[
+            b"XADD",
+            b"staged",
+            b"*",
+            b"payload",
+            payload(i).as_bytes(),
+        ]));
+    }
+    assert!(redis_cli(db, &["--pipe"], Some(&input)).contains(&format!("replies: {n}")));
+    let sink = dir.path().join("sink");
+    let load = format!(
+        "CREATE EXTERNAL TABLE src (id BIGINT, name VARCHAR) STORED AS REDIS_STREAM \
+           LOCATION 'redis://:flumen-test@127.0.0.1:6380/{db}' OPTIONS ('stream' 'staged', 'group' 'etl');\n\
+         CREATE EXTERNAL TABLE down (id BIGINT, name VARCHAR) STORED AS FAULTY LOCATION '{}' \
+           OPTIONS ('down' '${{SINK_DOWN:-false}}', 'max_attempts' '1', 'batch_rows' '5000');\n\
+         INSERT INTO down SELECT id, name FROM src;\n",
+        sink.display()
+    );
+    let out = common::flumen(dir.path(), &load, &["--set", "SINK_DOWN=true"]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success() && err.contains("staged"), "{err}");
+    let pending = redis_cli(db, &["XPENDING", "staged", "etl"], None);
+    assert!(
+        pending.starts_with("0\n"),
+        "staged rows are acknowledged: {pending}"
+    );
+    let run = err
+        .split("flumen resume ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap()
+        .trim_end_matches('`')
+        .to_string();
+    let resumed = Command::new(env!("CARGO_BIN_EXE_flumen"))
+        .args(["resume", &run, "-q", "--state-dir"])
+        .arg(dir.path().join("state"))
+        .output()
+        .unwrap();
+    assert!(resumed.status.success(), "{}", text(&resumed.stderr));
+    assert_eq!(
+        written(&common::flumen(dir.path(), &load, &[])),
+        0,
+        "nothing is read again"
+    );
+    let all = sql(&format!(
+        "SELECT count(*) AS n, count(DISTINCT id) AS ids FROM '{}/'",
+        sink.display()
+    ));
+    let good = n - malformed(0, n);
+    assert_eq!(all, format!("n,ids\n{good},{good}\n"));
+}

@@ -796,3 +796,31 @@ fn a_cube_deployed_to_clickhouse_answers_like_the_local_one() {
         "300000"
     );
 }
+
+/// A read may stream for longer than the table's `timeout`: that bounds connecting and each
+/// wait for the next chunk, not the whole answer.
+#[test]
+fn a_read_streams_longer_than_the_timeout() {
+    let db = database("flumen_t_long_read");
+    ch(&format!(
+        "CREATE TABLE {db}.big (id Int64, pad String) ENGINE = MergeTree ORDER BY id"
+    ));
+    ch(&format!(
+        "INSERT INTO {db}.big SELECT toInt64(number), 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx' FROM system.numbers LIMIT 6000000"
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let script = format!(
+        "CREATE EXTERNAL TABLE big STORED AS CLICKHOUSE LOCATION 'http://127.0.0.1:8123/{db}'\n\
+           OPTIONS ('table' 'big', 'timeout' '1s');\n\
+         SELECT count(*) AS n, sum(id) AS s, sum(length(pad)) AS p FROM big;\n"
+    );
+    let started = std::time::Instant::now();
+    let out = flumen(dir.path(), &script, &["--format", "csv"]);
+    let took = started.elapsed();
+    assert!(out.status.success(), "after {took:?}: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "n,s,p\n6000000,17999997000000,240000000\n");
+    // Not a timing assertion: the check above is the test; this says whether it showed anything.
+    if took < std::time::Duration::from_secs(1) {
+        eprintln!("note: the read took {took:?}, less than the timeout it is meant to outlast");
+    }
+}

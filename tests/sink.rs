@@ -359,7 +359,7 @@ fn a_run_killed_half_way_is_completed_by_resume_without_duplicates() {
     );
 
     let run = run_id(&state);
-    assert!(text(&flumen(&state, &["runs"]).stdout).contains("running"));
+    assert!(text(&flumen(&state, &["runs"]).stdout).contains("died"));
     let out = flumen(&state, &["resume", &run, "--set", "DELAY=1ms"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let said = text(&out.stdout);
@@ -412,4 +412,169 @@ fn a_replay_skips_statements_the_killed_run_finished() {
     );
     assert_eq!(delivered(&state, &first), (200_000, 200_000));
     assert_eq!(delivered(&state, &second), (200_000, 200_000));
+}
+
+/// Parquet part files under a folder (a table's staging folder).
+fn staged_parts(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.file_name().to_string_lossy().starts_with("part-"))
+            })
+            .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Staging never overwrites: the killed attempt's parts stay where they are and in the
+/// manifest, a later attempt that stages adds parts of its own (named after the attempt), and
+/// every row ends delivered once.
+#[test]
+fn staged_parts_of_every_attempt_are_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, sink, down) = (
+        dir.path().join("state"),
+        dir.path().join("sink"),
+        dir.path().join("down"),
+    );
+    let script = format!(
+        "CREATE EXTERNAL TABLE src STORED AS GENERATE LOCATION 'orders' OPTIONS ('rows' '200k', 'rate' '${{RATE:-50000}}', 'partitions' '1');\n\
+         CREATE EXTERNAL TABLE sink (order_id BIGINT, city VARCHAR, amount DECIMAL(18,2)) STORED AS FAULTY\n\
+           LOCATION '{}' OPTIONS ('batch_rows' '10k', 'linger' '10m', 'down_while' '{}', 'max_attempts' '1');\n\
+         INSERT INTO sink SELECT order_id, city, amount FROM src;\n",
+        sink.display(),
+        down.display()
+    );
+    let path = dir.path().join("job.sql");
+    std::fs::write(&path, script).unwrap();
+    let start = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_flumen"))
+            .args(args)
+            .args(["-q", "--state-dir"])
+            .arg(&state)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let wait_for = |what: &str, child: &mut std::process::Child, done: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "{what} did not happen");
+            assert!(child.try_wait().unwrap().is_none(), "ended before {what}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    let folder = || {
+        std::fs::read_dir(state.join("staging"))
+            .ok()
+            .and_then(|mut d| d.next())
+            .map(|e| e.unwrap().path().join("sink"))
+    };
+    // The sink is down: the first attempt stages, and is killed half way.
+    std::fs::write(&down, b"").unwrap();
+    let mut first = start(&["run", path.to_str().unwrap()]);
+    wait_for("staging", &mut first, &|| {
+        folder().is_some_and(|d| staged_parts(&d) >= 3)
+    });
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let run = run_id(&state);
+    let folder = folder().unwrap();
+    let first_parts: Vec<String> = std::fs::read_dir(&folder)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("part-"))
+        .collect();
+
+    // The sink is back: the resume delivers those parts, then replays the script; half way
+    // through, the sink goes down again and the replay stages the rest.
+    std::fs::remove_file(&down).unwrap();
+    let mut second = start(&["resume", &run]);
+    wait_for("the replay's first delivery", &mut second, &|| {
+        parquet_files(&sink) > first_parts.len()
+    });
+    std::fs::write(&down, b"").unwrap();
+    let out = second.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(folder.join("manifest.json")).unwrap()).unwrap();
+    let listed: Vec<(String, bool)> = manifest["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["file"].as_str().unwrap().to_string(),
+                p["delivered"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    for f in &first_parts {
+        assert!(folder.join(f).exists(), "{f} was removed");
+        assert!(
+            listed.contains(&(f.clone(), true)),
+            "{f} is not listed as delivered: {listed:?}"
+        );
+    }
+    let later: Vec<&(String, bool)> = listed.iter().filter(|(f, _)| !first_parts.contains(f)).collect();
+    assert!(
+        !later.is_empty() && later.iter().all(|(_, d)| !d),
+        "the replay's own parts: {listed:?}"
+    );
+    assert_eq!(
+        listed.len(),
+        staged_parts(&folder),
+        "every part file is in the manifest"
+    );
+
+    // The sink is back for good: each row once.
+    std::fs::remove_file(&down).unwrap();
+    let out = flumen(&state, &["resume", &run, "--set", "RATE=10000000"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(delivered(&state, &sink), (200_000, 200_000));
+}
+
+/// One process at a time resumes a run: a second `flumen resume` of a run being resumed is
+/// refused (the run's lock), and the rows are delivered once.
+#[test]
+fn a_run_is_resumed_by_one_process_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, sink) = (dir.path().join("state"), dir.path().join("sink"));
+    let script = job(
+        dir.path(),
+        "100k",
+        &sink,
+        ", 'down' '${SINK_DOWN:-false}', 'max_attempts' '1', 'delay' '${DELAY:-0ms}', 'concurrency' '1'",
+    );
+    assert_eq!(
+        flumen(&state, &["run", &script, "--set", "SINK_DOWN=true"])
+            .status
+            .code(),
+        Some(1)
+    );
+    let run = run_id(&state);
+    // Five parts of 20k rows, 400 ms each: the first resume holds the run for two seconds.
+    let first = Command::new(env!("CARGO_BIN_EXE_flumen"))
+        .args(["resume", &run, "-q", "--set", "DELAY=400ms", "--state-dir"])
+        .arg(&state)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !flumen::sink::run_is_locked(&state, &run) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first resume did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let second = flumen(&state, &["resume", &run]);
+    let err = text(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{err}");
+    assert!(err.contains("another flumen process"), "{err}");
+    let out = first.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(delivered(&state, &sink), (100_000, 100_000));
 }

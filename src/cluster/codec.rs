@@ -164,19 +164,23 @@ impl TableSpec {
     }
 
     /// Whether rows may be written from several executors at once: appends to a connector
-    /// that does not make a statement one transaction. Overwrite, upsert and SQL databases
-    /// (one transaction per statement) write from one task.
+    /// that does not make a statement one transaction. Overwrite, upsert, SQL databases (one
+    /// transaction per statement) and `'create' 'replace'` (the table is replaced once, by the
+    /// task that writes) write from one task.
     fn parallel_writes(&self) -> bool {
-        let mode = self
-            .options
-            .iter()
-            .find(|(k, _)| k.rsplit('.').next() == Some("mode"))
-            .map(|(_, v)| v.to_ascii_lowercase());
+        let option = |name: &str| {
+            self.options
+                .iter()
+                .find(|(k, _)| k.rsplit('.').next() == Some(name))
+                .map(|(_, v)| v.to_ascii_lowercase())
+        };
         let transactional = matches!(
             self.stored_as.to_ascii_uppercase().as_str(),
             "POSTGRES" | "MYSQL" | "SQLITE"
         );
-        !transactional && mode.as_deref().is_none_or(|m| m == "append")
+        !transactional
+            && option("mode").as_deref().is_none_or(|m| m == "append")
+            && option("create").as_deref() != Some("replace")
     }
 
     fn command(&self) -> DfResult<CreateExternalTable> {

@@ -1,6 +1,20 @@
-//! `flumen resume <run-id>`: finish a run. A run that died (its ledger still says `running`) is
-//! replayed first: its saved script runs again and its sinks skip the rows the journal shows were
-//! delivered (see [`crate::sink::Replay`]). Then every staged part not yet delivered is sent.
+//! `flumen resume <run-id>`: finish a run that did not succeed.
+//!
+//! 1. The run's lock is taken: one process at a time runs or resumes a run, and a run whose
+//!    lock is free has no process left (a killed run's ledger still says `running`).
+//! 2. The side effects earlier attempts recorded in the journal (a `create replace`, a table
+//!    swap) are loaded: they are never done again.
+//! 3. Every staged part not yet delivered is sent, with the delivery token it was staged under,
+//!    so a sink that deduplicates by token never applies it twice. A part that fails stays staged.
+//! 4. Unless the run succeeded, its saved script runs again (a replay): statements an earlier
+//!    attempt completed are skipped, and writes skip the rows the journal shows were delivered,
+//!    staged or dead-lettered, and send the requests that were in flight again with their own
+//!    tokens (see [`crate::sink::Replay`]). So a run killed half way, one stopped by a failure
+//!    (once its cause is fixed), and one whose later statements never ran because an earlier
+//!    one staged rows, all end as if the run had gone through once.
+//!
+//! The replay runs the script as it was saved when the run started (`runs/<run-id>.sql`), with
+//! today's `--set` values and environment.
 
 use datafusion::dataframe::DataFrameWriteOptions;
 use datafusion::prelude::ParquetReadOptions;
@@ -18,50 +32,66 @@ pub struct ResumeReport {
     pub rows: u64,
     /// Parts that were delivered by an earlier resume.
     pub already_delivered: u64,
-    /// Whether the run had died and its script was replayed.
+    /// Whether the run's script was replayed.
     pub replayed: bool,
     /// Rows the replay wrote.
     pub replayed_rows: u64,
 }
 
 impl Flumen {
-    /// Delivers the staged, undelivered parts of this engine's run (made with
-    /// [`crate::Config::resume_run`]). Each table is made again from its `CREATE` statement with
-    /// today's variables; each part is sent with the delivery token it had in the first run, so
-    /// an idempotent sink never gets it twice. A failing part stays staged for the next resume.
+    /// Finishes this engine's run (made with [`crate::Config::resume_run`]): delivers its staged
+    /// parts, then replays its script unless it had succeeded (see the module docs).
     pub async fn resume(&self, out: &mut (dyn std::io::Write + Send)) -> Result<ResumeReport> {
         let run = self.run.run_id().to_string();
         let mut report = ResumeReport::default();
-        let ledger: Option<RunLedger> = read_json(&self.run.ledger_path()).ok();
-        let finished = ledger.as_ref().is_some_and(|l| l.status == RunStatus::Succeeded);
-        if let Some(l) = ledger.as_ref().filter(|l| l.still_running()) {
+        let ledger_path = self.run.ledger_path();
+        let ledger: Option<RunLedger> = if ledger_path.exists() {
+            Some(read_json(&ledger_path)?)
+        } else {
+            None
+        };
+        self.run.acquire_lock()?;
+        let Some(ledger) = ledger else {
             return Err(Error::Config(format!(
-                "run {run} is still running (process {})",
-                l.pid
+                "run {run} has no ledger under {}; `flumen runs` lists the runs",
+                self.run.dir().display()
             )));
-        }
-        if let Some(ledger) = ledger.filter(|l| l.status == RunStatus::Running) {
-            let script = self.run.saved_script().ok_or_else(|| {
+        };
+        let replay = ledger.status != RunStatus::Succeeded;
+        let script = if replay {
+            Some(self.run.saved_script().ok_or_else(|| {
                 Error::Config(format!(
-                    "run {run} died, but its script was not saved, so it cannot be replayed"
+                    "run {run} did not finish, but its script was not saved, so it cannot be replayed"
                 ))
-            })?;
-            self.run.start_replay()?;
+            })?)
+        } else {
+            None
+        };
+        self.run.continue_from_journal(replay)?;
+
+        let delivered = self.deliver_staged(&mut report).await;
+        if let Err(e) = delivered {
+            let error = self.redactor.redact(&e.to_string());
+            self.run.finish(Some(error))?;
+            return Err(e);
+        }
+        if let Some(script) = script {
             let opts = crate::RunOptions::default();
             let summary = self.run_script(&ledger.script, &script, &opts, out).await?;
             report.replayed = true;
             report.replayed_rows = summary.rows_written;
+        } else {
+            self.run.finish(None)?;
         }
+        Ok(report)
+    }
+
+    /// Sends every staged, undelivered part of the run. Each table is made again from its
+    /// `CREATE` statement with today's variables; each part goes with the delivery token it had
+    /// when it was staged, and is marked delivered once it is.
+    async fn deliver_staged(&self, report: &mut ResumeReport) -> Result<()> {
+        let run = self.run.run_id().to_string();
         let manifests = run_manifests(self.run.dir(), &run)?;
-        if manifests.is_empty() && (report.replayed || finished) {
-            return Ok(report);
-        }
-        if manifests.is_empty() {
-            return Err(Error::Config(format!(
-                "run {run} has nothing staged under {}; `flumen runs` lists the runs",
-                self.run.dir().display()
-            )));
-        }
         self.run.set_delivering_staged(true);
         let result = async {
             for (dir, manifest) in &manifests {
@@ -78,6 +108,7 @@ impl Flumen {
                     ))
                 })?;
                 self.sql(create).await?;
+                let table = quoted(&manifest.table);
                 for part in pending {
                     self.run.set_scope(part.token.clone());
                     let path = dir.join(&part.file);
@@ -85,30 +116,27 @@ impl Flumen {
                         .ctx
                         .read_parquet(path.display().to_string(), ParquetReadOptions::default())
                         .await?;
-                    df.write_table(&manifest.table, DataFrameWriteOptions::new())
-                        .await?;
+                    df.write_table(&table, DataFrameWriteOptions::new()).await?;
                     mark_delivered(dir, &part.file)?;
                     report.parts += 1;
                     report.rows += part.rows;
                 }
+                // The replay declares the table again.
+                self.ctx.deregister_table(table.as_str())?;
             }
             Ok::<_, Error>(())
         }
         .await;
         self.run.set_delivering_staged(false);
-        let left = run_manifests(self.run.dir(), &run)?
-            .iter()
-            .any(|(_, m)| m.parts.iter().any(|p| !p.delivered));
-        let status = if left {
-            RunStatus::Spilled
-        } else {
-            RunStatus::Succeeded
-        };
-        let error = result
-            .as_ref()
-            .err()
-            .map(|e| self.redactor.redact(&e.to_string()));
-        self.run.write_ledger(status, error)?;
-        result.map(|()| report)
+        result
     }
+}
+
+/// A table name (as `TableReference` shows it: `t`, `schema.t`) as DataFusion reads it back
+/// unchanged: each part quoted, so a table declared as `"Orders"` stays `Orders`.
+fn quoted(name: &str) -> String {
+    name.split('.')
+        .map(|p| format!("\"{}\"", p.replace('"', "\"\"")))
+        .collect::<Vec<_>>()
+        .join(".")
 }

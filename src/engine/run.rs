@@ -412,11 +412,18 @@ impl Flumen {
                     running.commit()
                 }
                 .await;
-                if let Err(e) = drained {
-                    self.run.pending().release().await;
-                    return Err(e);
-                }
-                // The sink has committed: acknowledge the broker messages the write consumed.
+                // A write that staged rows read its whole input: each row is delivered, staged
+                // (`flumen resume` delivers it) or in dead letters, so the write counts as done.
+                let staged = match drained {
+                    Ok(()) => None,
+                    Err(e) if e.is_staged() => Some(e),
+                    Err(e) => {
+                        self.run.pending().release().await;
+                        return Err(e);
+                    }
+                };
+                // The sink has committed (or its staged parts own the rest): acknowledge the
+                // broker messages the write consumed.
                 self.run.pending().commit().await?;
                 // A replay of this run need not run this write again.
                 self.run.record_progress(&progress_key, "done")?;
@@ -425,6 +432,9 @@ impl Flumen {
                 for line in super::incremental::commit(&marks, &bounds, self.run.run_id())? {
                     self.run.record_watermark(&line);
                     writeln!(out, "{line}").map_err(write_err)?;
+                }
+                if let Some(e) = staged {
+                    return Err(e);
                 }
             }
             _ => self.run.pending().release().await,
@@ -443,6 +453,18 @@ impl Flumen {
         stats.rows_returned = returned;
         stats.rows_written = written;
         Ok(stats)
+    }
+
+    /// What to tell the user after a run failed with `e`: the command that continues it, when
+    /// the run wrote to a sink (a staged write's error already names it).
+    pub fn recovery_hint(&self, e: &Error) -> Option<String> {
+        if e.is_staged() || !self.run.ledger_path().exists() {
+            return None;
+        }
+        Some(format!(
+            "to finish this run once the cause is fixed, without writing again what it delivered: `{}`",
+            crate::sink::resume_command(&self.run)
+        ))
     }
 
     /// Runs every statement of `sql` (variables substituted) and returns the last one's output:
@@ -494,6 +516,8 @@ impl Flumen {
                 .await;
                 match (&drained, out.kind) {
                     (Ok(()), StatementKind::Write) => self.run.pending().commit().await?,
+                    // Staged rows belong to the staged parts: the messages are acknowledged.
+                    (Err(e), StatementKind::Write) if e.is_staged() => self.run.pending().commit().await?,
                     _ => self.run.pending().release().await,
                 }
                 drained?;

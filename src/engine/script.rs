@@ -89,6 +89,14 @@ fn lex(text: &str) -> Result<Vec<Segment>> {
                     });
                 }
             },
+            // A variable in code is one token: `${OFFSET:--1}` holds no comment.
+            b'$' if b.get(i + 1) == Some(&b'{') => {
+                i = b[i..]
+                    .iter()
+                    .position(|&c| c == b'}' || c == b'\n')
+                    .map_or(b.len(), |p| i + p + 1);
+                continue;
+            }
             b'-' if b.get(i + 1) == Some(&b'-') => {
                 let end = b[i..].iter().position(|&c| c == b'\n').map_or(b.len(), |p| i + p);
                 (Kind::Comment, end)
@@ -288,6 +296,17 @@ mod tests {
         assert_eq!(got[0].line, 2);
         assert_eq!(got[1].line, 4);
         assert!(got[1].text.starts_with("/* c; */ SELECT 2"));
+    }
+
+    #[test]
+    fn a_default_that_starts_with_a_minus_is_not_a_comment() {
+        let v = vars(&[]);
+        let got = split("SELECT ${N:--1} AS n;\nSELECT 2").unwrap();
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(
+            v.substitute(&got[0].text, 1, |_, _| {}).unwrap(),
+            "SELECT -1 AS n"
+        );
     }
 
     #[test]

@@ -1,13 +1,118 @@
 //! The small trait a backend implements to get batching, retries, staging and dead letters.
 
 use std::fmt::Debug;
+use std::sync::Arc;
 use std::time::Duration;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 
+use super::state::RunState;
 use crate::error::Result;
+
+/// The side effects of one sink table in one run (its DDL, a table swap, a staging table): each
+/// is recorded in the run's journal once done, and never done again by a replay or `flumen
+/// resume` of the run.
+#[derive(Debug, Clone)]
+pub struct Effects {
+    state: Arc<RunState>,
+    table: String,
+    line: usize,
+}
+
+impl Effects {
+    /// The effects of sink `table`, written by the statement at `line`.
+    pub fn new(state: Arc<RunState>, table: &str, line: usize) -> Self {
+        Self {
+            state,
+            table: table.to_string(),
+            line,
+        }
+    }
+
+    /// Effects of a table outside any run (tests, tools).
+    pub fn detached(table: &str) -> Self {
+        Self::new(
+            Arc::new(RunState::new(
+                std::env::temp_dir().join("flumen-detached"),
+                super::state::new_run_id(),
+                false,
+            )),
+            table,
+            0,
+        )
+    }
+
+    fn key(&self, what: &str) -> String {
+        format!("{}/{what}", self.table)
+    }
+
+    /// Whether `what` was done by this run.
+    pub fn done(&self, what: &str) -> bool {
+        self.state.effect_done(&self.key(what))
+    }
+
+    /// Records `what` as done (in the journal, before returning).
+    pub fn record(&self, what: &str) -> Result<()> {
+        self.state.record_effect(&self.key(what))
+    }
+
+    /// The run's id (names of per-run objects in the target, such as staging tables).
+    pub fn run_id(&self) -> &str {
+        self.state.run_id()
+    }
+
+    /// A short, stable tag of the run, for names with little room: 12 hex digits.
+    pub fn run_tag(&self) -> String {
+        format!(
+            "{:012x}",
+            xxhash_rust::xxh3::xxh3_64(self.run_id().as_bytes()) >> 16
+        )
+    }
+
+    /// A token for the whole statement, the same in every attempt of the run (a job's
+    /// transaction records it, so a replay knows the job committed).
+    pub fn statement_token(&self) -> String {
+        format!("{}/l{}/job", self.run_id(), self.line)
+    }
+}
+
+/// One attempt at sending a request.
+#[derive(Debug)]
+pub struct Attempt<'a> {
+    /// The request's delivery token: the same on every attempt, in a replay and in `flumen
+    /// resume`.
+    pub token: &'a str,
+    /// How long the attempt may take. The backend bounds the attempt by it and returns only
+    /// once the attempt is settled: cancelled at the server, or known to have ended, so that
+    /// the next attempt never runs beside it.
+    pub timeout: Duration,
+    /// 1 for the first attempt.
+    pub number: u32,
+    /// The table's side effects.
+    pub effects: &'a Effects,
+}
+
+impl Attempt<'_> {
+    /// Bounds a future that can be dropped without leaving work behind at the server (an
+    /// HTTP or wire request whose repeat the server deduplicates by the token): no answer
+    /// within the timeout is a retriable failure.
+    pub async fn bounded(&self, send: impl std::future::Future<Output = Outcome>) -> Outcome {
+        match tokio::time::timeout(self.timeout, send).await {
+            Ok(o) => o,
+            Err(_) => self.timed_out(),
+        }
+    }
+
+    /// The outcome of an attempt that got no answer within the timeout.
+    pub fn timed_out(&self) -> Outcome {
+        Outcome::Retry {
+            reason: format!("no answer within {:?}", self.timeout),
+            after: None,
+        }
+    }
+}
 
 /// How one request went, as the backend classifies it.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,8 +145,13 @@ pub enum Outcome {
 /// A destination for record batches.
 ///
 /// `encode` turns a batch into a request body once; `send` may be called several times with the
-/// same request (retries), with the same `token`: a backend that can deduplicate by it (an
-/// insert deduplication token, a document id) makes retries and `flumen resume` exactly-once.
+/// same request (retries), with the same token: a backend that can deduplicate by it (a delivery
+/// table written in the request's transaction, an insert deduplication token, a document id)
+/// makes retries, replays and `flumen resume` exactly-once.
+///
+/// Side effects (DDL, swaps) go through [`Attempt::effects`] so that they happen once per run;
+/// none happens before the first request is sent, and [`SinkBackend::finish`] with `ok == false`
+/// leaves the target as it was before the statement.
 #[async_trait]
 pub trait SinkBackend: Debug + Send + Sync + 'static {
     /// An encoded request.
@@ -84,8 +194,9 @@ pub trait SinkBackend: Debug + Send + Sync + 'static {
         self.all_or_nothing()
     }
 
-    /// Sends one request and classifies the response.
-    async fn send(&self, request: &Self::Request, token: &str) -> Outcome;
+    /// Sends one request and classifies the response, within `attempt.timeout` (see
+    /// [`Attempt`]).
+    async fn send(&self, request: &Self::Request, attempt: &Attempt<'_>) -> Outcome;
 
     /// Whether the whole statement is one transaction: requests then go one at a time, nothing
     /// is staged or journaled (a failure rolls everything back, so a rerun starts over), and
@@ -95,9 +206,10 @@ pub trait SinkBackend: Debug + Send + Sync + 'static {
     }
 
     /// Called once at the end of a statement's writes: `ok` when every request was delivered
-    /// (commit), else after a failure (roll back). Also where work owed to an empty input is
-    /// done (an `overwrite` of zero rows still empties the table).
-    async fn finish(&self, _ok: bool) -> Result<()> {
+    /// (commit), else after a failure (roll back, and leave the target as the statement found
+    /// it: no DDL runs here then). Also where work owed to an empty input is done (an
+    /// `overwrite` of zero rows still empties the table).
+    async fn finish(&self, _ok: bool, _effects: &Effects) -> Result<()> {
         Ok(())
     }
 

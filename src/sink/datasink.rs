@@ -21,8 +21,8 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use parquet::arrow::ArrowWriter;
 
-use super::backend::{Outcome, SinkBackend};
-use super::journal::{Slice, fingerprint};
+use super::backend::{Attempt, Effects, Outcome, SinkBackend};
+use super::journal::{SinkReplay, Slice, fingerprint};
 use super::metrics::SinkMetrics;
 use super::options::{OnFailure, SinkOptions};
 use super::retry::Backoff;
@@ -146,6 +146,7 @@ struct Shared<B: SinkBackend> {
     table: String,
     options: SinkOptions,
     state: Arc<RunState>,
+    effects: Effects,
     metrics: Arc<SinkMetrics>,
     /// Set once a request could not be delivered: later ones go straight to staging.
     down: AtomicBool,
@@ -175,6 +176,15 @@ impl<B: SinkBackend> Shared<B> {
         let journal = self.state.journal();
         journal.send(&self.key, &chunk.token, &chunk.slices)?;
         if self.down.load(Ordering::Relaxed) && !self.state.resuming() {
+            if self.options.on_failure == OnFailure::Fail {
+                let reason = self
+                    .last_failure
+                    .lock()
+                    .ok()
+                    .and_then(|f| f.clone())
+                    .unwrap_or_default();
+                return Err(self.failure_error(&reason));
+            }
             self.stage_rows(&chunk.batch, &chunk.token)?;
             journal.staged(&chunk.token)?;
             return Ok(0);
@@ -249,12 +259,23 @@ impl<B: SinkBackend> Shared<B> {
         loop {
             attempt += 1;
             self.metrics.request(attempt > 1);
-            let outcome = match tokio::time::timeout(o.timeout, self.backend.send(&request, &token)).await {
+            let a = Attempt {
+                token: &token,
+                timeout: o.timeout,
+                number: attempt,
+                effects: &self.effects,
+            };
+            // Backends bound their own attempts and settle them (see `Attempt`); this outer
+            // bound only catches one that does not return at all.
+            let net = o.timeout.saturating_mul(2) + std::time::Duration::from_secs(30);
+            let outcome = match tokio::time::timeout(net, self.backend.send(&request, &a)).await {
                 Ok(outcome) => outcome,
-                Err(_) => Outcome::Retry {
-                    reason: format!("no answer within {:?}", o.timeout),
-                    after: None,
-                },
+                Err(_) => {
+                    tracing::error!(table = %self.table, "a request did not end within {net:?}; it is given up and its rows are staged");
+                    Outcome::Fatal {
+                        reason: format!("the request did not end within {net:?}"),
+                    }
+                }
             };
             let (reason, after) = match outcome {
                 Outcome::Delivered => {
@@ -267,14 +288,21 @@ impl<B: SinkBackend> Shared<B> {
                 }
                 Outcome::Partial { rejected, retry } => {
                     let n = batch.num_rows();
-                    let bad = |i: &usize| *i >= n;
-                    if rejected.iter().any(|(i, _)| bad(i)) || retry.iter().any(bad) {
+                    if rejected.iter().any(|(i, _)| *i >= n) || retry.iter().any(|i| *i >= n) {
                         return Err(Error::Config(format!(
                             "table {}: the sink named a row outside the request ({n} rows)",
                             self.table
                         )));
                     }
-                    let ok_rows = (n - rejected.len() - retry.len()) as u64;
+                    // A server may name a row twice: each row counts once, refused before retried.
+                    let mut rejected = rejected;
+                    rejected.sort_by_key(|(i, _)| *i);
+                    rejected.dedup_by_key(|(i, _)| *i);
+                    let mut retry = retry;
+                    retry.sort_unstable();
+                    retry.dedup();
+                    retry.retain(|i| rejected.binary_search_by_key(i, |(r, _)| *r).is_err());
+                    let ok_rows = n.saturating_sub(rejected.len() + retry.len()) as u64;
                     self.metrics
                         .delivered(ok_rows, self.backend.request_bytes(&request) as u64);
                     delivered += ok_rows;
@@ -308,16 +336,7 @@ impl<B: SinkBackend> Shared<B> {
                     self.congested();
                     (reason, after)
                 }
-                Outcome::Fatal { reason } => {
-                    self.failed(&reason);
-                    self.down.store(true, Ordering::Relaxed);
-                    if self.state.resuming() || aon {
-                        return Err(self.failure_error(&reason));
-                    }
-                    self.stage_rows(&batch, &token)?;
-                    journal.staged(&chunk.token)?;
-                    return Err(self.failure_error(&reason));
-                }
+                Outcome::Fatal { reason } => return self.give_up(chunk, &batch, &token, &reason, delivered),
             };
             match backoff.next_delay(attempt, started.elapsed(), after) {
                 Some(delay) => {
@@ -325,17 +344,37 @@ impl<B: SinkBackend> Shared<B> {
                     tokio::time::sleep(delay).await;
                 }
                 None => {
-                    self.failed(&format!("{reason} (gave up after {attempt} attempts)"));
-                    self.down.store(true, Ordering::Relaxed);
-                    if self.state.resuming() || aon || o.on_failure == OnFailure::Fail {
-                        return Err(self.failure_error(&reason));
-                    }
-                    self.stage_rows(&batch, &token)?;
-                    journal.staged(&chunk.token)?;
-                    return Ok(delivered);
+                    let reason = format!("{reason} (gave up after {attempt} attempts)");
+                    return self.give_up(chunk, &batch, &token, &reason, delivered);
                 }
             }
         }
+    }
+
+    /// A request that cannot be delivered now: its rows are staged (for `flumen resume`) and
+    /// the sink counts as down, so the requests after it are staged without being tried; the
+    /// statement goes on reading its input. With `on_failure` `fail`, in an all-or-nothing write
+    /// and while `flumen resume` delivers staged parts, nothing is staged: the statement fails
+    /// (the journal still holds the request as sent, so a resume of the run sends it again).
+    fn give_up(
+        &self,
+        chunk: &Chunk,
+        batch: &RecordBatch,
+        token: &str,
+        reason: &str,
+        delivered: u64,
+    ) -> Result<u64> {
+        self.failed(reason);
+        self.down.store(true, Ordering::Relaxed);
+        if self.state.resuming()
+            || self.backend.all_or_nothing()
+            || self.options.on_failure == OnFailure::Fail
+        {
+            return Err(self.failure_error(reason));
+        }
+        self.stage_rows(batch, token)?;
+        self.state.journal().staged(&chunk.token)?;
+        Ok(delivered)
     }
 
     fn failed(&self, reason: &str) {
@@ -353,10 +392,8 @@ impl<B: SinkBackend> Shared<B> {
 
     /// Writes rows to staging under a delivery token and records them in the manifest.
     fn stage_rows(&self, batch: &RecordBatch, token: &str) -> Result<()> {
-        let dir = self.state.staging_dir(&self.table);
-        let n = self.state.next_part(&format!("staging/{}", self.table));
-        let file = format!("part-{n}.parquet");
-        write_parquet(&dir.join(&file), batch)?;
+        let (path, file) = self.state.new_staging_file(&self.table);
+        write_parquet(&path, batch)?;
         let rows = batch.num_rows() as u64;
         self.state.add_staged_part(
             &self.table,
@@ -430,14 +467,16 @@ pub(crate) fn write_dead_letters(
 /// all: it is written under a hidden temporary name, then renamed.
 pub(crate) fn write_parquet(path: &std::path::Path, batch: &RecordBatch) -> Result<()> {
     let dir = path.parent().unwrap_or_else(|| std::path::Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    super::state::private_dir(dir)?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp"));
-    let file =
-        std::fs::File::create(&tmp).map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
+    let file = super::state::private_file_options()
+        .truncate(true)
+        .open(&tmp)
+        .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
     let mut w = ArrowWriter::try_new(file, batch.schema(), None)?;
     w.write(batch)?;
     w.close()?;
@@ -545,13 +584,17 @@ impl<B: SinkBackend> DataSink for BatchSink<B> {
             .unwrap_or_else(|| Arc::new(RunState::new(".flumen", new_run_id(), false)));
         let metrics = state.metrics_for(&self.table);
         let key = format!("{}@l{}", self.table, state.statement());
+        let effects = Effects::new(Arc::clone(&state), &self.table, state.statement());
         let mut replay = state.replay_for(&key);
+        // Requests that were in flight when an earlier attempt died: accounted for if the
+        // backend can tell they were applied, else sent again with their own token and rows.
+        let mut resends = Resends::default();
         if let Some(r) = replay.as_mut() {
-            // Requests that were in flight when the earlier attempt died: delivered if the
-            // backend says so, else sent again.
             for (token, slices) in std::mem::take(&mut r.in_flight) {
                 if self.backend.was_delivered(&token).await == Some(true) {
                     r.account(&slices);
+                } else {
+                    resends.add(token, slices);
                 }
             }
         }
@@ -568,6 +611,7 @@ impl<B: SinkBackend> DataSink for BatchSink<B> {
             options: self.options.clone(),
             metrics,
             state: Arc::clone(&state),
+            effects: effects.clone(),
             down: AtomicBool::new(false),
             staged_rows: AtomicU64::new(0),
             staged_parts: AtomicU64::new(0),
@@ -608,6 +652,7 @@ impl<B: SinkBackend> DataSink for BatchSink<B> {
                         }
                     }
                 };
+                let mut ready: Vec<Chunk> = Vec::new();
                 let (flush, all) = match next {
                     Some(batch) => {
                         let batch = batch?;
@@ -650,9 +695,10 @@ impl<B: SinkBackend> DataSink for BatchSink<B> {
                                 let seen_before = occurrences.entry(hash).or_insert(0u32);
                                 let occ = *seen_before;
                                 *seen_before += 1;
-                                // In a replay, only the rows no earlier attempt accounted for.
+                                // In a replay, only the rows no earlier attempt accounted for; the
+                                // rows of requests in flight then are gathered to be sent as they were.
                                 let ranges = match &replay {
-                                    Some(r) => r.remaining(hash, occ, rows as u32),
+                                    Some(r) => resends.take(&batch, hash, occ, r, &mut ready),
                                     None => vec![(0, rows as u32)],
                                 };
                                 for (start, len) in ranges {
@@ -669,25 +715,32 @@ impl<B: SinkBackend> DataSink for BatchSink<B> {
                     }
                     None => {
                         done = true;
+                        // Requests in flight before whose rows did not all come again (the
+                        // statement's batches differ in this run): their rows go as new requests.
+                        for piece in resends.leftovers(&self.table) {
+                            batcher.push(piece);
+                        }
                         (true, true)
                     }
                 };
-                if !flush {
-                    continue;
+                if flush {
+                    for (batch, slices) in batcher.take(o, all)? {
+                        let token = if state.resuming() && seq == 0 {
+                            scope.clone()
+                        } else {
+                            format!("{scope}/{seq}")
+                        };
+                        seq += 1;
+                        ready.push(Chunk { batch, token, slices });
+                    }
                 }
-                for (batch, slices) in batcher.take(o, all)? {
+                for chunk in ready {
                     while in_flight.len() >= shared.allowed() {
                         if let Some(r) = in_flight.next().await {
                             delivered += joined(r)?;
                         }
                     }
-                    let token = if state.resuming() && seq == 0 {
-                        scope.clone()
-                    } else {
-                        format!("{scope}/{seq}")
-                    };
-                    seq += 1;
-                    let task = tokio::spawn(Arc::clone(&shared).deliver(Chunk { batch, token, slices }));
+                    let task = tokio::spawn(Arc::clone(&shared).deliver(chunk));
                     in_flight.push(task);
                     if let super::options::RejectLimit::Count(_) = o.max_rejected {
                         self.check_rejected(&shared, seen)?;
@@ -707,7 +760,10 @@ impl<B: SinkBackend> DataSink for BatchSink<B> {
         }
         let checked = pipeline.and_then(|n| self.check_rejected(&shared, seen).map(|_| n));
         let staged = shared.staged_rows.load(Ordering::Relaxed);
-        let finished = self.backend.finish(checked.is_ok() && staged == 0).await;
+        let finished = self
+            .backend
+            .finish(checked.is_ok() && staged == 0, &effects)
+            .await;
         let delivered = checked?;
         finished?;
         if staged > 0 {
@@ -717,18 +773,148 @@ impl<B: SinkBackend> DataSink for BatchSink<B> {
                 .ok()
                 .and_then(|f| f.clone())
                 .unwrap_or_default();
-            return Err(Error::Config(format!(
-                "table {}: {staged} rows in {} parts could not be delivered ({reason}); they are staged in {} — \
-                 run `flumen resume {}` once the sink is back",
-                self.table,
-                shared.staged_parts.load(Ordering::Relaxed),
-                state.staging_dir(&self.table).display(),
-                state.run_id()
-            ))
+            return Err(Error::Staged {
+                table: self.table.clone(),
+                rows: staged,
+                parts: shared.staged_parts.load(Ordering::Relaxed),
+                reason,
+                dir: state.staging_dir(&self.table),
+                resume: resume_command(&state),
+            }
             .into());
         }
         Ok(delivered)
     }
+}
+
+/// The command that continues a run: `flumen resume <run-id>`, with the state directory when
+/// it is not the default one.
+pub fn resume_command(state: &RunState) -> String {
+    let dir = state.dir();
+    if dir == std::path::Path::new(".flumen") {
+        format!("flumen resume {}", state.run_id())
+    } else {
+        format!("flumen resume {} --state-dir {}", state.run_id(), dir.display())
+    }
+}
+
+/// A request that was in flight when an earlier attempt died, gathered again from the replay's
+/// input to be sent with its own token and rows.
+struct Resend {
+    token: String,
+    slices: Vec<Slice>,
+    pieces: Vec<Option<RecordBatch>>,
+}
+
+/// The requests to send again, by the input batches that hold their rows.
+#[derive(Default)]
+struct Resends {
+    reqs: Vec<Option<Resend>>,
+    by_input: std::collections::HashMap<(u64, u32), Vec<(usize, usize)>>,
+}
+
+impl Resends {
+    fn add(&mut self, token: String, slices: Vec<Slice>) {
+        let i = self.reqs.len();
+        for (j, s) in slices.iter().enumerate() {
+            self.by_input.entry((s.hash, s.occ)).or_default().push((i, j));
+        }
+        self.reqs.push(Some(Resend {
+            token,
+            pieces: vec![None; slices.len()],
+            slices,
+        }));
+    }
+
+    /// Takes the rows of requests in flight out of input batch (`hash`, `occ`), moving the
+    /// requests they complete to `ready`; returns the row ranges left to send as new requests.
+    fn take(
+        &mut self,
+        batch: &RecordBatch,
+        hash: u64,
+        occ: u32,
+        replay: &SinkReplay,
+        ready: &mut Vec<Chunk>,
+    ) -> Vec<(u32, u32)> {
+        let rows = batch.num_rows() as u32;
+        let mut ranges = replay.remaining(hash, occ, rows);
+        let Some(wanted) = self.by_input.remove(&(hash, occ)) else {
+            return ranges;
+        };
+        for (i, j) in wanted {
+            let Some(Some(req)) = self.reqs.get_mut(i) else {
+                continue;
+            };
+            let s = req.slices[j];
+            if s.start.saturating_add(s.len) > rows {
+                continue;
+            }
+            req.pieces[j] = Some(batch.slice(s.start as usize, s.len as usize));
+            ranges = subtract(&ranges, s.start, s.len);
+            if req.pieces.iter().all(Option::is_some)
+                && let Some(req) = self.reqs[i].take()
+            {
+                let parts: Vec<RecordBatch> = req.pieces.into_iter().flatten().collect();
+                let batch = match parts.len() {
+                    1 => parts.into_iter().next(),
+                    _ => arrow::compute::concat_batches(&batch.schema(), &parts).ok(),
+                };
+                if let Some(batch) = batch {
+                    ready.push(Chunk {
+                        batch,
+                        token: req.token,
+                        slices: req.slices,
+                    });
+                }
+            }
+        }
+        ranges
+    }
+
+    /// The rows gathered for requests that could not be completed, as pieces for new requests.
+    fn leftovers(&mut self, table: &str) -> Vec<Piece> {
+        let mut out = Vec::new();
+        let mut rows = 0;
+        for req in self.reqs.drain(..).flatten() {
+            for (s, p) in req.slices.iter().zip(req.pieces) {
+                if let Some(batch) = p {
+                    rows += batch.num_rows();
+                    out.push(Piece {
+                        batch,
+                        origin: Some((s.hash, s.occ, s.start)),
+                    });
+                }
+            }
+        }
+        if rows > 0 {
+            tracing::warn!(
+                table,
+                "{rows} rows of requests in flight when the earlier attempt died came back in other batches: \
+                 they are sent again under new tokens (a sink that cannot tell will hold them twice)"
+            );
+        }
+        out
+    }
+}
+
+/// `ranges` without rows `start..start+len`.
+fn subtract(ranges: &[(u32, u32)], start: u32, len: u32) -> Vec<(u32, u32)> {
+    let end = start + len;
+    let mut out = Vec::new();
+    for &(a, n) in ranges {
+        let b = a + n;
+        if b <= start || a >= end {
+            out.push((a, n));
+            continue;
+        }
+        if a < start {
+            out.push((a, start - a));
+        }
+        if b > end {
+            out.push((end, b - end));
+        }
+    }
+    out
 }
 
 impl<B: SinkBackend> BatchSink<B> {
@@ -751,5 +937,18 @@ fn joined(r: std::result::Result<Result<u64>, tokio::task::JoinError>) -> Result
     match r {
         Ok(r) => r,
         Err(e) => Err(Error::Config(format!("a sink request task failed: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::subtract;
+
+    #[test]
+    fn cutting_row_ranges() {
+        assert_eq!(subtract(&[(0, 10)], 3, 4), vec![(0, 3), (7, 3)]);
+        assert_eq!(subtract(&[(0, 10)], 0, 10), vec![]);
+        assert_eq!(subtract(&[(0, 5), (8, 4)], 4, 6), vec![(0, 4), (10, 2)]);
+        assert_eq!(subtract(&[(5, 5)], 0, 2), vec![(5, 5)]);
     }
 }

@@ -1,27 +1,40 @@
-//! The delivery journal: which input rows each request carried and how it ended, so that a run
-//! killed half way can be replayed without sending again what was already delivered.
+//! The delivery journal: which input rows each request carried, how it ended, and which side
+//! effects (DDL, table swaps) the run performed, so that a run killed half way can be replayed
+//! without sending again what was already delivered and without repeating a side effect.
 //!
-//! Every input batch of a sink gets a fingerprint (a hash of its rows, stable across processes)
+//! Every input batch of a sink gets a fingerprint (a hash of its values, see [`fingerprint`])
 //! and an occurrence number (the n-th batch with that fingerprint). A request is journaled as the
-//! row ranges of the batches it carries (`send`), then `done` (delivered, or refused rows
-//! dead-lettered) or `staged`. A replay (`flumen resume` of a run that never finished) runs the
-//! script again and skips the row ranges an earlier attempt accounted for. Requests that were in
-//! flight when the process died count as delivered if the backend confirms their token.
+//! row ranges of the batches it carries, with its delivery token, *before* it is sent (`send`),
+//! then `done` (delivered, or refused rows dead-lettered) or `staged`. A replay (`flumen resume`
+//! of a run that did not finish) runs the script again, skips the row ranges an earlier attempt
+//! accounted for, and sends the requests that were in flight again with their original tokens
+//! and rows, so that a sink that deduplicates by token (a delivery table, document ids derived
+//! from the token, ClickHouse's insert deduplication token) applies each of them once.
 //!
 //! The guarantee: rows are never skipped unless identical rows were delivered; when the
 //! statement's output batches come out the same in the replay (scans, filters, projections —
 //! not aggregations, whose batches depend on thread timing) nothing is sent twice either.
+//!
+//! The file starts with a header naming its format and fingerprint algorithm; a journal written
+//! by another format is refused with a clear error instead of being misread.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use arrow::array::RecordBatch;
-use datafusion::common::hash_utils::{HLL_RANDOM_STATE, create_hashes};
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::DataType;
 use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::Xxh3;
 
 use crate::error::{Error, Result};
+
+/// The journal format this build writes and reads.
+pub const JOURNAL_FORMAT: u32 = 2;
+
+/// The fingerprint algorithm of [`fingerprint`], named in the journal's header.
+pub const FINGERPRINT: &str = "xxh3-64/flumen-values-1";
 
 /// Rows `start..start+len` of the `occ`-th input batch with fingerprint `hash`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +52,11 @@ pub struct Slice {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
 enum Record {
+    /// The first line of every journal.
+    Header {
+        format: u32,
+        fingerprint: String,
+    },
     Send {
         sink: String,
         token: String,
@@ -56,18 +74,137 @@ enum Record {
         hash: u64,
         occ: u32,
     },
+    /// A side effect (`<table>/<what>`) is done: never to be repeated by this run.
+    Effect {
+        key: String,
+    },
 }
 
-/// The fingerprint of a batch's rows; `None` for types the hasher does not know.
+/// A stable hash of a batch's values, the same in every process and every build that writes
+/// the same [`FINGERPRINT`]; `None` for types it does not cover (unions, run-end encoded).
+///
+/// Values are fed to XXH3-64 column by column in a fixed encoding of flumen's own: fixed-width
+/// values as their little-endian bytes, variable-width ones with their length, each value
+/// preceded by a validity byte where the column has nulls, nested columns through their
+/// children. It does not depend on DataFusion's or the standard library's hashers, whose
+/// output may change between versions.
 pub fn fingerprint(batch: &RecordBatch) -> Option<u64> {
-    let mut hashes = vec![0u64; batch.num_rows()];
-    create_hashes(batch.columns(), &HLL_RANDOM_STATE, &mut hashes).ok()?;
-    let folded = hashes
-        .iter()
-        .fold(batch.num_rows() as u64 ^ 0x51_7C_C1_B7_27_22_0A_95, |acc, h| {
-            (acc.rotate_left(23) ^ h).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        });
-    Some(folded)
+    let mut h = Xxh3::new();
+    h.update(&(batch.num_rows() as u64).to_le_bytes());
+    h.update(&(batch.num_columns() as u64).to_le_bytes());
+    for c in batch.columns() {
+        feed(&mut h, c.as_ref())?;
+    }
+    Some(h.digest())
+}
+
+fn valid_byte(h: &mut Xxh3, a: &dyn Array, i: usize) -> bool {
+    let v = a.is_valid(i);
+    h.update(&[u8::from(v)]);
+    v
+}
+
+/// Feeds one array; `None` when its type is not covered.
+fn feed(h: &mut Xxh3, a: &dyn Array) -> Option<()> {
+    let n = a.len();
+    h.update(&(n as u64).to_le_bytes());
+    let nulls = a.null_count() > 0;
+    match a.data_type() {
+        DataType::Null => {}
+        DataType::Boolean => {
+            let b = a.as_boolean();
+            for i in 0..n {
+                if nulls && !valid_byte(h, a, i) {
+                    continue;
+                }
+                h.update(&[u8::from(b.value(i))]);
+            }
+        }
+        DataType::Utf8 => bytes_values(h, a, nulls, |i| a.as_string::<i32>().value(i).as_bytes()),
+        DataType::LargeUtf8 => bytes_values(h, a, nulls, |i| a.as_string::<i64>().value(i).as_bytes()),
+        DataType::Utf8View => bytes_values(h, a, nulls, |i| a.as_string_view().value(i).as_bytes()),
+        DataType::Binary => bytes_values(h, a, nulls, |i| a.as_binary::<i32>().value(i)),
+        DataType::LargeBinary => bytes_values(h, a, nulls, |i| a.as_binary::<i64>().value(i)),
+        DataType::BinaryView => bytes_values(h, a, nulls, |i| a.as_binary_view().value(i)),
+        DataType::FixedSizeBinary(_) => bytes_values(h, a, nulls, |i| a.as_fixed_size_binary().value(i)),
+        DataType::List(_) => {
+            let l = a.as_list::<i32>();
+            let o = l.value_offsets();
+            lengths(h, a, nulls, |i| (o[i + 1] - o[i]) as u64);
+            let (start, end) = (o[0] as usize, o[n] as usize);
+            feed(h, l.values().slice(start, end - start).as_ref())?;
+        }
+        DataType::LargeList(_) => {
+            let l = a.as_list::<i64>();
+            let o = l.value_offsets();
+            lengths(h, a, nulls, |i| (o[i + 1] - o[i]) as u64);
+            let (start, end) = (o[0] as usize, o[n] as usize);
+            feed(h, l.values().slice(start, end - start).as_ref())?;
+        }
+        DataType::FixedSizeList(_, size) => {
+            let l = a.as_fixed_size_list();
+            lengths(h, a, nulls, |_| *size as u64);
+            let size = *size as usize;
+            let start = l.offset() * size;
+            feed(h, l.values().slice(start, n * size).as_ref())?;
+        }
+        DataType::Map(..) => {
+            let m = a.as_map();
+            let o = m.value_offsets();
+            lengths(h, a, nulls, |i| (o[i + 1] - o[i]) as u64);
+            let (start, end) = (o[0] as usize, o[n] as usize);
+            let entries = m.entries().slice(start, end - start);
+            feed(h, &entries)?;
+        }
+        DataType::Struct(_) => {
+            let s = a.as_struct();
+            lengths(h, a, nulls, |_| 0);
+            for c in s.columns() {
+                feed(h, c.as_ref())?;
+            }
+        }
+        DataType::Dictionary(_, value) => {
+            let plain = arrow::compute::cast(a, value).ok()?;
+            feed(h, plain.as_ref())?;
+        }
+        t => {
+            let width = t.primitive_width()?;
+            let data = a.to_data();
+            let buf = data.buffers().first()?;
+            let start = data.offset() * width;
+            let values = buf.as_slice().get(start..start + n * width)?;
+            if nulls {
+                for i in 0..n {
+                    if valid_byte(h, a, i) {
+                        h.update(&values[i * width..(i + 1) * width]);
+                    }
+                }
+            } else {
+                h.update(values);
+            }
+        }
+    }
+    Some(())
+}
+
+fn bytes_values<'a>(h: &mut Xxh3, a: &dyn Array, nulls: bool, value: impl Fn(usize) -> &'a [u8]) {
+    for i in 0..a.len() {
+        if nulls && !valid_byte(h, a, i) {
+            continue;
+        }
+        let v = value(i);
+        h.update(&(v.len() as u64).to_le_bytes());
+        h.update(v);
+    }
+}
+
+fn lengths(h: &mut Xxh3, a: &dyn Array, nulls: bool, len: impl Fn(usize) -> u64) {
+    for i in 0..a.len() {
+        if nulls && !valid_byte(h, a, i) {
+            continue;
+        }
+        h.update(&len(i).to_le_bytes());
+    }
 }
 
 /// Appends journal records; each is flushed at once, so it survives the process being killed.
@@ -86,24 +223,39 @@ impl Journal {
         }
     }
 
+    /// The journal's file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     fn append(&self, record: &Record) -> Result<()> {
         let mut guard = self
             .file
             .lock()
             .map_err(|_| Error::Config("journal lock poisoned".into()))?;
+        let io = |e| Error::io(format!("writing {}", self.path.display()), e);
         if guard.is_none() {
             if let Some(dir) = self.path.parent() {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+                crate::sink::state::private_dir(dir)?;
             }
-            let f = std::fs::OpenOptions::new()
-                .create(true)
+            let f = crate::sink::state::private_file_options()
                 .append(true)
                 .open(&self.path)
                 .map_err(|e| Error::io(format!("opening {}", self.path.display()), e))?;
-            *guard = Some(std::io::BufWriter::new(f));
+            let empty = f.metadata().map_err(io)?.len() == 0;
+            let mut w = std::io::BufWriter::new(f);
+            if empty {
+                let header = Record::Header {
+                    format: JOURNAL_FORMAT,
+                    fingerprint: FINGERPRINT.into(),
+                };
+                let line = serde_json::to_string(&header)
+                    .map_err(|e| Error::Config(format!("journal record: {e}")))?;
+                w.write_all(line.as_bytes()).map_err(io)?;
+                w.write_all(b"\n").map_err(io)?;
+            }
+            *guard = Some(w);
         }
-        let io = |e| Error::io(format!("writing {}", self.path.display()), e);
         if let Some(w) = guard.as_mut() {
             let line =
                 serde_json::to_string(record).map_err(|e| Error::Config(format!("journal record: {e}")))?;
@@ -114,7 +266,7 @@ impl Journal {
         Ok(())
     }
 
-    /// A request is about to be sent.
+    /// A request is about to be sent with `token`.
     pub fn send(&self, sink: &str, token: &str, slices: &[Slice]) -> Result<()> {
         self.append(&Record::Send {
             sink: sink.into(),
@@ -142,6 +294,11 @@ impl Journal {
             occ,
         })
     }
+
+    /// A side effect is done.
+    pub fn effect(&self, key: &str) -> Result<()> {
+        self.append(&Record::Effect { key: key.into() })
+    }
 }
 
 /// What an earlier attempt accounted for, for one sink.
@@ -149,8 +306,8 @@ impl Journal {
 pub struct SinkReplay {
     accounted: HashMap<(u64, u32), Vec<(u32, u32)>>,
     /// Input batches whose rule-breaking rows an earlier attempt dead-lettered.
-    rejected: std::collections::HashSet<(u64, u32)>,
-    /// Requests sent without a recorded ending: (token, slices).
+    rejected: HashSet<(u64, u32)>,
+    /// Requests sent without a recorded ending, in the order they were sent: (token, slices).
     pub in_flight: Vec<(String, Vec<Slice>)>,
 }
 
@@ -197,10 +354,12 @@ impl SinkReplay {
 #[derive(Debug, Default)]
 pub struct Replay {
     sinks: HashMap<String, SinkReplay>,
+    effects: HashSet<String>,
 }
 
 impl Replay {
-    /// Reads a journal; a torn last line (the process died while writing it) is ignored.
+    /// Reads a journal; a torn last line (the process died while writing it) is ignored. A
+    /// journal of another format is an error that says so.
     pub fn load(path: &Path) -> Result<Self> {
         let file = match std::fs::File::open(path) {
             Ok(f) => f,
@@ -208,22 +367,46 @@ impl Replay {
             Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
         };
         let mut sent: HashMap<String, (String, Vec<Slice>)> = HashMap::new();
+        let mut order: Vec<String> = Vec::new();
         let mut ended: Vec<String> = Vec::new();
         let mut rejected: Vec<(String, u64, u32)> = Vec::new();
-        for line in std::io::BufReader::new(file).lines() {
+        let mut replay = Replay::default();
+        for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
             let line = line.map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-            match serde_json::from_str::<Record>(&line) {
+            let record = serde_json::from_str::<Record>(&line);
+            if n == 0 {
+                match &record {
+                    Ok(Record::Header { format, fingerprint })
+                        if *format == JOURNAL_FORMAT && fingerprint == FINGERPRINT => {}
+                    Ok(Record::Header { format, fingerprint }) => {
+                        return Err(unreadable(
+                            path,
+                            &format!("format {format}, fingerprints {fingerprint}"),
+                        ));
+                    }
+                    // Killed while writing the header: nothing was journaled.
+                    Err(_) => return Ok(replay),
+                    Ok(_) => return Err(unreadable(path, "format 1, without a header")),
+                }
+                continue;
+            }
+            match record {
                 Ok(Record::Send { sink, token, slices }) => {
-                    sent.insert(token, (sink, slices));
+                    if sent.insert(token.clone(), (sink, slices)).is_none() {
+                        order.push(token);
+                    }
                 }
                 Ok(Record::Done { token } | Record::Staged { token }) => ended.push(token),
                 Ok(Record::Rejected { sink, hash, occ }) => {
                     rejected.push((sink, hash, occ));
                 }
+                Ok(Record::Effect { key }) => {
+                    replay.effects.insert(key);
+                }
+                Ok(Record::Header { .. }) => {}
                 Err(_) => break,
             }
         }
-        let mut replay = Replay::default();
         for (sink, hash, occ) in rejected {
             replay.sinks.entry(sink).or_default().rejected.insert((hash, occ));
         }
@@ -232,18 +415,20 @@ impl Replay {
                 replay.sinks.entry(sink).or_default().account(&slices);
             }
         }
-        for (token, (sink, slices)) in sent {
-            replay
-                .sinks
-                .entry(sink)
-                .or_default()
-                .in_flight
-                .push((token, slices));
+        for token in order {
+            if let Some((sink, slices)) = sent.remove(&token) {
+                replay
+                    .sinks
+                    .entry(sink)
+                    .or_default()
+                    .in_flight
+                    .push((token, slices));
+            }
         }
         Ok(replay)
     }
 
-    /// Whether the journal recorded anything.
+    /// Whether the journal recorded any delivery.
     pub fn is_empty(&self) -> bool {
         self.sinks.is_empty()
     }
@@ -252,6 +437,20 @@ impl Replay {
     pub fn sink(&self, key: &str) -> Option<SinkReplay> {
         self.sinks.get(key).cloned()
     }
+
+    /// The side effects the run recorded.
+    pub fn effects(&self) -> &HashSet<String> {
+        &self.effects
+    }
+}
+
+fn unreadable(path: &Path, what: &str) -> Error {
+    Error::Config(format!(
+        "{} was written by another version of flumen ({what}; this one reads format {JOURNAL_FORMAT}, \
+         fingerprints {FINGERPRINT}), so it cannot be replayed safely: finish the run with the flumen \
+         that started it, or start the job again as a new run",
+        path.display()
+    ))
 }
 
 #[cfg(test)]
@@ -271,6 +470,58 @@ mod tests {
             .batch(0, 10)
             .unwrap();
         assert!(fingerprint(&events).is_some(), "nested types hash too");
+        // A slice hashes like the same rows built on their own.
+        let whole = spec.batch(0, 100).unwrap();
+        assert_eq!(fingerprint(&whole.slice(50, 50)), fingerprint(&c));
+    }
+
+    /// The hash is flumen's own encoding fed to XXH3-64: the bytes below, written out by hand
+    /// from the documented encoding, are what every build that writes FINGERPRINT must hash.
+    #[test]
+    fn fingerprints_follow_the_documented_encoding() {
+        use arrow::array::{Int64Array, ListArray, StringArray};
+        use arrow::datatypes::Int32Type;
+        let ids = Int64Array::from(vec![Some(1), None, Some(3)]);
+        let names = StringArray::from(vec![Some("a"), Some("bé"), None]);
+        let lists = ListArray::from_iter_primitive::<Int32Type, _, _>(vec![
+            Some(vec![Some(1), Some(2)]),
+            None,
+            Some(vec![]),
+        ]);
+        let batch = RecordBatch::try_from_iter([
+            ("id", Arc::new(ids) as arrow::array::ArrayRef),
+            ("name", Arc::new(names) as _),
+            ("l", Arc::new(lists) as _),
+        ])
+        .unwrap();
+        let mut b: Vec<u8> = Vec::new();
+        let u = |b: &mut Vec<u8>, v: u64| b.extend_from_slice(&v.to_le_bytes());
+        u(&mut b, 3); // rows
+        u(&mut b, 3); // columns
+        u(&mut b, 3); // id: length, then validity byte + value
+        b.push(1);
+        b.extend_from_slice(&1i64.to_le_bytes());
+        b.push(0);
+        b.push(1);
+        b.extend_from_slice(&3i64.to_le_bytes());
+        u(&mut b, 3); // name: validity byte + length + bytes
+        b.push(1);
+        u(&mut b, 1);
+        b.extend_from_slice(b"a");
+        b.push(1);
+        u(&mut b, 3);
+        b.extend_from_slice("bé".as_bytes());
+        b.push(0);
+        u(&mut b, 3); // l: validity byte + list length, then the child values
+        b.push(1);
+        u(&mut b, 2);
+        b.push(0);
+        b.push(1);
+        u(&mut b, 0);
+        u(&mut b, 2);
+        b.extend_from_slice(&1i32.to_le_bytes());
+        b.extend_from_slice(&2i32.to_le_bytes());
+        assert_eq!(fingerprint(&batch), Some(xxhash_rust::xxh3::xxh3_64(&b)));
     }
 
     #[test]
@@ -290,6 +541,7 @@ mod tests {
         j.staged("b").unwrap();
         j.send("t@l3", "c", &[s(20, 5)]).unwrap();
         j.rejected("t@l3", 9, 1).unwrap();
+        j.effect("t/replace").unwrap();
         // A torn last line, as a killed process leaves it.
         std::fs::OpenOptions::new()
             .append(true)
@@ -298,15 +550,34 @@ mod tests {
             .write_all(b"{\"t\":\"do")
             .unwrap();
         let r = Replay::load(&path).unwrap();
+        assert!(r.effects().contains("t/replace"));
         let sink = r.sink("t@l3").unwrap();
         assert_eq!(sink.remaining(7, 0, 30), vec![(15, 15)]);
         assert_eq!(sink.remaining(7, 1, 30), vec![(0, 30)]);
-        assert_eq!(sink.in_flight.len(), 1);
+        assert_eq!(sink.in_flight, vec![("c".to_string(), vec![s(20, 5)])]);
         assert!(sink.rejections_written(9, 1) && !sink.rejections_written(9, 0));
         let mut sink = sink;
         let flight = sink.in_flight[0].1.clone();
         sink.account(&flight);
         assert_eq!(sink.remaining(7, 0, 30), vec![(15, 5), (25, 5)]);
-        let _ = Arc::new(0);
+    }
+
+    #[test]
+    fn a_journal_of_another_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.jsonl");
+        std::fs::write(
+            &path,
+            "{\"t\":\"send\",\"sink\":\"t@l1\",\"token\":\"a\",\"slices\":[]}\n",
+        )
+        .unwrap();
+        let e = Replay::load(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("another version of flumen") && e.contains("format 1"),
+            "{e}"
+        );
+        std::fs::write(&path, "{\"t\":\"header\",\"format\":9,\"fingerprint\":\"x\"}\n").unwrap();
+        let e = Replay::load(&path).unwrap_err().to_string();
+        assert!(e.contains("format 9"), "{e}");
     }
 }

@@ -17,23 +17,24 @@ mod journal;
 mod metrics;
 mod options;
 mod retry;
-mod state;
+pub(crate) mod state;
 mod table;
 mod validate;
 
-pub use backend::{Outcome, SinkBackend};
+pub use backend::{Attempt, Effects, Outcome, SinkBackend};
 // Shared with the broker sources' dead letters and the FAULTY test backend.
+pub use datasink::resume_command;
 pub(crate) use datasink::write_dead_letters;
 pub(crate) use datasink::write_parquet;
 pub use datasink::{BatchSink, SinkTable};
-pub use journal::{Replay, SinkReplay, Slice, fingerprint};
+pub use journal::{FINGERPRINT, JOURNAL_FORMAT, Replay, SinkReplay, Slice, fingerprint};
 pub use metrics::{SinkMetrics, SinkMetricsSnapshot, prometheus};
 pub use options::{OnFailure, RejectLimit, SINK_OPTIONS, SinkOptions, WriteMode, parse_duration};
 pub use retry::Backoff;
 pub(crate) use state::safe_name;
 pub use state::{
     Manifest, Part, RunLedger, RunState, RunStatus, list_runs, mark_delivered, new_run_id, read_json,
-    run_manifests,
+    run_is_locked, run_manifests, staged_rows,
 };
 pub use table::{ScanSource, SourceSinkTable};
 pub use validate::{RuleOptions, Rules};

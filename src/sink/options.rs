@@ -31,7 +31,7 @@ pub const SINK_OPTIONS: &[OptionSpec] = &[
     ),
     OptionSpec::new(
         "on_failure",
-        "when retries are exhausted: 'spill' to staging (default) or 'fail'",
+        "when a request cannot be delivered: 'spill' it and the rest of the statement to staging for flumen resume (default), or 'fail' the statement at once",
     ),
     OptionSpec::new(
         "validate",
@@ -80,7 +80,8 @@ impl WriteMode {
 pub enum OnFailure {
     /// Write it to Parquet staging; the job fails and `flumen resume` delivers it later.
     Spill,
-    /// Fail the job at once (the batch is still staged, so nothing is lost).
+    /// Fail the statement at once, staging nothing: `flumen resume` runs it again, skipping
+    /// the rows the journal shows were delivered (broker messages are given back to the broker).
     Fail,
 }
 

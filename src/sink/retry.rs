@@ -53,7 +53,7 @@ impl Backoff {
             .min(self.max);
         let jitter = Duration::from_nanos(self.rng.below(ceiling.as_nanos().max(1) as u64));
         let delay = retry_after.map_or(jitter, |ra| ra.max(jitter));
-        (elapsed + delay <= self.max_elapsed).then_some(delay)
+        (elapsed.saturating_add(delay) <= self.max_elapsed).then_some(delay)
     }
 }
 
@@ -113,6 +113,8 @@ mod tests {
             .next_delay(1, Duration::ZERO, Some(Duration::from_secs(3)))
             .unwrap();
         assert_eq!(d, Duration::from_secs(3));
+        // A server asking for an absurd wait gives up the request; it does not overflow.
+        assert_eq!(b.next_delay(1, Duration::from_secs(1), Some(Duration::MAX)), None);
     }
 
     /// The waits, as a sender sleeps them, add up under tokio's paused clock (whose timer

@@ -3,15 +3,24 @@
 //!
 //! ```text
 //! .flumen/runs/<run-id>.json                      the run ledger (status, sink counters, progress)
+//! .flumen/runs/<run-id>.lock                      held (flock) by the process running or resuming it
+//! .flumen/runs/<run-id>.journal.jsonl             the delivery journal (see super::journal)
+//! .flumen/runs/<run-id>.sql                       the script, unsubstituted, for a replay
 //! .flumen/staging/<run-id>/<table>/manifest.json  staged parts and whether each was delivered
-//! .flumen/staging/<run-id>/<table>/part-N.parquet rows that could not be delivered
+//! .flumen/staging/<run-id>/<table>/part-<attempt>-N.parquet  rows that could not be delivered
 //! .flumen/dead_letter/<run-id>/<table>/part-N.parquet  rejected rows + _error, _attempts, _at
 //! ```
 //!
 //! Files are replaced atomically (write to a temporary name, then rename), so a crash leaves
-//! either the old or the new version.
+//! either the old or the new version. Staged parts are named after the attempt (the process)
+//! that wrote them and manifests are merged with what is on disk, so a replay never overwrites
+//! what a killed attempt staged. Directories are made private (0700) and files 0600: staged rows,
+//! dead letters and scripts are the user's data. `<table>` is the table's name with every byte
+//! but letters, digits, `_` and `-` written as `%XX`, so two names never share a folder and no
+//! name leaves its parent.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -64,12 +73,49 @@ pub struct RunLedger {
 }
 
 impl RunLedger {
-    /// Whether the process that wrote a `running` ledger is still alive (Linux: `/proc/<pid>`).
-    pub fn still_running(&self) -> bool {
-        self.status == RunStatus::Running
-            && self.pid != std::process::id()
-            && Path::new(&format!("/proc/{}", self.pid)).exists()
+    /// Whether a process is running or resuming this run now: it holds the run's lock.
+    pub fn is_live(&self, dir: &Path) -> bool {
+        run_is_locked(dir, &self.run_id)
     }
+}
+
+/// Whether another process holds run `run_id`'s lock under `dir`.
+pub fn run_is_locked(dir: &Path, run_id: &str) -> bool {
+    let Ok(f) = std::fs::File::open(lock_path(dir, run_id)) else {
+        return false;
+    };
+    matches!(f.try_lock_shared(), Err(std::fs::TryLockError::WouldBlock))
+}
+
+fn lock_path(dir: &Path, run_id: &str) -> PathBuf {
+    dir.join("runs").join(format!("{run_id}.lock"))
+}
+
+/// Creates `dir` and its missing parents, private to the user (0700).
+pub(crate) fn private_dir(dir: &Path) -> Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| Error::io(format!("creating {}", dir.display()), e))
+}
+
+/// Options that create a file private to the user (0600).
+pub(crate) fn private_file_options() -> std::fs::OpenOptions {
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create(true).mode(0o600);
+    o
+}
+
+/// Writes `bytes` to a new private file at `path` (replacing it).
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut f = private_file_options()
+        .truncate(true)
+        .open(path)
+        .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+    f.write_all(bytes)
+        .map_err(|e| Error::io(format!("writing {}", path.display()), e))
 }
 
 /// One staged file.
@@ -102,7 +148,7 @@ pub struct Manifest {
 /// Writes `value` as JSON to `path` atomically.
 fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        private_dir(dir)?;
     }
     // A temporary name of this writer's own: two writers of one file must not rename each
     // other's half-written text (the last complete one wins).
@@ -111,7 +157,7 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     let tmp = path.with_extension(format!("json.{}-{n}.tmp", std::process::id()));
     let text = serde_json::to_vec_pretty(value)
         .map_err(|e| Error::Config(format!("encoding {}: {e}", path.display())))?;
-    std::fs::write(&tmp, text).map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+    write_private(&tmp, &text)?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(format!("replacing {}", path.display()), e))
 }
 
@@ -143,6 +189,10 @@ pub struct RunState {
     parts: Mutex<HashMap<String, Arc<AtomicU64>>>,
     progress: Mutex<BTreeMap<String, String>>,
     watermarks: Mutex<Vec<String>>,
+    /// Side effects this run has done (from the journal, and as they happen).
+    effects: Mutex<HashSet<String>>,
+    /// The run's lock file, held while this process runs or resumes the run.
+    lock: Mutex<Option<std::fs::File>>,
     /// Broker consumers of the running statement, waiting for its outcome.
     pending: crate::connector::broker::Pending,
 }
@@ -167,11 +217,16 @@ impl RunState {
         Self {
             scope: Mutex::new(run_id.clone()),
             journal: Journal::new(dir.join("runs").join(format!("{run_id}.journal.jsonl"))),
-            attempt: format!(
-                "a{}-{}",
-                std::process::id(),
-                chrono::Utc::now().timestamp_millis()
-            ),
+            // Unique to this process and this state: two attempts never share a name.
+            attempt: {
+                static STATES: AtomicU64 = AtomicU64::new(0);
+                format!(
+                    "a{}-{}-{}",
+                    std::process::id(),
+                    chrono::Utc::now().timestamp_millis(),
+                    STATES.fetch_add(1, Ordering::Relaxed)
+                )
+            },
             run_id,
             dir,
             script: Mutex::new(String::new()),
@@ -187,8 +242,81 @@ impl RunState {
             parts: Mutex::default(),
             progress: Mutex::default(),
             watermarks: Mutex::default(),
+            effects: Mutex::default(),
+            lock: Mutex::default(),
             pending: Default::default(),
         }
+    }
+
+    /// Takes the run's lock (`runs/<run-id>.lock`), held until the process ends: one process
+    /// at a time runs or resumes a run, and a run whose lock is free has no process left.
+    pub fn acquire_lock(&self) -> Result<()> {
+        let mut held = self
+            .lock
+            .lock()
+            .map_err(|_| Error::Config("run lock poisoned".into()))?;
+        if held.is_some() {
+            return Ok(());
+        }
+        let path = lock_path(&self.dir, &self.run_id);
+        if let Some(dir) = path.parent() {
+            private_dir(dir)?;
+        }
+        let f = private_file_options()
+            .open(&path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        match f.try_lock() {
+            Ok(()) => {
+                *held = Some(f);
+                Ok(())
+            }
+            Err(std::fs::TryLockError::WouldBlock) => Err(Error::Config(format!(
+                "run {} is being run or resumed by another flumen process (it holds {}); wait for it to end",
+                self.run_id,
+                path.display()
+            ))),
+            Err(std::fs::TryLockError::Error(e)) => Err(Error::io(format!("locking {}", path.display()), e)),
+        }
+    }
+
+    /// The id of this process's attempt at the run (part of delivery tokens and staged part names).
+    pub fn attempt(&self) -> &str {
+        &self.attempt
+    }
+
+    /// Loads what earlier attempts of this run recorded: the side effects they did (never
+    /// repeated) and, with `replay`, what they delivered (skipped when the script runs again).
+    pub fn continue_from_journal(&self, replay: bool) -> Result<bool> {
+        let loaded = Replay::load(self.journal.path())?;
+        if let Ok(mut e) = self.effects.lock() {
+            e.extend(loaded.effects().iter().cloned());
+        }
+        if !replay {
+            return Ok(false);
+        }
+        let any = !loaded.is_empty();
+        if let Ok(mut r) = self.replay.lock() {
+            *r = Some(loaded);
+        }
+        // What the earlier attempt recorded as done (finished statements, source progress).
+        if let (Ok(prev), Ok(mut p)) = (read_json::<RunLedger>(&self.ledger_path()), self.progress.lock()) {
+            p.extend(prev.progress);
+        }
+        Ok(any)
+    }
+
+    /// Whether side effect `key` (`<table>/<what>`) was done by this run, in any attempt.
+    pub fn effect_done(&self, key: &str) -> bool {
+        self.effects.lock().map(|e| e.contains(key)).unwrap_or(false)
+    }
+
+    /// Records side effect `key` as done, in the journal first.
+    pub fn record_effect(&self, key: &str) -> Result<()> {
+        self.journal.effect(key)?;
+        if let Ok(mut e) = self.effects.lock() {
+            e.insert(key.to_string());
+        }
+        Ok(())
     }
 
     /// The broker consumers whose messages the running statement read: the engine acknowledges
@@ -248,27 +376,12 @@ impl RunState {
         &self.journal
     }
 
-    /// Loads the journal of an earlier attempt, so sinks skip what it delivered.
-    pub fn start_replay(&self) -> Result<bool> {
-        let replay = Replay::load(
-            &self
-                .dir
-                .join("runs")
-                .join(format!("{}.journal.jsonl", self.run_id)),
-        )?;
-        let any = !replay.is_empty();
-        if let Ok(mut r) = self.replay.lock() {
-            *r = Some(replay);
-        }
-        // What the earlier attempt recorded as done (finished statements, source progress).
-        if let (Ok(prev), Ok(mut p)) = (read_json::<RunLedger>(&self.ledger_path()), self.progress.lock()) {
-            p.extend(prev.progress);
-        }
-        Ok(any)
-    }
-
-    /// What an earlier attempt delivered for sink `key` (`table@l<line>`), when replaying.
+    /// What an earlier attempt delivered for sink `key` (`table@l<line>`), when replaying (never
+    /// while staged parts are delivered: their rows are the journal's staged ones).
     pub fn replay_for(&self, key: &str) -> Option<SinkReplay> {
+        if self.resuming() {
+            return None;
+        }
         let guard = self.replay.lock().ok()?;
         let replay = guard.as_ref()?;
         Some(replay.sink(key).unwrap_or_default())
@@ -310,12 +423,14 @@ impl RunState {
     /// wait in staging) or failed. A run that wrote to no sink keeps no ledger.
     pub fn finish(&self, error: Option<String>) -> Result<()> {
         let sinks = self.sink_snapshots();
-        if sinks.is_empty() {
+        if sinks.is_empty() && !self.ledger_path().exists() {
             return Ok(());
         }
+        let staged = staged_rows(&self.dir, &self.run_id)?.values().any(|n| *n > 0);
         let status = match &error {
+            None if staged => RunStatus::Spilled,
             None => RunStatus::Succeeded,
-            Some(_) if sinks.values().any(|m| m.spilled > 0) => RunStatus::Spilled,
+            Some(_) if staged => RunStatus::Spilled,
             Some(_) => RunStatus::Failed,
         };
         self.write_ledger(status, error)
@@ -355,6 +470,20 @@ impl RunState {
         }
     }
 
+    /// A new staged part of `table`: its path and file name, `part-<attempt>-<n>.parquet`, which
+    /// no other attempt of the run can use.
+    pub fn new_staging_file(&self, table: &str) -> (PathBuf, String) {
+        let dir = self.staging_dir(table);
+        loop {
+            let n = self.next_part(&format!("staging/{table}"));
+            let file = format!("part-{}-{n}.parquet", self.attempt);
+            let path = dir.join(&file);
+            if !path.exists() {
+                return (path, file);
+            }
+        }
+    }
+
     /// The next part number of a table's staging or dead-letter files.
     pub fn next_part(&self, key: &str) -> u64 {
         let counter = match self.parts.lock() {
@@ -364,20 +493,35 @@ impl RunState {
         counter.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Records a staged part in the table's manifest (written to disk before returning).
+    /// Records a staged part in the table's manifest (written to disk before returning). The
+    /// manifest an earlier attempt wrote is read first and kept: parts are only ever added.
     pub fn add_staged_part(&self, table: &str, part: Part) -> Result<()> {
         let mut manifests = self
             .manifests
             .lock()
             .map_err(|_| Error::Config("staging manifest lock poisoned".into()))?;
-        let m = manifests.entry(table.to_string()).or_insert_with(|| Manifest {
-            run_id: self.run_id.clone(),
-            table: table.to_string(),
-            create_sql: self.templates.lock().ok().and_then(|t| t.get(table).cloned()),
-            parts: Vec::new(),
-        });
+        let path = self.staging_dir(table).join("manifest.json");
+        let m = match manifests.entry(table.to_string()) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let mut m = if path.exists() {
+                    read_json::<Manifest>(&path)?
+                } else {
+                    Manifest {
+                        run_id: self.run_id.clone(),
+                        table: table.to_string(),
+                        create_sql: None,
+                        parts: Vec::new(),
+                    }
+                };
+                if m.create_sql.is_none() {
+                    m.create_sql = self.templates.lock().ok().and_then(|t| t.get(table).cloned());
+                }
+                v.insert(m)
+            }
+        };
         m.parts.push(part);
-        write_json(&self.staging_dir(table).join("manifest.json"), m)
+        write_json(&path, m)
     }
 
     /// Records a source's progress under `key` and writes the ledger at once.
@@ -423,11 +567,10 @@ impl RunState {
             let path = self.dir.join("runs").join(format!("{}.sql", self.run_id));
             if !path.exists() {
                 if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir)
-                        .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+                    private_dir(dir)?;
                 }
-                std::fs::write(&path, text)
-                    .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+                self.acquire_lock()?;
+                write_private(&path, text.as_bytes())?;
             }
         }
         // A resumed run adds to the counters the original run recorded and keeps its identity.
@@ -440,10 +583,13 @@ impl RunState {
                 let entry = sinks.entry(t).or_default();
                 let mut total = m;
                 total.add(entry);
-                // What resume delivers is no longer spilled.
-                total.spilled = total.spilled.saturating_sub(entry.rows);
                 *entry = total;
             }
+        }
+        // Spilled: the rows staged now and not delivered yet, as the manifests say.
+        let staged = staged_rows(&self.dir, &self.run_id)?;
+        for (t, m) in sinks.iter_mut() {
+            m.spilled = staged.get(t).copied().unwrap_or(0);
         }
         let ledger = RunLedger {
             run_id: self.run_id.clone(),
@@ -461,17 +607,32 @@ impl RunState {
     }
 }
 
-/// A table name as a file name: anything but letters, digits, `_`, `-`, `.` becomes `_`.
+/// A name as one path component: letters, digits, `_` and `-` as they are, every other byte as
+/// `%XX`. Distinct names give distinct components, and none is `.`, `..` or holds a `/`.
 pub(crate) fn safe_name(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(name.len());
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-') {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    if out.is_empty() {
+        out.push_str("%00");
+    }
+    out
+}
+
+/// Undelivered staged rows of a run, by table.
+pub fn staged_rows(dir: &Path, run_id: &str) -> Result<BTreeMap<String, u64>> {
+    let mut out = BTreeMap::new();
+    for (_, m) in run_manifests(dir, run_id)? {
+        let n: u64 = m.parts.iter().filter(|p| !p.delivered).map(|p| p.rows).sum();
+        *out.entry(m.table).or_insert(0) += n;
+    }
+    Ok(out)
 }
 
 /// All run ledgers under `dir`, oldest first.
@@ -537,6 +698,7 @@ mod tests {
         .unwrap();
         s.metrics_for("t").spilled(5);
         s.write_ledger(RunStatus::Spilled, None).unwrap();
+        assert_eq!(list_runs(dir.path()).unwrap()[0].sinks["t"].spilled, 5);
         let ms = run_manifests(dir.path(), "r1").unwrap();
         assert_eq!(ms.len(), 1);
         assert_eq!(
@@ -564,7 +726,53 @@ mod tests {
     }
 
     #[test]
-    fn table_names_become_safe_file_names() {
-        assert_eq!(safe_name("db.\"we/ird\" t"), "db._we_ird__t");
+    fn names_become_distinct_safe_file_names() {
+        assert_eq!(safe_name("orders_2026-x"), "orders_2026-x");
+        assert_eq!(safe_name("db.\"we/ird\" t"), "db%2E%22we%2Fird%22%20t");
+        assert_eq!(safe_name(".."), "%2E%2E");
+        assert_eq!(safe_name(""), "%00");
+        assert_ne!(safe_name("a b"), safe_name("a_b"));
+    }
+
+    #[test]
+    fn one_process_holds_a_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = RunState::new(dir.path(), "r3".into(), false);
+        assert!(!run_is_locked(dir.path(), "r3"));
+        a.acquire_lock().unwrap();
+        a.acquire_lock().unwrap();
+        let b = RunState::new(dir.path(), "r3".into(), true);
+        let e = b.acquire_lock().unwrap_err().to_string();
+        assert!(e.contains("another flumen process"), "{e}");
+        assert!(run_is_locked(dir.path(), "r3"));
+        drop(a);
+        assert!(!run_is_locked(dir.path(), "r3"));
+        b.acquire_lock().unwrap();
+    }
+
+    #[test]
+    fn a_later_attempt_adds_to_the_manifest_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let part = |file: &str| Part {
+            file: file.into(),
+            rows: 1,
+            token: "t".into(),
+            delivered: false,
+        };
+        let first = RunState::new(dir.path(), "r4".into(), false);
+        let (_, f1) = first.new_staging_file("t");
+        first.add_staged_part("t", part(&f1)).unwrap();
+        let second = RunState::new(dir.path(), "r4".into(), true);
+        let (_, f2) = second.new_staging_file("t");
+        assert_ne!(f1, f2, "part names are per attempt");
+        second.add_staged_part("t", part(&f2)).unwrap();
+        let files: Vec<String> = run_manifests(dir.path(), "r4").unwrap()[0]
+            .1
+            .parts
+            .iter()
+            .map(|p| p.file.clone())
+            .collect();
+        assert_eq!(files, vec![f1, f2]);
+        assert_eq!(staged_rows(dir.path(), "r4").unwrap()["t"], 2);
     }
 }

@@ -201,7 +201,8 @@ start_mysql() {
   if ! mysqladmin --protocol=tcp -h 127.0.0.1 -P 3306 -u flumen -pflumen-test ping >/dev/null 2>&1 \
      && ! $sudo mysqladmin ping >/dev/null 2>&1; then
     $sudo install -d -o mysql -g mysql /run/mysqld
-    (cd / && $sudo setsid mysqld_safe --bind-address=127.0.0.1 --local-infile=1 >/dev/null 2>&1 < /dev/null &)
+    # The redirections are the subshell's: nothing keeps the caller's output open.
+    (cd / && exec $sudo setsid mysqld_safe --bind-address=127.0.0.1 --local-infile=1) >/dev/null 2>&1 < /dev/null &
     wait_for mariadb $sudo mysqladmin ping
   fi
   $sudo mysql -u root -e "CREATE DATABASE IF NOT EXISTS flumen;
@@ -359,17 +360,13 @@ CONF
   log "mosquitto: $(/usr/sbin/mosquitto -h 2>/dev/null | head -1) on 127.0.0.1:1884 (flumen/flumen-test)"
 }
 
-start_python
-start_s3
-start_chdb
-start_clickhouse
-start_search
-start_postgres
-start_mysql
-start_redis
-start_mongo
-start_kafka
-start_nats
-start_rabbitmq
-start_mosquitto
+ALL=(python s3 chdb clickhouse search postgres mysql redis mongo kafka nats rabbitmq mosquitto)
+# `start.sh NAME...` starts only those (the crash matrix restarts the server it killed).
+if [ $# -gt 0 ]; then
+  for s in "$@"; do
+    case " ${ALL[*]} " in *" $s "*) "start_$s" ;; *) log "unknown service $s (one of: ${ALL[*]})"; exit 2 ;; esac
+  done
+  exit 0
+fi
+for s in "${ALL[@]}"; do "start_$s"; done
 log "ready (run folder: $RUN_DIR)"

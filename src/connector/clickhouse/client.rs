@@ -34,8 +34,9 @@ pub fn is_retriable(e: &ChError) -> bool {
     match e.code {
         // TIMEOUT_EXCEEDED, SOCKET_TIMEOUT, NETWORK_ERROR, TOO_MANY_SIMULTANEOUS_QUERIES,
         // MEMORY_LIMIT_EXCEEDED, TOO_MANY_PARTS, ALL_CONNECTION_TRIES_FAILED, TABLE_IS_READ_ONLY,
-        // KEEPER/ZooKeeper session errors, NOT_ENOUGH_SPACE.
-        Some(159 | 209 | 210 | 202 | 241 | 252 | 279 | 242 | 999 | 425 | 243) => true,
+        // KEEPER/ZooKeeper session errors, NOT_ENOUGH_SPACE, QUERY_WITH_SAME_ID_IS_ALREADY_RUNNING
+        // (an earlier attempt of the request is still running).
+        Some(159 | 209 | 210 | 202 | 241 | 252 | 279 | 242 | 999 | 425 | 243 | 216) => true,
         Some(_) => false,
         None => e.status == 0 || e.status == 429 || e.status >= 500,
     }
@@ -56,12 +57,14 @@ pub fn is_bad_data(e: &ChError) -> bool {
 }
 
 /// A connection to one ClickHouse database over HTTP.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
     base: Url,
     user: Option<String>,
     password: Option<String>,
+    /// The longest a statement (not a streamed read) may take.
+    timeout: Duration,
     /// The database named in the location (default `default`).
     pub database: String,
     /// Settings sent with every request (`OPTIONS ('settings' 'k=v,...')`).
@@ -99,8 +102,20 @@ pub fn parse_settings(text: &str) -> Result<Vec<(String, String)>> {
         .collect()
 }
 
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("base", &self.base.as_str())
+            .field("user", &self.user)
+            .field("database", &self.database)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Client {
-    /// From `http(s)://[user[:password]@]host:port[/database]`.
+    /// From `http(s)://[user[:password]@]host:port[/database]`. Statements and inserts may take
+    /// `timeout` in all; a streamed read may take as long as it streams, but waits at most
+    /// `timeout` to connect and between two chunks of its answer.
     pub fn from_location(location: &str, timeout: Duration) -> Result<Self> {
         let mut url = Url::parse(location)
             .map_err(|e| Error::Option(format!("LOCATION is not a URL like http://host:8123/db: {e}")))?;
@@ -123,7 +138,8 @@ impl Client {
         url.set_path("/");
         url.set_query(None);
         let http = reqwest::Client::builder()
-            .timeout(timeout)
+            .connect_timeout(timeout)
+            .read_timeout(timeout)
             .build()
             .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))?;
         Ok(Self {
@@ -131,6 +147,7 @@ impl Client {
             base: url,
             user,
             password,
+            timeout,
             database,
             settings: Vec::new(),
         })
@@ -200,7 +217,12 @@ impl Client {
 
     /// Runs a statement (sent as the body) and returns the response text.
     pub async fn query(&self, sql: &str) -> std::result::Result<String, ChError> {
-        self.send(self.request(None, &[]).body(sql.to_string())).await
+        self.send(
+            self.request(None, &[])
+                .timeout(self.timeout)
+                .body(sql.to_string()),
+        )
+        .await
     }
 
     /// Runs a query (sent as the body) and returns the response to be read as it arrives;
@@ -234,16 +256,24 @@ impl Client {
     /// Sends `INSERT INTO <table> FORMAT Native` with a Native body, compressed as said; with a
     /// `token`, the server drops the insert if it already committed one with the same token
     /// (`insert_deduplication_token`, ClickHouse 22.2+).
+    ///
+    /// The insert runs as `query_id`: the server refuses a second query with the id of one
+    /// still running (code 216, retriable), so attempts of one request never run side by side.
     pub async fn insert_native(
         &self,
         table_sql: &str,
         body: bytes::Bytes,
         compression: BodyCompression,
         token: Option<&str>,
+        query_id: &str,
+        timeout: Duration,
     ) -> std::result::Result<(), ChError> {
-        self.send(self.insert_request(table_sql, body, compression, token))
-            .await
-            .map(|_| ())
+        self.send(
+            self.insert_request(table_sql, body, compression, token, query_id)
+                .timeout(timeout),
+        )
+        .await
+        .map(|_| ())
     }
 
     fn insert_request(
@@ -252,9 +282,10 @@ impl Client {
         body: bytes::Bytes,
         compression: BodyCompression,
         token: Option<&str>,
+        query_id: &str,
     ) -> reqwest::RequestBuilder {
         let q = format!("INSERT INTO {table_sql} FORMAT Native");
-        let mut params = Vec::new();
+        let mut params = vec![("query_id", query_id)];
         if let BodyCompression::Frames(_) = compression {
             params.push(("decompress", "1"));
         }
@@ -333,6 +364,7 @@ mod tests {
                 bytes::Bytes::new(),
                 BodyCompression::Frames(super::super::compress::Method::Lz4),
                 Some("tok-1"),
+                "flumen-q1",
             )
             .build()
             .unwrap();
@@ -342,6 +374,7 @@ mod tests {
             "async_insert=0",
             "decompress=1",
             "insert_deduplication_token=tok-1",
+            "query_id=flumen-q1",
         ] {
             assert!(url.contains(part), "{url} lacks {part}");
         }

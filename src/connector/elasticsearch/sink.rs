@@ -20,7 +20,9 @@ use super::source::{EsReader, ID};
 use crate::connector::http::{decode, error_text};
 use crate::connector::options::{OptionSpec, TableOptions};
 use crate::error::{Error, Result};
-use crate::sink::{Outcome, SINK_OPTIONS, SinkBackend, SinkOptions, SinkTable, SourceSinkTable, WriteMode};
+use crate::sink::{
+    Attempt, Effects, Outcome, SINK_OPTIONS, SinkBackend, SinkOptions, SinkTable, SourceSinkTable, WriteMode,
+};
 
 const OPTIONS: &[OptionSpec] = &[
     OptionSpec::new(
@@ -735,7 +737,7 @@ impl SinkBackend for EsBackend {
         false
     }
 
-    async fn finish(&self, ok: bool) -> Result<()> {
+    async fn finish(&self, ok: bool, _effects: &Effects) -> Result<()> {
         let Some(w) = &self.overwrite else {
             return Ok(());
         };
@@ -750,7 +752,16 @@ impl SinkBackend for EsBackend {
         result.map_err(|e| Error::Config(format!("elasticsearch index {}: overwrite: {e}", w.alias)))
     }
 
-    async fn send(&self, request: &EsRequest, _token: &str) -> Outcome {
+    /// Bulk items carry ids derived from the token (or the `id_column`), so a bulk request that
+    /// timed out and applied anyway is applied again to the same documents.
+    async fn send(&self, request: &EsRequest, attempt: &Attempt<'_>) -> Outcome {
+        attempt.bounded(self.bulk(request)).await
+    }
+}
+
+impl EsBackend {
+    /// One `_bulk` request, its answer read item by item.
+    async fn bulk(&self, request: &EsRequest) -> Outcome {
         if let Err(o) = self.ensure_indices(&request.indices).await {
             return o;
         }
@@ -787,7 +798,8 @@ impl SinkBackend for EsBackend {
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+            // A server's wish, bounded: at most five minutes.
+            .map(|s| Duration::from_secs(s.min(300)));
         let body = match resp.bytes().await {
             Ok(b) => b,
             Err(e) => {

@@ -15,7 +15,8 @@ use crate::connector::options::{OptionSpec, TableOptions};
 use crate::datagen::Rng;
 use crate::error::{Error, Result};
 use crate::sink::{
-    Outcome, SINK_OPTIONS, SinkBackend, SinkOptions, SinkTable, parse_duration, safe_name, write_parquet,
+    Attempt, Outcome, SINK_OPTIONS, SinkBackend, SinkOptions, SinkTable, parse_duration, safe_name,
+    write_parquet,
 };
 
 const OPTIONS: &[OptionSpec] = &[
@@ -31,6 +32,7 @@ const OPTIONS: &[OptionSpec] = &[
     OptionSpec::new("retry_after", "the Retry-After those answers carry (e.g. 50ms)"),
     OptionSpec::new("down", "'true': every request fails (the sink is unreachable)"),
     OptionSpec::new("down_after", "the sink becomes unreachable after N requests"),
+    OptionSpec::new("down_while", "the sink is unreachable while this file exists"),
     OptionSpec::new("reject_every", "rows whose key is a multiple of N are refused"),
     OptionSpec::new(
         "key",
@@ -84,6 +86,7 @@ impl TableProviderFactory for FaultyFactory {
             retry_after: dur("retry_after")?,
             down: o.parse_or("down", false)?,
             down_after: o.count_or("down_after", 0)?,
+            down_while: o.get("down_while").map(PathBuf::from),
             reject_every: o.count_or("reject_every", 0)?,
             key,
             delay: dur("delay")?,
@@ -110,6 +113,7 @@ struct FaultyBackend {
     retry_after: Duration,
     down: bool,
     down_after: u64,
+    down_while: Option<PathBuf>,
     reject_every: u64,
     key: usize,
     delay: Duration,
@@ -149,7 +153,13 @@ impl SinkBackend for FaultyBackend {
         Some(self.path_of(token).exists())
     }
 
-    async fn send(&self, batch: &RecordBatch, token: &str) -> Outcome {
+    async fn send(&self, batch: &RecordBatch, attempt: &Attempt<'_>) -> Outcome {
+        attempt.bounded(self.apply(batch, attempt.token)).await
+    }
+}
+
+impl FaultyBackend {
+    async fn apply(&self, batch: &RecordBatch, token: &str) -> Outcome {
         let n = self.requests.fetch_add(1, Ordering::Relaxed);
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
@@ -161,7 +171,10 @@ impl SinkBackend for FaultyBackend {
             reason: reason.into(),
             after,
         };
-        if self.down || (self.down_after > 0 && n >= self.down_after) {
+        if self.down
+            || (self.down_after > 0 && n >= self.down_after)
+            || self.down_while.as_ref().is_some_and(|p| p.exists())
+        {
             return retry("connection refused (injected: sink down)", None);
         }
         if n < self.fail_first {

@@ -29,11 +29,19 @@ pub struct GenerateExec {
     schema: SchemaRef,
     partitions: usize,
     limit: Option<usize>,
+    /// Rows per second over all partitions, when paced.
+    rate: Option<f64>,
     metrics: ExecutionPlanMetricsSet,
     properties: Arc<PlanProperties>,
 }
 
 impl GenerateExec {
+    /// Paces the scan at `rate` rows per second (over all partitions).
+    pub fn with_rate(mut self, rate: Option<f64>) -> Self {
+        self.rate = rate.filter(|r| *r > 0.0);
+        self
+    }
+
     /// A scan of `spec` in `partitions` slices.
     pub fn try_new(
         spec: Arc<GenSpec>,
@@ -63,6 +71,7 @@ impl GenerateExec {
             schema,
             partitions,
             limit,
+            rate: None,
             metrics: ExecutionPlanMetricsSet::new(),
             properties,
         })
@@ -90,7 +99,11 @@ impl DisplayAs for GenerateExec {
             self.rows(),
             self.spec.seed,
             self.partitions
-        )
+        )?;
+        if let Some(r) = self.rate {
+            write!(f, ", rate={r} rows/s")?;
+        }
+        Ok(())
     }
 }
 
@@ -127,7 +140,18 @@ impl ExecutionPlan for GenerateExec {
         let projection = self.projection.clone();
         let step = spec.batch_rows.max(1);
         let baseline = BaselineMetrics::new(&self.metrics, partition);
-        let batches = futures::stream::iter((start..end).step_by(step)).map(move |s| {
+        // Pacing: batch k of this partition is not made before its rows are due.
+        let pace = self
+            .rate
+            .map(|r| (tokio::time::Instant::now(), r / self.partitions as f64));
+        let batches = futures::stream::iter((start..end).step_by(step)).then(move |s| async move {
+            if let Some((began, per_partition)) = pace {
+                let due = std::time::Duration::from_secs_f64((s - start) as f64 / per_partition);
+                tokio::time::sleep_until(began + due).await;
+            }
+            s
+        });
+        let batches = batches.map(move |s| {
             let timer = baseline.elapsed_compute().timer();
             let len = (step as u64).min(end - s) as usize;
             let batch = spec.batch(s, len)?;

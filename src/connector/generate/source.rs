@@ -28,6 +28,10 @@ const OPTIONS: &[OptionSpec] = &[
         "parallel partitions; default the session's target_partitions",
     ),
     OptionSpec::new("batch_rows", "rows per batch; default 8192"),
+    OptionSpec::new(
+        "rate",
+        "rows per second, to pace the data like a live source (load tests, demos); default as fast as it goes",
+    ),
 ];
 
 /// Builds GENERATE tables from `CREATE EXTERNAL TABLE`.
@@ -65,9 +69,21 @@ impl TableProviderFactory for GenerateFactory {
             ))
             .into());
         }
+        let rate = match opts.get("rate") {
+            None => None,
+            Some(r) => Some(
+                r.parse::<f64>()
+                    .ok()
+                    .filter(|r| r.is_finite() && *r > 0.0)
+                    .ok_or_else(|| {
+                        opts.bad_value("rate", r, "expected rows per second, a positive number")
+                    })?,
+            ),
+        };
         Ok(Arc::new(GenerateTable {
             spec: Arc::new(spec),
             partitions: partitions as usize,
+            rate,
         }))
     }
 }
@@ -77,6 +93,7 @@ impl TableProviderFactory for GenerateFactory {
 struct GenerateTable {
     spec: Arc<GenSpec>,
     partitions: usize,
+    rate: Option<f64>,
 }
 
 #[async_trait]
@@ -96,11 +113,14 @@ impl TableProvider for GenerateTable {
         _filters: &[Expr],
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        Ok(Arc::new(GenerateExec::try_new(
-            Arc::clone(&self.spec),
-            projection.cloned(),
-            self.partitions,
-            limit,
-        )?))
+        Ok(Arc::new(
+            GenerateExec::try_new(
+                Arc::clone(&self.spec),
+                projection.cloned(),
+                self.partitions,
+                limit,
+            )?
+            .with_rate(self.rate),
+        ))
     }
 }

@@ -9,7 +9,6 @@
 //! insert time.) With `'transaction' 'job'` every request of the statement runs in one
 //! transaction, committed at the end or aborted on the first failure.
 
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
@@ -22,7 +21,7 @@ use tokio::sync::Mutex;
 use super::types::to_bson;
 use super::{fatal, text};
 use crate::error::{Error, Result};
-use crate::sink::{Outcome, SinkBackend};
+use crate::sink::{Attempt, Effects, Outcome, SinkBackend};
 
 /// What a write does with each row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,15 +100,17 @@ pub struct MongoRequest {
     bytes: usize,
 }
 
-/// An ObjectId made from a delivery token and a row.
+/// An ObjectId made from a delivery token and a row: the first 12 bytes of the XXH3-128 of
+/// the token, a 0 byte and the row as 4 little-endian bytes. XXH3 is a specified hash, so a
+/// request sent again by another flumen version (a resume after an upgrade) gets the same ids.
 fn derived_id(token: &str, row: u32) -> ObjectId {
-    let mut a = std::collections::hash_map::DefaultHasher::new();
-    (token, row).hash(&mut a);
-    let mut b = std::collections::hash_map::DefaultHasher::new();
-    (row, token, 0x5eedu16).hash(&mut b);
+    let mut input = Vec::with_capacity(token.len() + 5);
+    input.extend_from_slice(token.as_bytes());
+    input.push(0);
+    input.extend_from_slice(&row.to_le_bytes());
+    let h = xxhash_rust::xxh3::xxh3_128(&input).to_be_bytes();
     let mut bytes = [0u8; 12];
-    bytes[..8].copy_from_slice(&a.finish().to_be_bytes());
-    bytes[8..].copy_from_slice(&b.finish().to_be_bytes()[..4]);
+    bytes.copy_from_slice(&h[..12]);
     ObjectId::from_bytes(bytes)
 }
 
@@ -222,7 +223,40 @@ impl SinkBackend for MongoBackend {
         &["append", "upsert"]
     }
 
-    async fn send(&self, req: &MongoRequest, _token: &str) -> Outcome {
+    async fn send(&self, req: &MongoRequest, attempt: &Attempt<'_>) -> Outcome {
+        match attempt.bounded(self.apply(req)).await {
+            // In a transaction, a command that got no answer may still apply: never again.
+            Outcome::Retry { reason, .. } if self.job => Outcome::Fatal {
+                reason: format!("{reason}; the transaction is rolled back"),
+            },
+            o => o,
+        }
+    }
+
+    async fn finish(&self, ok: bool, _effects: &Effects) -> Result<()> {
+        let Some(mut s) = self.session.lock().await.take() else {
+            return Ok(());
+        };
+        let r = if ok {
+            s.commit_transaction().await
+        } else {
+            s.abort_transaction().await
+        };
+        r.map_err(|e| {
+            Error::Config(format!(
+                "table {}: mongodb {}: {} the transaction: {}",
+                self.table,
+                self.host,
+                if ok { "committing" } else { "aborting" },
+                text(&e)
+            ))
+        })
+    }
+}
+
+impl MongoBackend {
+    /// Sends a request's documents as `insert` or `update` commands of at most ~8 MiB.
+    async fn apply(&self, req: &MongoRequest) -> Outcome {
         let mut rejected: Vec<(usize, String)> = Vec::new();
         let mut retry: Vec<usize> = Vec::new();
         let db = self.client.database(&self.db);
@@ -351,25 +385,5 @@ impl SinkBackend for MongoBackend {
         } else {
             Outcome::Partial { rejected, retry }
         }
-    }
-
-    async fn finish(&self, ok: bool) -> Result<()> {
-        let Some(mut s) = self.session.lock().await.take() else {
-            return Ok(());
-        };
-        let r = if ok {
-            s.commit_transaction().await
-        } else {
-            s.abort_transaction().await
-        };
-        r.map_err(|e| {
-            Error::Config(format!(
-                "table {}: mongodb {}: {} the transaction: {}",
-                self.table,
-                self.host,
-                if ok { "committing" } else { "aborting" },
-                text(&e)
-            ))
-        })
     }
 }

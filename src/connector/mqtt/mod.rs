@@ -83,6 +83,27 @@ struct MqttBroker {
     idle: Duration,
 }
 
+/// The spool's folder name: anything but letters, digits, `_`, `-`, `.` becomes `_`. Kept as
+/// it was when spools were first written (a new mapping would orphan the spools already on
+/// disk, whose messages are acknowledged to the broker); one path component, never `.` or `..`.
+fn spool_name(id: &str) -> String {
+    let name: String = id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if name.chars().all(|c| c == '.') {
+        name.replace('.', "_")
+    } else {
+        name
+    }
+}
+
 impl MqttBroker {
     fn fail(&self, what: &str, e: impl std::fmt::Display) -> Error {
         Error::Config(format!(
@@ -92,13 +113,10 @@ impl MqttBroker {
     }
 
     fn spool_dir(&self, run: &RunState) -> PathBuf {
-        run.dir()
-            .join("spool")
-            .join("mqtt")
-            .join(crate::sink::safe_name(&format!(
-                "{}_{}_{}",
-                self.host, self.port, self.client_id
-            )))
+        run.dir().join("spool").join("mqtt").join(spool_name(&format!(
+            "{}_{}_{}",
+            self.host, self.port, self.client_id
+        )))
     }
 
     /// Connects with the persistent session, its messages going into `writer`, and subscribes

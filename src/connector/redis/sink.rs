@@ -21,7 +21,7 @@ use redis::Value;
 use super::conn::{Redis, slot, text};
 use super::{Kind, Layout, Seg};
 use crate::error::{Error, Result};
-use crate::sink::{Outcome, SinkBackend};
+use crate::sink::{Attempt, Outcome, SinkBackend};
 
 /// Writes a REDIS table.
 #[derive(Debug)]
@@ -336,7 +336,14 @@ impl SinkBackend for RedisBackend {
         )
     }
 
-    async fn send(&self, req: &RedisRequest, _token: &str) -> Outcome {
+    async fn send(&self, req: &RedisRequest, attempt: &Attempt<'_>) -> Outcome {
+        attempt.bounded(self.apply(req)).await
+    }
+}
+
+impl RedisBackend {
+    /// Sends a request's commands, grouped by the node that owns their keys.
+    async fn apply(&self, req: &RedisRequest) -> Outcome {
         let l = &self.layout;
         let mut rejected = req.rejected.clone();
         if req.cmds.is_empty() {

@@ -45,6 +45,12 @@ const OPTIONS: &[OptionSpec] = &[
         "'batch' (default: a transaction per request, failures staged for resume) or 'job' (all or nothing)",
     ),
     OptionSpec::new(
+        "delivery_table",
+        "writes: the table where each request's delivery token is recorded in the request's own transaction, \
+         so a request sent again (a retry after a timeout, a resumed run) is applied once; default \
+         flumen_deliveries beside the target, 'none' to keep no record (at-least-once)",
+    ),
+    OptionSpec::new(
         "partition_on",
         "reads: an integer column whose range is split for parallel reads",
     ),
@@ -79,10 +85,37 @@ pub type Mode = crate::sink::WriteMode;
 pub struct WriteSpec {
     /// The target, quoted for its dialect.
     pub table: String,
+    /// The target as the user named it (`table` or `schema.table`).
+    pub name: String,
     pub create: Create,
     pub mode: Mode,
     /// One transaction for the whole statement.
     pub job: bool,
+    /// The delivery table, quoted (`None`: no record of delivered tokens is kept).
+    pub deliveries: Option<String>,
+}
+
+impl WriteSpec {
+    /// A table in the target's schema named after it, `<table><suffix>`, quoted.
+    pub fn beside(&self, d: Dialect, suffix: &str) -> String {
+        match self.name.rsplit_once('.') {
+            Some((schema, t)) => format!("{}.{}", d.table(schema), d.ident(&format!("{t}{suffix}"))),
+            None => d.ident(&format!("{}{suffix}", self.name)),
+        }
+    }
+}
+
+/// The delivery table of a target named `name`: option `delivery_table`, default
+/// `flumen_deliveries` in the target's schema; `None` for 'none'.
+fn delivery_table(d: Dialect, name: &str, option: Option<&str>) -> Option<String> {
+    match option {
+        Some(v) if v.eq_ignore_ascii_case("none") => None,
+        Some(v) => Some(d.table(v)),
+        None => Some(match name.rsplit_once('.') {
+            Some((schema, _)) => format!("{}.{}", d.table(schema), d.ident("flumen_deliveries")),
+            None => d.ident("flumen_deliveries"),
+        }),
+    }
 }
 
 /// Builds MYSQL, POSTGRES and SQLITE tables.
@@ -263,8 +296,11 @@ impl TableProviderFactory for SqlFactory {
             _ => Create::IfNotExists,
         };
         // A query is read-only: writes need a table.
+        let raw = o.get("table").unwrap_or_default().to_string();
         let spec = WriteSpec {
             table: table.unwrap_or_default(),
+            deliveries: delivery_table(d, &raw, o.get("delivery_table")),
+            name: raw,
             create,
             mode,
             job,
@@ -277,18 +313,12 @@ impl TableProviderFactory for SqlFactory {
             Dialect::Sqlite => {
                 let path = location.strip_prefix("sqlite://").map(decode).unwrap_or_default();
                 let _ = url;
-                let backend = sqlite::SqliteBackend {
-                    path,
-                    spec,
-                    schema: Arc::clone(&schema),
-                    conn: Default::default(),
-                    in_job: Default::default(),
-                    prepared: Default::default(),
-                };
+                let backend = sqlite::SqliteBackend::new(path, spec, Arc::clone(&schema));
                 Arc::new(SourceSinkTable::new(reader, SinkTable::new(backend, name, sink)?))
             }
             Dialect::MySql => {
-                let backend = mysql::MySqlBackend::new(conn, spec, Arc::clone(&schema))?.shared();
+                let backend =
+                    mysql::MySqlBackend::new(conn, spec, Arc::clone(&schema), sink.timeout)?.shared();
                 Arc::new(SourceSinkTable::new(reader, SinkTable::new(backend, name, sink)?))
             }
         })
@@ -411,19 +441,14 @@ async fn check_connection(d: Dialect, conn: &Conn, location: &str, declared: boo
 }
 
 /// The PostgreSQL writer, with the target's column types from the catalog (or, for a table
-/// not there yet, from the type map it will be created with).
+/// not there yet, from the type map it will be created with). A server that cannot be reached
+/// now leaves them to be read at the first write.
 async fn pg_backend(conn: Conn, spec: WriteSpec, schema: SchemaRef, name: &str) -> Result<pg::PgBackend> {
-    let planned = |f: &Field| pgcopy::PgColumn {
-        name: f.name().clone(),
-        ty: pg::type_for(f.data_type())
-            .map(|(_, t)| t)
-            .unwrap_or_else(|| "text".into()),
-    };
-    let existing = if spec.table.is_empty() || spec.create == Create::Replace {
-        None
+    let targets = if spec.table.is_empty() || spec.create == Create::Replace {
+        Some(pg::planned_targets(&schema))
     } else {
         match pg::connect(&conn.url).await {
-            Ok(client) => pg::catalog(&client, &spec.table).await?,
+            Ok(client) => Some(pg::targets(&client, &spec, &schema, name).await?),
             Err(e) => {
                 if e.as_db_error().is_some() {
                     return Err(Error::Config(format!(
@@ -432,42 +457,12 @@ async fn pg_backend(conn: Conn, spec: WriteSpec, schema: SchemaRef, name: &str) 
                     )));
                 }
                 tracing::warn!(
-                    "table {name}: cannot reach the database ({}); assuming the columns' own types",
+                    "table {name}: cannot reach the database ({}); its column types are read at the first write",
                     pg::pg_text(&e)
                 );
                 None
             }
         }
     };
-    let targets = match existing {
-        Some(cols) => schema
-            .fields()
-            .iter()
-            .map(|f| {
-                cols.iter().find(|c| c.name == *f.name()).cloned().ok_or_else(|| {
-                    Error::Option(format!(
-                        "table {name}: column {} is not in {} (it has {})",
-                        f.name(),
-                        spec.table,
-                        cols.iter()
-                            .map(|c| c.name.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ))
-                })
-            })
-            .collect::<Result<Vec<_>>>()?,
-        None => schema.fields().iter().map(|f| planned(f)).collect(),
-    };
-    Ok(pg::PgBackend {
-        url: conn.url,
-        spec,
-        schema,
-        targets,
-        pool: Default::default(),
-        job: Default::default(),
-        prepared: Default::default(),
-        sent: Default::default(),
-        seq: Default::default(),
-    })
+    Ok(pg::PgBackend::new(conn.url, spec, schema, name, targets))
 }

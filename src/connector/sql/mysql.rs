@@ -6,10 +6,23 @@
 //! `LOAD DATA LOCAL` turns bad values into warnings (a truncated string, '' as 0) instead of
 //! errors. flumen does not let that pass: a load with warnings is rolled back, and the rows the
 //! warnings name go to dead letters with the server's words while the rest are sent again.
+//!
+//! Exactly once: as with PostgreSQL (`pg.rs`), each request's transaction first inserts its
+//! delivery token into the delivery table; a token found there means an earlier attempt
+//! committed the request. Every connection waits for locks at most the sink's `timeout`
+//! (`lock_wait_timeout`, `innodb_lock_wait_timeout`, read and write timeouts); an attempt that
+//! outlives it is killed at the server (`KILL <connection>`) and waited for before the next one.
+//!
+//! MySQL's DDL commits at once, so `'create' 'replace'` builds the new table beside the target
+//! (`<table>__flumen_new`) and swaps it in with one atomic `RENAME TABLE` once its first rows
+//! are committed (or, in a job, once the job commits): a statement that fails before leaves the
+//! old table as it was. The swap is recorded (the request's token, then the run's journal) and
+//! never done again in the run.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Float32Type, Float64Type, SchemaRef};
@@ -21,7 +34,7 @@ use super::cx::Conn;
 use super::dialect::Dialect;
 use super::{Create, Mode, WriteSpec};
 use crate::error::{Error, Result};
-use crate::sink::{Outcome, SinkBackend};
+use crate::sink::{Attempt, Effects, Outcome, SinkBackend};
 
 /// The MySQL type flumen creates for an Arrow type; `key`: the column is part of a key (strings
 /// then need a length).
@@ -85,12 +98,24 @@ pub struct MySqlBackend {
     opts: mysql::Opts,
     spec: WriteSpec,
     schema: SchemaRef,
-    conns: Arc<Mutex<Vec<mysql::Conn>>>,
-    job: Arc<Mutex<Option<mysql::Conn>>>,
-    prepared: Arc<Mutex<bool>>,
+    conns: Mutex<Vec<mysql::Conn>>,
+    job: Mutex<Option<Job>>,
+    /// The table is prepared (`create`); held by the first request while it prepares it.
+    prepared: Mutex<bool>,
+    /// The delivery table exists (made once per process).
+    deliveries_made: AtomicBool,
     /// Set once the server refused local infile: multi-row INSERTs from then on.
-    no_infile: Arc<AtomicBool>,
+    no_infile: AtomicBool,
     seq: AtomicU64,
+}
+
+/// The statement's transaction (`'transaction' 'job'`, `overwrite`).
+struct Job {
+    conn: mysql::Conn,
+    /// An earlier attempt of this run committed the job: nothing is loaded again.
+    committed_before: bool,
+    /// The job loads into the new table of a replace, swapped in when it commits.
+    shadow: bool,
 }
 
 impl std::fmt::Debug for MySqlBackend {
@@ -272,9 +297,20 @@ fn values(batch: &RecordBatch) -> Result<String> {
 }
 
 impl MySqlBackend {
-    pub fn new(conn: Conn, spec: WriteSpec, schema: SchemaRef) -> Result<Self> {
+    /// A writer of `spec`; every connection waits for locks and answers at most `timeout`.
+    pub fn new(conn: Conn, spec: WriteSpec, schema: SchemaRef, timeout: Duration) -> Result<Self> {
         let opts = mysql::Opts::from_url(&conn.url)
             .map_err(|e| Error::Option(conn.scrub(&format!("LOCATION: {e}"))))?;
+        let secs = timeout.as_secs().max(1);
+        let t = Some(timeout.max(Duration::from_secs(1)));
+        let opts: mysql::Opts = mysql::OptsBuilder::from_opts(opts)
+            .read_timeout(t)
+            .write_timeout(t)
+            .tcp_connect_timeout(t)
+            .init(vec![format!(
+                "SET SESSION lock_wait_timeout = {secs}, innodb_lock_wait_timeout = {secs}"
+            )])
+            .into();
         Ok(Self {
             opts,
             spec,
@@ -282,9 +318,140 @@ impl MySqlBackend {
             conns: Default::default(),
             job: Default::default(),
             prepared: Default::default(),
+            deliveries_made: Default::default(),
             no_infile: Default::default(),
             seq: AtomicU64::new(0),
         })
+    }
+
+    /// The new table of a replace, beside the target.
+    fn shadow(&self) -> String {
+        self.spec.beside(Dialect::MySql, "__flumen_new")
+    }
+
+    /// The old table of a replace, dropped once the new one is in place.
+    fn retired(&self) -> String {
+        self.spec.beside(Dialect::MySql, "__flumen_old")
+    }
+
+    /// The DDL of the table flumen creates, under `name`.
+    fn create_named(&self, name: &str) -> Result<String> {
+        let sql = self.create_sql()?;
+        Ok(sql.replacen(&self.spec.table, name, 1))
+    }
+
+    /// Makes the delivery table, once per process.
+    fn ensure_deliveries(&self, c: &mut mysql::Conn) -> std::result::Result<(), Outcome> {
+        let Some(t) = &self.spec.deliveries else {
+            return Ok(());
+        };
+        if self.deliveries_made.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        c.query_drop(format!(
+            "CREATE TABLE IF NOT EXISTS {t} (token VARCHAR(255) CHARACTER SET ascii NOT NULL PRIMARY KEY, \
+             target VARCHAR(1024) NOT NULL, delivered_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6)) ENGINE=InnoDB"
+        ))
+        .map_err(|e| match classify(e) {
+            Outcome::Fatal { reason } => Outcome::Fatal {
+                reason: format!(
+                    "making the delivery table {t}: {reason}; name one flumen may create with OPTIONS ('delivery_table' 'db.table'), or 'none'"
+                ),
+            },
+            o => o,
+        })?;
+        self.deliveries_made.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Inserts `token` into the delivery table: `false` when it was there already.
+    fn record(&self, c: &mut mysql::Conn, token: &str) -> std::result::Result<bool, Outcome> {
+        let Some(t) = &self.spec.deliveries else {
+            return Ok(true);
+        };
+        c.exec_drop(
+            format!("INSERT IGNORE INTO {t} (token, target) VALUES (?, ?)"),
+            (token, &self.spec.table),
+        )
+        .map_err(classify)?;
+        Ok(c.affected_rows() == 1)
+    }
+
+    /// Whether `token` is in the delivery table.
+    fn recorded(&self, c: &mut mysql::Conn, token: &str) -> std::result::Result<bool, Outcome> {
+        let Some(t) = &self.spec.deliveries else {
+            return Ok(false);
+        };
+        let found: Option<u8> = c
+            .exec_first(format!("SELECT 1 FROM {t} WHERE token = ?"), (token,))
+            .map_err(classify)?;
+        Ok(found.is_some())
+    }
+
+    /// Makes a fresh, empty new table for a replace.
+    fn make_shadow(&self, c: &mut mysql::Conn) -> std::result::Result<(), Outcome> {
+        let shadow = self.shadow();
+        for sql in [
+            format!("DROP TABLE IF EXISTS {shadow}"),
+            self.create_named(&shadow).map_err(fatal)?,
+        ] {
+            c.query_drop(&sql).map_err(|e| Outcome::Fatal {
+                reason: format!("creating {shadow}: {}", my_text(&e)),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Puts the new table of a replace in the target's place (one atomic RENAME), drops the
+    /// old one, and records it: the token (when given) in the delivery table, then the journal.
+    fn swap_in(
+        &self,
+        c: &mut mysql::Conn,
+        token: Option<&str>,
+        fx: &Effects,
+    ) -> std::result::Result<(), Outcome> {
+        let (t, shadow, old) = (&self.spec.table, self.shadow(), self.retired());
+        let exists: Option<u8> = c
+            .exec_first(
+                "SELECT 1 FROM information_schema.TABLES WHERE TABLE_SCHEMA = COALESCE(?, DATABASE()) AND TABLE_NAME = ?",
+                match self.spec.name.rsplit_once('.') {
+                    Some((db, name)) => (Some(db.to_string()), name.to_string()),
+                    None => (None, self.spec.name.clone()),
+                },
+            )
+            .map_err(classify)?;
+        let swap = |e: mysql::Error| Outcome::Fatal {
+            reason: format!("putting {shadow} in place of {t}: {}", my_text(&e)),
+        };
+        c.query_drop(format!("DROP TABLE IF EXISTS {old}"))
+            .map_err(swap)?;
+        match exists {
+            Some(_) => c.query_drop(format!("RENAME TABLE {t} TO {old}, {shadow} TO {t}")),
+            None => c.query_drop(format!("RENAME TABLE {shadow} TO {t}")),
+        }
+        .map_err(swap)?;
+        c.query_drop(format!("DROP TABLE IF EXISTS {old}"))
+            .map_err(swap)?;
+        if let Some(token) = token {
+            self.record(c, token)?;
+        }
+        fx.record("replace").map_err(fatal)
+    }
+
+    /// The table's DDL outside a replace: created if missing.
+    fn create_if_missing(&self, c: &mut mysql::Conn) -> std::result::Result<(), Outcome> {
+        if self.spec.create == Create::Never {
+            return Ok(());
+        }
+        let sql = self.create_sql().map_err(fatal)?;
+        c.query_drop(&sql).map_err(|e| Outcome::Fatal {
+            reason: format!("creating {}: {}", self.spec.table, my_text(&e)),
+        })
+    }
+
+    /// Whether this write still owes the replace (`'create' 'replace'`, not done in the run).
+    fn replace_owed(&self, fx: &Effects) -> bool {
+        self.spec.create == Create::Replace && !fx.done("replace")
     }
 
     pub fn create_sql(&self) -> Result<String> {
@@ -362,19 +529,21 @@ impl MySqlBackend {
             .join(", ")
     }
 
-    /// Loads one request on `c` (inside a transaction): `Ok(rows the server warned about)`.
+    /// Loads one request into `into` on `c` (inside a transaction): `Ok(rows the server warned
+    /// about)`.
     fn load(
         &self,
         c: &mut mysql::Conn,
         req: &MySqlRequest,
+        into: &str,
     ) -> std::result::Result<Vec<(usize, String)>, LoadError> {
         let upsert = matches!(self.spec.mode, Mode::Upsert(_));
         let target = if upsert {
             let tmp = format!("flumen_stage_{}", self.seq.fetch_add(1, Ordering::Relaxed));
-            c.query_drop(format!("CREATE TEMPORARY TABLE {tmp} LIKE {}", self.spec.table))?;
+            c.query_drop(format!("CREATE TEMPORARY TABLE {tmp} LIKE {into}"))?;
             tmp
         } else {
-            self.spec.table.clone()
+            into.to_string()
         };
         let mut warned = Vec::new();
         if !self.no_infile.load(Ordering::Relaxed) {
@@ -441,58 +610,68 @@ impl MySqlBackend {
                 set.join(", ")
             };
             c.query_drop(format!(
-                "INSERT INTO {} ({cols}) SELECT {cols} FROM {target} ON DUPLICATE KEY UPDATE {action}",
-                self.spec.table
+                "INSERT INTO {into} ({cols}) SELECT {cols} FROM {target} ON DUPLICATE KEY UPDATE {action}"
             ))?;
             c.query_drop(format!("DROP TEMPORARY TABLE {target}"))?;
         }
         Ok(warned)
     }
 
-    /// Runs `f` on a connection on the blocking pool, after creating the table if asked.
+    /// Runs `f` on a pooled connection on the blocking pool, within `timeout`: past it, the
+    /// connection is killed at the server and the attempt waited for, so no attempt outlives
+    /// its turn. A connection goes back to the pool only after a success.
     async fn with_conn<T: Send + 'static>(
         self: &Arc<Self>,
+        timeout: Duration,
         f: impl FnOnce(&MySqlBackend, &mut mysql::Conn) -> std::result::Result<T, Outcome> + Send + 'static,
     ) -> std::result::Result<T, Outcome> {
         let me = Arc::clone(self);
-        tokio::task::spawn_blocking(move || {
-            fn state<E>(_: E) -> Outcome {
-                Outcome::Fatal {
-                    reason: "writer state".into(),
-                }
-            }
-            let mut conn = match me.conns.lock().map_err(state)?.pop() {
+        let id = Arc::new(AtomicU32::new(0));
+        let seen = Arc::clone(&id);
+        let task = tokio::task::spawn_blocking(move || {
+            let pooled = me.conns.lock().ok().and_then(|mut v| v.pop());
+            let mut conn = match pooled {
                 Some(c) => c,
                 None => mysql::Conn::new(me.opts.clone()).map_err(classify)?,
             };
-            {
-                let mut prepared = me.prepared.lock().map_err(state)?;
-                if !*prepared && !me.spec.table.is_empty() {
-                    let mut sql = Vec::new();
-                    match me.spec.create {
-                        Create::Never => {}
-                        Create::IfNotExists => sql.push(me.create_sql().map_err(fatal)?),
-                        Create::Replace => {
-                            sql.push(format!("DROP TABLE IF EXISTS {}", me.spec.table));
-                            sql.push(me.create_sql().map_err(fatal)?);
-                        }
-                    }
-                    for s in sql {
-                        conn.query_drop(&s).map_err(|e| Outcome::Fatal {
-                            reason: format!("creating {}: {}", me.spec.table, my_text(&e)),
-                        })?;
-                    }
-                    *prepared = true;
-                }
-            }
+            seen.store(conn.connection_id(), Ordering::Relaxed);
             let r = f(&me, &mut conn);
-            if let Ok(mut v) = me.conns.lock() {
+            if r.is_ok()
+                && let Ok(mut v) = me.conns.lock()
+            {
                 v.push(conn);
             }
             r
-        })
-        .await
-        .map_err(|e| Outcome::Fatal {
+        });
+        self.settle(task, &id, timeout).await
+    }
+
+    /// Waits for a blocking attempt; past `timeout` (and the connection's own timeouts), kills
+    /// its connection at the server, then waits for it to return.
+    async fn settle<T>(
+        self: &Arc<Self>,
+        mut task: tokio::task::JoinHandle<std::result::Result<T, Outcome>>,
+        id: &AtomicU32,
+        timeout: Duration,
+    ) -> std::result::Result<T, Outcome> {
+        let joined = match tokio::time::timeout(timeout + Duration::from_secs(5), &mut task).await {
+            Ok(j) => j,
+            Err(_) => {
+                let (opts, conn_id) = (self.opts.clone(), id.load(Ordering::Relaxed));
+                if conn_id != 0 {
+                    let killer = tokio::task::spawn_blocking(move || {
+                        mysql::Conn::new(opts).and_then(|mut c| c.query_drop(format!("KILL {conn_id}")))
+                    });
+                    let _ = tokio::time::timeout(timeout, killer).await;
+                }
+                let _ = task.await;
+                return Err(Outcome::Retry {
+                    reason: format!("no answer within {timeout:?} (the attempt was killed at the server)"),
+                    after: None,
+                });
+            }
+        };
+        joined.map_err(|e| Outcome::Fatal {
             reason: format!("the writer task failed: {e}"),
         })?
     }
@@ -618,72 +797,19 @@ impl SinkBackend for MySql {
         &["append", "overwrite", "upsert"]
     }
 
-    async fn send(&self, req: &MySqlRequest, _token: &str) -> Outcome {
+    async fn send(&self, req: &MySqlRequest, a: &Attempt<'_>) -> Outcome {
         let tsv = Arc::clone(&req.tsv);
         let batch = req.batch.clone();
         let rows = batch.num_rows();
-        let job = self.0.spec.job;
-        let r = self
-            .0
-            .with_conn(move |me, c| {
-                let req = MySqlRequest { tsv, batch };
-                if job {
-                    let mut guard = me.job.lock().map_err(|_| Outcome::Fatal {
-                        reason: "writer state".into(),
-                    })?;
-                    if guard.is_none() {
-                        let mut jc = mysql::Conn::new(me.opts.clone()).map_err(classify)?;
-                        jc.query_drop("START TRANSACTION").map_err(classify)?;
-                        if me.spec.mode == Mode::Overwrite {
-                            jc.query_drop(format!("DELETE FROM {}", me.spec.table))
-                                .map_err(classify)?;
-                        }
-                        *guard = Some(jc);
-                    }
-                    let jc = guard.as_mut().ok_or_else(|| Outcome::Fatal {
-                        reason: "no connection".into(),
-                    })?;
-                    return match me.load(jc, &req) {
-                        Ok(w) if w.is_empty() => Ok(vec![]),
-                        Ok(w) => Err(Outcome::Fatal {
-                            reason: format!(
-                                "{} (the transaction is rolled back)",
-                                w.iter().map(|(_, m)| m.as_str()).collect::<Vec<_>>().join("; ")
-                            ),
-                        }),
-                        Err(e) => Err(Outcome::Fatal {
-                            reason: format!("{} (the transaction is rolled back)", e.text()),
-                        }),
-                    };
-                }
-                c.query_drop("START TRANSACTION").map_err(classify)?;
-                match me.load(c, &req) {
-                    Ok(w) if w.is_empty() => {
-                        c.query_drop("COMMIT").map_err(classify)?;
-                        Ok(vec![])
-                    }
-                    Ok(w) => {
-                        let _ = c.query_drop("ROLLBACK");
-                        Ok(w)
-                    }
-                    Err(LoadError::Server(e)) => {
-                        let _ = c.query_drop("ROLLBACK");
-                        if bad_data(&e) {
-                            let msg = my_text(&e);
-                            Ok(vec![(row_of(&msg).unwrap_or(usize::MAX), msg)])
-                        } else {
-                            Err(classify(e))
-                        }
-                    }
-                    Err(LoadError::Data(e)) => {
-                        let _ = c.query_drop("ROLLBACK");
-                        Err(Outcome::Fatal {
-                            reason: e.to_string(),
-                        })
-                    }
-                }
-            })
-            .await;
+        let req = MySqlRequest { tsv, batch };
+        let (token, fx, timeout) = (a.token.to_string(), a.effects.clone(), a.timeout);
+        let r = if self.0.spec.job {
+            self.send_job(req, fx, timeout).await
+        } else {
+            self.0
+                .with_conn(timeout, move |me, c| me.send_batch(c, &req, &token, &fx))
+                .await
+        };
         match r {
             Ok(w) if w.is_empty() => Outcome::Delivered,
             Ok(w) => {
@@ -706,40 +832,294 @@ impl SinkBackend for MySql {
         }
     }
 
-    async fn finish(&self, ok: bool) -> Result<()> {
-        let job = self.0.spec.job;
-        let table = self.0.spec.table.clone();
-        if table.is_empty() {
+    async fn finish(&self, ok: bool, fx: &Effects) -> Result<()> {
+        if self.0.spec.table.is_empty() {
+            return Ok(());
+        }
+        let fx = fx.clone();
+        let at = |o: Outcome| match o {
+            Outcome::Fatal { reason } | Outcome::Retry { reason, .. } => Error::Config(reason),
+            _ => Error::Config("finishing the write failed".into()),
+        };
+        if self.0.spec.job {
+            let me = Arc::clone(&self.0);
+            let task = tokio::task::spawn_blocking(move || me.finish_job(ok, &fx));
+            return task
+                .await
+                .map_err(|e| Error::Config(format!("the writer task failed: {e}")))?
+                .map_err(at);
+        }
+        if !ok {
+            // A replace whose new table never went in: dropped, the target untouched.
+            let owed = self.0.replace_owed(&fx);
+            if owed {
+                let _ = self
+                    .0
+                    .with_conn(Duration::from_secs(60), |me, c| {
+                        c.query_drop(format!("DROP TABLE IF EXISTS {}", me.shadow()))
+                            .map_err(classify)
+                    })
+                    .await;
+            }
+            return Ok(());
+        }
+        // No request was sent (an empty input): the table is still owed its DDL.
+        let prepared = self.0.prepared.lock().map(|p| *p).unwrap_or(false);
+        if prepared {
             return Ok(());
         }
         self.0
-            .with_conn(move |me, _| {
-                if !job {
-                    return Ok(());
+            .with_conn(Duration::from_secs(60), move |me, c| {
+                if me.replace_owed(&fx) {
+                    me.make_shadow(c)?;
+                    me.swap_in(c, None, &fx)?;
+                } else {
+                    me.create_if_missing(c)?;
                 }
-                let mut guard = me.job.lock().map_err(|_| Outcome::Fatal {
-                    reason: "writer state".into(),
-                })?;
-                if ok && guard.is_none() {
-                    let mut jc = mysql::Conn::new(me.opts.clone()).map_err(classify)?;
-                    jc.query_drop("START TRANSACTION").map_err(classify)?;
-                    if me.spec.mode == Mode::Overwrite {
-                        jc.query_drop(format!("DELETE FROM {table}")).map_err(classify)?;
-                    }
-                    *guard = Some(jc);
-                }
-                if let Some(mut jc) = guard.take() {
-                    let sql = if ok { "COMMIT" } else { "ROLLBACK" };
-                    jc.query_drop(sql).map_err(|e| Outcome::Fatal {
-                        reason: format!("{sql} failed: {}", my_text(&e)),
-                    })?;
+                if let Ok(mut p) = me.prepared.lock() {
+                    *p = true;
                 }
                 Ok(())
             })
             .await
-            .map_err(|o| match o {
-                Outcome::Fatal { reason } | Outcome::Retry { reason, .. } => Error::Config(reason),
-                _ => Error::Config("finishing the write failed".into()),
-            })
+            .map_err(at)
+    }
+}
+
+impl MySql {
+    /// Sends one request within the statement's transaction.
+    async fn send_job(
+        &self,
+        req: MySqlRequest,
+        fx: Effects,
+        timeout: Duration,
+    ) -> std::result::Result<Vec<(usize, String)>, Outcome> {
+        let me = Arc::clone(&self.0);
+        let id = Arc::new(AtomicU32::new(0));
+        let seen = Arc::clone(&id);
+        let task = tokio::task::spawn_blocking(move || {
+            let mut guard = me.job.lock().map_err(|_| Outcome::Fatal {
+                reason: "writer state".into(),
+            })?;
+            me.open_job(&mut guard, &fx)?;
+            let job = guard.as_mut().ok_or_else(|| Outcome::Fatal {
+                reason: "no transaction".into(),
+            })?;
+            if job.committed_before {
+                return Ok(vec![]);
+            }
+            seen.store(job.conn.connection_id(), Ordering::Relaxed);
+            let into = if job.shadow {
+                me.shadow()
+            } else {
+                me.spec.table.clone()
+            };
+            match me.load(&mut job.conn, &req, &into) {
+                Ok(w) if w.is_empty() => Ok(vec![]),
+                Ok(w) => Err(Outcome::Fatal {
+                    reason: format!(
+                        "{} (the transaction is rolled back)",
+                        w.iter().map(|(_, m)| m.as_str()).collect::<Vec<_>>().join("; ")
+                    ),
+                }),
+                Err(e) => Err(Outcome::Fatal {
+                    reason: format!("{} (the transaction is rolled back)", e.text()),
+                }),
+            }
+        });
+        match self.0.settle(task, &id, timeout).await {
+            // A job's statement that got no answer may still apply: never again.
+            Err(Outcome::Retry { reason, .. }) => Err(Outcome::Fatal {
+                reason: format!("{reason} (the transaction is rolled back)"),
+            }),
+            r => r,
+        }
+    }
+}
+
+impl MySqlBackend {
+    /// One request in a transaction of its own: the token first, then the rows. The first
+    /// request prepares the table; a replace's first rows go to the new table, swapped in once
+    /// they are committed.
+    fn send_batch(
+        &self,
+        c: &mut mysql::Conn,
+        req: &MySqlRequest,
+        token: &str,
+        fx: &Effects,
+    ) -> std::result::Result<Vec<(usize, String)>, Outcome> {
+        self.ensure_deliveries(c)?;
+        let mut prepared = self.prepared.lock().map_err(|_| Outcome::Fatal {
+            reason: "writer state".into(),
+        })?;
+        let mut into = self.spec.table.clone();
+        let mut swap = false;
+        if !*prepared {
+            if self.replace_owed(fx) {
+                if self.recorded(c, token)? {
+                    // An earlier attempt swapped the new table in with these rows.
+                    fx.record("replace").map_err(fatal)?;
+                    *prepared = true;
+                    return Ok(vec![]);
+                }
+                self.make_shadow(c)?;
+                into = self.shadow();
+                swap = true;
+            } else {
+                self.create_if_missing(c)?;
+                *prepared = true;
+            }
+        }
+        if !swap {
+            drop(prepared);
+            return self.transaction(c, req, token, &into, true);
+        }
+        // The new table's first rows: no token yet (the table is made again if the run dies
+        // before the swap); the token is recorded right after the swap.
+        let w = self.transaction(c, req, token, &into, false)?;
+        if w.is_empty() {
+            self.swap_in(c, Some(token), fx)?;
+            *prepared = true;
+        }
+        Ok(w)
+    }
+
+    /// `START TRANSACTION`, the token (with `token_first`), the load into `into`, `COMMIT`; a
+    /// load with warnings or refused values is rolled back and its rows named.
+    fn transaction(
+        &self,
+        c: &mut mysql::Conn,
+        req: &MySqlRequest,
+        token: &str,
+        into: &str,
+        token_first: bool,
+    ) -> std::result::Result<Vec<(usize, String)>, Outcome> {
+        c.query_drop("START TRANSACTION").map_err(classify)?;
+        if token_first {
+            match self.record(c, token) {
+                Ok(true) => {}
+                Ok(false) => {
+                    let _ = c.query_drop("ROLLBACK");
+                    return Ok(vec![]);
+                }
+                Err(o) => {
+                    let _ = c.query_drop("ROLLBACK");
+                    return Err(o);
+                }
+            }
+        }
+        match self.load(c, req, into) {
+            Ok(w) if w.is_empty() => {
+                c.query_drop("COMMIT").map_err(classify)?;
+                Ok(vec![])
+            }
+            Ok(w) => {
+                let _ = c.query_drop("ROLLBACK");
+                Ok(w)
+            }
+            Err(LoadError::Server(e)) => {
+                let _ = c.query_drop("ROLLBACK");
+                if bad_data(&e) {
+                    let msg = my_text(&e);
+                    Ok(vec![(row_of(&msg).unwrap_or(usize::MAX), msg)])
+                } else {
+                    Err(classify(e))
+                }
+            }
+            Err(LoadError::Data(e)) => {
+                let _ = c.query_drop("ROLLBACK");
+                Err(Outcome::Fatal {
+                    reason: e.to_string(),
+                })
+            }
+        }
+    }
+
+    /// Opens the job's transaction if it is not open: its token recorded (or found: an earlier
+    /// attempt committed the job, and with it any replace), the table prepared (a replace loads
+    /// a new table), emptied for `overwrite`.
+    fn open_job(&self, guard: &mut Option<Job>, fx: &Effects) -> std::result::Result<(), Outcome> {
+        if guard.is_some() {
+            return Ok(());
+        }
+        let mut conn = mysql::Conn::new(self.opts.clone()).map_err(classify)?;
+        self.ensure_deliveries(&mut conn)?;
+        let job_token = fx.statement_token();
+        if self.recorded(&mut conn, &job_token)? {
+            tracing::info!(table = %self.spec.table, "an earlier attempt of this run committed this write: it is not loaded again");
+            if self.replace_owed(fx) {
+                fx.record("replace").map_err(fatal)?;
+            }
+            *guard = Some(Job {
+                conn,
+                committed_before: true,
+                shadow: false,
+            });
+            return Ok(());
+        }
+        let shadow = self.replace_owed(fx);
+        let prepared = self.prepared.lock().map(|p| *p).unwrap_or(false);
+        if shadow {
+            self.make_shadow(&mut conn)?;
+        } else if !prepared {
+            self.create_if_missing(&mut conn)?;
+            if let Ok(mut p) = self.prepared.lock() {
+                *p = true;
+            }
+        }
+        let rolled = |e: mysql::Error| Outcome::Fatal {
+            reason: format!("{} (the transaction is rolled back)", my_text(&e)),
+        };
+        conn.query_drop("START TRANSACTION").map_err(rolled)?;
+        if !shadow {
+            // A replace's job records its token after the swap instead.
+            self.record(&mut conn, &job_token)?;
+            if self.spec.mode == Mode::Overwrite {
+                conn.query_drop(format!("DELETE FROM {}", self.spec.table))
+                    .map_err(rolled)?;
+            }
+        }
+        *guard = Some(Job {
+            conn,
+            committed_before: false,
+            shadow,
+        });
+        Ok(())
+    }
+
+    /// Ends the job: COMMIT (and a replace's swap) or ROLLBACK (and a replace's new table
+    /// dropped: the target stays as it was).
+    fn finish_job(&self, ok: bool, fx: &Effects) -> std::result::Result<(), Outcome> {
+        let mut guard = self.job.lock().map_err(|_| Outcome::Fatal {
+            reason: "writer state".into(),
+        })?;
+        if ok {
+            self.open_job(&mut guard, fx)?;
+        }
+        let Some(mut job) = guard.take() else {
+            return Ok(());
+        };
+        if job.committed_before {
+            return Ok(());
+        }
+        if !ok {
+            let _ = job.conn.query_drop("ROLLBACK");
+            if job.shadow {
+                let _ = job
+                    .conn
+                    .query_drop(format!("DROP TABLE IF EXISTS {}", self.shadow()));
+            }
+            return Ok(());
+        }
+        job.conn.query_drop("COMMIT").map_err(|e| Outcome::Fatal {
+            reason: format!("COMMIT failed: {}", my_text(&e)),
+        })?;
+        if job.shadow {
+            self.swap_in(&mut job.conn, Some(&fx.statement_token()), fx)?;
+            if let Ok(mut p) = self.prepared.lock() {
+                *p = true;
+            }
+        }
+        Ok(())
     }
 }

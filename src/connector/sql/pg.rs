@@ -2,8 +2,21 @@
 //! (`pgcopy.rs`), in a transaction per request, or one for the whole statement
 //! (`'transaction' 'job'`, and always for `overwrite`). `upsert` copies into a temporary table
 //! and merges with `INSERT ... ON CONFLICT (keys) DO UPDATE`.
+//!
+//! Exactly once: each request's transaction first inserts its delivery token into the delivery
+//! table (`flumen_deliveries` beside the target, option `delivery_table`). A token that is there
+//! already means an earlier attempt committed the request: it is rolled back and counts as
+//! delivered. An earlier attempt still running holds the token's row lock, so the next one waits
+//! for it to end: two attempts of a request never both commit. A job records one token for the
+//! statement, so a replay of a job that committed does not load it again.
+//!
+//! DDL is transactional here: the table is created (or, with `'create' 'replace'`, dropped and
+//! created) in the transaction of the first request or of the job, so a statement that fails
+//! before that commits leaves the target as it was. The replace is recorded in the delivery
+//! table in that transaction and in the run's journal after it, and never runs again in the run.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::{DataType, SchemaRef};
@@ -13,7 +26,7 @@ use tokio_postgres::{Client, NoTls};
 use super::pgcopy::{self, PgColumn};
 use super::{Create, Mode, WriteSpec};
 use crate::error::{Error, Result};
-use crate::sink::{Outcome, SinkBackend};
+use crate::sink::{Attempt, Effects, Outcome, SinkBackend};
 
 /// The PostgreSQL type flumen creates for an Arrow type: (DDL, catalog type name).
 pub fn type_for(t: &DataType) -> Option<(String, String)> {
@@ -60,17 +73,30 @@ pub fn type_for(t: &DataType) -> Option<(String, String)> {
 
 /// The PostgreSQL writer.
 pub struct PgBackend {
-    pub url: String,
-    pub spec: WriteSpec,
-    pub schema: SchemaRef,
+    url: String,
+    spec: WriteSpec,
+    schema: SchemaRef,
+    /// The table as the user named it, for messages.
+    name: String,
     /// The target's columns and types, as written (the catalog's, or the type map's for a
-    /// table flumen creates).
-    pub targets: Vec<PgColumn>,
-    pub pool: tokio::sync::Mutex<Vec<Client>>,
-    pub job: tokio::sync::Mutex<Option<Client>>,
-    pub prepared: tokio::sync::OnceCell<()>,
-    pub sent: AtomicBool,
-    pub seq: AtomicU64,
+    /// table flumen creates); read at the first write when the server was down at CREATE.
+    targets: tokio::sync::OnceCell<Vec<PgColumn>>,
+    pool: tokio::sync::Mutex<Vec<Client>>,
+    job: tokio::sync::Mutex<Option<Job>>,
+    /// The delivery table exists (made once per process).
+    deliveries: tokio::sync::OnceCell<()>,
+    /// The table is prepared (`create`): held by the first request while it prepares it.
+    prepared: tokio::sync::Mutex<bool>,
+    seq: AtomicU64,
+}
+
+/// The statement's transaction (`'transaction' 'job'`, `overwrite`).
+struct Job {
+    client: Client,
+    /// An earlier attempt of the run committed this job: nothing is loaded again.
+    committed_before: bool,
+    /// The transaction prepares the table (its DDL commits with it).
+    prepares: bool,
 }
 
 impl std::fmt::Debug for PgBackend {
@@ -81,14 +107,27 @@ impl std::fmt::Debug for PgBackend {
     }
 }
 
-/// An encoded request: a whole COPY body.
+/// An encoded request: a whole COPY body, or the rows until the target's types are known.
 pub struct PgRequest {
-    body: Vec<u8>,
+    body: Option<Vec<u8>>,
+    batch: RecordBatch,
     rows: usize,
 }
 
+/// Connects (within `timeout`, when given); the connection runs on a task that ends with it.
 pub async fn connect(url: &str) -> std::result::Result<Client, tokio_postgres::Error> {
-    let (client, conn) = tokio_postgres::connect(url, NoTls).await?;
+    connect_within(url, None).await
+}
+
+async fn connect_within(
+    url: &str,
+    timeout: Option<Duration>,
+) -> std::result::Result<Client, tokio_postgres::Error> {
+    let mut config: tokio_postgres::Config = url.parse()?;
+    if let Some(t) = timeout {
+        config.connect_timeout(t);
+    }
+    let (client, conn) = config.connect(NoTls).await?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -121,6 +160,50 @@ pub async fn catalog(client: &Client, table: &str) -> Result<Option<Vec<PgColumn
     ))
 }
 
+/// The columns a table flumen creates will have.
+pub fn planned_targets(schema: &SchemaRef) -> Vec<PgColumn> {
+    schema
+        .fields()
+        .iter()
+        .map(|f| PgColumn {
+            name: f.name().clone(),
+            ty: type_for(f.data_type())
+                .map(|(_, t)| t)
+                .unwrap_or_else(|| "text".into()),
+        })
+        .collect()
+}
+
+/// The target's column for each of `schema`'s, from the catalog (or planned when the table is
+/// not there yet).
+pub async fn targets(
+    client: &Client,
+    spec: &WriteSpec,
+    schema: &SchemaRef,
+    name: &str,
+) -> Result<Vec<PgColumn>> {
+    let Some(cols) = catalog(client, &spec.table).await? else {
+        return Ok(planned_targets(schema));
+    };
+    schema
+        .fields()
+        .iter()
+        .map(|f| {
+            cols.iter().find(|c| c.name == *f.name()).cloned().ok_or_else(|| {
+                Error::Option(format!(
+                    "table {name}: column {} is not in {} (it has {})",
+                    f.name(),
+                    spec.table,
+                    cols.iter()
+                        .map(|c| c.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })
+        })
+        .collect()
+}
+
 /// An error's text: the server's message (and detail), never the connection string.
 pub fn pg_text(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
@@ -147,7 +230,41 @@ pub fn pg_text(e: &tokio_postgres::Error) -> String {
     }
 }
 
+/// How a transaction went.
+enum Tx {
+    /// Committed.
+    Done,
+    /// The token was there: an earlier attempt committed the request.
+    Before,
+}
+
 impl PgBackend {
+    /// A writer of `spec` (`targets`: the target's columns when known now).
+    pub fn new(
+        url: String,
+        spec: WriteSpec,
+        schema: SchemaRef,
+        name: &str,
+        targets: Option<Vec<PgColumn>>,
+    ) -> Self {
+        let cell = tokio::sync::OnceCell::new();
+        if let Some(t) = targets {
+            let _ = cell.set(t);
+        }
+        Self {
+            url,
+            spec,
+            schema,
+            name: name.to_string(),
+            targets: cell,
+            pool: Default::default(),
+            job: Default::default(),
+            deliveries: Default::default(),
+            prepared: Default::default(),
+            seq: AtomicU64::new(0),
+        }
+    }
+
     fn d(&self) -> super::dialect::Dialect {
         super::dialect::Dialect::Postgres
     }
@@ -191,32 +308,130 @@ impl PgBackend {
         ))
     }
 
-    /// Creates the table on the first write, as `create` says.
-    async fn prepare(&self) -> std::result::Result<(), Outcome> {
-        self.prepared
-            .get_or_try_init(|| async {
-                if self.spec.create == Create::Never {
-                    return Ok(());
-                }
-                let client = connect(&self.url).await.map_err(classify_connect)?;
-                let mut sql = String::new();
-                if self.spec.create == Create::Replace {
-                    sql.push_str(&format!("DROP TABLE IF EXISTS {};\n", self.spec.table));
-                }
-                sql.push_str(&self.create_sql().map_err(|e| Outcome::Fatal {
+    /// The token that records this run's replace of the table in the delivery table.
+    fn replace_token(&self, fx: &Effects) -> String {
+        format!("{}/replace/{}", fx.run_id(), self.name)
+    }
+
+    /// The DDL the table is owed (run inside the transaction that prepares it).
+    async fn ddl(&self, client: &Client, fx: &Effects) -> std::result::Result<(), Outcome> {
+        let fatal = |e: tokio_postgres::Error| Outcome::Fatal {
+            reason: format!("creating {}: {}", self.spec.table, pg_text(&e)),
+        };
+        match self.spec.create {
+            Create::Never => Ok(()),
+            Create::IfNotExists => {
+                let sql = self.create_sql().map_err(|e| Outcome::Fatal {
                     reason: e.to_string(),
-                })?);
-                client.batch_execute(&sql).await.map_err(|e| Outcome::Fatal {
-                    reason: format!("creating {}: {}", self.spec.table, pg_text(&e)),
                 })?;
-                Ok(())
+                client.batch_execute(&sql).await.map_err(fatal)
+            }
+            Create::Replace => {
+                if fx.done("replace") || self.recorded(client, &self.replace_token(fx)).await? {
+                    // Done by an earlier attempt of this run: its rows stay.
+                    let sql = self.create_sql().map_err(|e| Outcome::Fatal {
+                        reason: e.to_string(),
+                    })?;
+                    return client.batch_execute(&sql).await.map_err(fatal);
+                }
+                let sql = format!(
+                    "DROP TABLE IF EXISTS {};\n{}",
+                    self.spec.table,
+                    self.create_sql().map_err(|e| Outcome::Fatal {
+                        reason: e.to_string()
+                    })?
+                );
+                client.batch_execute(&sql).await.map_err(fatal)?;
+                self.record(client, &self.replace_token(fx)).await.map(|_| ())
+            }
+        }
+    }
+
+    /// Whether `token` is in the delivery table.
+    async fn recorded(&self, client: &Client, token: &str) -> std::result::Result<bool, Outcome> {
+        let Some(t) = &self.spec.deliveries else {
+            return Ok(false);
+        };
+        client
+            .query_opt(&format!("SELECT 1 FROM {t} WHERE token = $1"), &[&token])
+            .await
+            .map(|r| r.is_some())
+            .map_err(|e| classify(&e, 0).unwrap_or_else(|o| o))
+    }
+
+    /// Inserts `token` into the delivery table: `false` when it was there already.
+    async fn record(&self, client: &Client, token: &str) -> std::result::Result<bool, Outcome> {
+        let Some(t) = &self.spec.deliveries else {
+            return Ok(true);
+        };
+        let target = &self.spec.table;
+        client
+            .execute(
+                &format!("INSERT INTO {t} (token, target) VALUES ($1, $2) ON CONFLICT (token) DO NOTHING"),
+                &[&token, &target],
+            )
+            .await
+            .map(|n| n == 1)
+            .map_err(|e| classify(&e, 0).unwrap_or_else(|o| o))
+    }
+
+    /// Makes the delivery table, once per process.
+    async fn ensure_deliveries(&self, client: &Client) -> std::result::Result<(), Outcome> {
+        let Some(t) = &self.spec.deliveries else {
+            return Ok(());
+        };
+        self.deliveries
+            .get_or_try_init(|| async {
+                let sql = format!(
+                    "CREATE TABLE IF NOT EXISTS {t} (token TEXT PRIMARY KEY, target TEXT NOT NULL, \
+                     delivered_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+                );
+                match client.batch_execute(&sql).await {
+                    Ok(()) => Ok(()),
+                    // Made at the same moment by another writer.
+                    Err(e) if matches!(e.code().map(|c| c.code()), Some("23505" | "42P07")) => Ok(()),
+                    Err(e) if e.as_db_error().is_none() => Err(Outcome::Retry {
+                        reason: pg_text(&e),
+                        after: None,
+                    }),
+                    Err(e) => Err(Outcome::Fatal {
+                        reason: format!(
+                            "making the delivery table {t}: {}; name one flumen may create with OPTIONS ('delivery_table' 'schema.table'), or 'none'",
+                            pg_text(&e)
+                        ),
+                    }),
+                }
             })
             .await
             .map(|_| ())
     }
 
+    /// The target's columns: known at CREATE, or read now.
+    async fn targets(&self, timeout: Duration) -> std::result::Result<&Vec<PgColumn>, Outcome> {
+        self.targets
+            .get_or_try_init(|| async {
+                let client = connect_within(&self.url, Some(timeout))
+                    .await
+                    .map_err(classify_connect)?;
+                targets(&client, &self.spec, &self.schema, &self.name)
+                    .await
+                    .map_err(|e| Outcome::Fatal {
+                        reason: e.to_string(),
+                    })
+            })
+            .await
+    }
+
+    fn encode_body(&self, batch: &RecordBatch, targets: &[PgColumn]) -> Result<Vec<u8>> {
+        let mut body = Vec::with_capacity(batch.get_array_memory_size() + 64);
+        pgcopy::header(&mut body);
+        pgcopy::encode_rows(batch, targets, &mut body)?;
+        pgcopy::trailer(&mut body);
+        Ok(body)
+    }
+
     /// The statements that load one request on `client` (inside a transaction).
-    async fn load(&self, client: &Client, req: &PgRequest) -> std::result::Result<(), tokio_postgres::Error> {
+    async fn load(&self, client: &Client, body: &[u8]) -> std::result::Result<(), tokio_postgres::Error> {
         use futures::SinkExt;
         let cols = self.columns_sql();
         let target = match &self.spec.mode {
@@ -237,7 +452,7 @@ impl PgBackend {
             .copy_in::<_, bytes::Bytes>(&format!("COPY {target} ({cols}) FROM STDIN (FORMAT binary)"))
             .await?;
         futures::pin_mut!(sink);
-        sink.send(bytes::Bytes::copy_from_slice(&req.body)).await?;
+        sink.send(bytes::Bytes::copy_from_slice(body)).await?;
         sink.finish().await?;
         if let Mode::Upsert(keys) = &self.spec.mode {
             let d = self.d();
@@ -266,22 +481,183 @@ impl PgBackend {
         Ok(())
     }
 
-    /// The job's connection, in its transaction (begun, and the table emptied for `overwrite`,
-    /// on first use).
-    async fn job_client<'a>(
+    /// One request in a transaction of its own: the token first, the table's DDL when
+    /// `prepare`, then the rows.
+    async fn transaction(
         &self,
-        guard: &'a mut Option<Client>,
-    ) -> std::result::Result<&'a Client, tokio_postgres::Error> {
-        if guard.is_none() {
-            let c = connect(&self.url).await?;
-            c.batch_execute("BEGIN").await?;
-            if self.spec.mode == Mode::Overwrite {
-                c.batch_execute(&format!("DELETE FROM {}", self.spec.table))
-                    .await?;
+        client: &Client,
+        body: &[u8],
+        rows: usize,
+        token: &str,
+        prepare: bool,
+        fx: &Effects,
+    ) -> std::result::Result<Tx, Outcome> {
+        let err = |e: tokio_postgres::Error| classify(&e, rows);
+        client
+            .batch_execute("BEGIN")
+            .await
+            .map_err(|e| err(e).unwrap_or_else(|o| o))?;
+        let r = async {
+            if !self.record(client, token).await? {
+                return Ok(Tx::Before);
             }
-            *guard = Some(c);
+            if prepare {
+                self.ddl(client, fx).await?;
+            }
+            self.load(client, body).await.map_err(|e| match err(e) {
+                Ok(partial) => partial,
+                Err(o) => o,
+            })?;
+            client
+                .batch_execute("COMMIT")
+                .await
+                .map_err(|e| err(e).unwrap_or_else(|o| o))?;
+            Ok(Tx::Done)
         }
-        Ok(guard.as_ref().expect("set just above"))
+        .await;
+        if !matches!(r, Ok(Tx::Done)) {
+            let _ = client.batch_execute("ROLLBACK").await;
+        }
+        r
+    }
+
+    /// Sends one request in its own transaction (`'transaction' 'batch'`).
+    async fn send_batch(&self, body: &[u8], rows: usize, a: &Attempt<'_>) -> Outcome {
+        let client = match self.pool.lock().await.pop() {
+            Some(c) if !c.is_closed() => c,
+            _ => match connect_within(&self.url, Some(a.timeout)).await {
+                Ok(c) => c,
+                Err(e) => return classify_connect(e),
+            },
+        };
+        if let Err(o) = self.ensure_deliveries(&client).await {
+            return o;
+        }
+        // The first request prepares the table; the others wait until it has.
+        let guard = self.prepared.lock().await;
+        let mut preparing = if *guard { None } else { Some(guard) };
+        let prepare = preparing.is_some();
+        let work = self.transaction(&client, body, rows, a.token, prepare, a.effects);
+        let r = match tokio::time::timeout(a.timeout, work).await {
+            Ok(r) => r,
+            Err(_) => {
+                // Cancel the statement at the server; the connection is not used again, so a
+                // transaction still open there ends with it. A later attempt waits on the
+                // token's row lock until then.
+                let cancel = client.cancel_token();
+                let _ = tokio::time::timeout(a.timeout, cancel.cancel_query(NoTls)).await;
+                return a.timed_out();
+            }
+        };
+        match r {
+            Ok(_) => {
+                if let Some(g) = preparing.as_mut() {
+                    **g = true;
+                    if self.spec.create == Create::Replace
+                        && !a.effects.done("replace")
+                        && let Err(e) = a.effects.record("replace")
+                    {
+                        return Outcome::Fatal {
+                            reason: e.to_string(),
+                        };
+                    }
+                }
+                drop(preparing);
+                self.pool.lock().await.push(client);
+                Outcome::Delivered
+            }
+            Err(o) => {
+                drop(preparing);
+                if !client.is_closed() {
+                    self.pool.lock().await.push(client);
+                }
+                o
+            }
+        }
+    }
+
+    /// The job's transaction, begun on first use: its token recorded (or found: an earlier
+    /// attempt committed the job), the table prepared, emptied for `overwrite`.
+    async fn job_begin(
+        &self,
+        guard: &mut Option<Job>,
+        fx: &Effects,
+        timeout: Duration,
+    ) -> std::result::Result<(), Outcome> {
+        if guard.is_some() {
+            return Ok(());
+        }
+        let client = connect_within(&self.url, Some(timeout))
+            .await
+            .map_err(classify_connect)?;
+        self.ensure_deliveries(&client).await?;
+        let rolled = |e: tokio_postgres::Error| Outcome::Fatal {
+            reason: format!("{} (the transaction is rolled back)", pg_text(&e)),
+        };
+        client.batch_execute("BEGIN").await.map_err(rolled)?;
+        if !self.record(&client, &fx.statement_token()).await? {
+            let _ = client.batch_execute("ROLLBACK").await;
+            tracing::info!(table = %self.name, "an earlier attempt of this run committed this write: it is not loaded again");
+            *guard = Some(Job {
+                client,
+                committed_before: true,
+                prepares: false,
+            });
+            return Ok(());
+        }
+        let mut prepared = self.prepared.lock().await;
+        let prepares = !*prepared;
+        if prepares {
+            self.ddl(&client, fx).await?;
+            *prepared = true;
+        }
+        if self.spec.mode == Mode::Overwrite {
+            client
+                .batch_execute(&format!("DELETE FROM {}", self.spec.table))
+                .await
+                .map_err(rolled)?;
+        }
+        *guard = Some(Job {
+            client,
+            committed_before: false,
+            prepares,
+        });
+        Ok(())
+    }
+
+    async fn send_job(&self, body: &[u8], a: &Attempt<'_>) -> Outcome {
+        let mut guard = self.job.lock().await;
+        if let Err(o) = self.job_begin(&mut guard, a.effects, a.timeout).await {
+            return match o {
+                Outcome::Retry { .. } if guard.is_none() => o,
+                Outcome::Fatal { reason } | Outcome::Retry { reason, .. } => Outcome::Fatal { reason },
+                other => other,
+            };
+        }
+        let Some(job) = guard.as_ref() else {
+            return Outcome::Fatal {
+                reason: "no transaction".into(),
+            };
+        };
+        if job.committed_before {
+            return Outcome::Delivered;
+        }
+        match tokio::time::timeout(a.timeout, self.load(&job.client, body)).await {
+            Ok(Ok(())) => Outcome::Delivered,
+            Ok(Err(e)) => Outcome::Fatal {
+                reason: format!("{} (the transaction is rolled back)", pg_text(&e)),
+            },
+            Err(_) => {
+                let cancel = job.client.cancel_token();
+                let _ = tokio::time::timeout(a.timeout, cancel.cancel_query(NoTls)).await;
+                Outcome::Fatal {
+                    reason: format!(
+                        "no answer within {:?} (the statement is cancelled and the transaction rolled back)",
+                        a.timeout
+                    ),
+                }
+            }
+        }
     }
 }
 
@@ -294,6 +670,30 @@ fn classify_connect(e: tokio_postgres::Error) -> Outcome {
             reason: format!("cannot connect: {}", pg_text(&e)),
             after: None,
         },
+    }
+}
+
+/// A failed statement of a request of `rows` rows: `Ok(Partial)` when the rows are at fault
+/// (a bad value, a constraint), else how to go on.
+fn classify(e: &tokio_postgres::Error, rows: usize) -> std::result::Result<Outcome, Outcome> {
+    let reason = pg_text(e);
+    let code = e.as_db_error().map(|d| d.code().code().to_string());
+    match code.as_deref() {
+        None => Err(Outcome::Retry { reason, after: None }),
+        Some(c) if rows > 0 && (c.starts_with("22") || c.starts_with("23")) => Ok(match copy_line(e) {
+            Some(row) if row < rows => Outcome::Partial {
+                rejected: vec![(row, reason)],
+                retry: (0..rows).filter(|r| *r != row).collect(),
+            },
+            _ => Outcome::Partial {
+                rejected: (0..rows).map(|r| (r, reason.clone())).collect(),
+                retry: vec![],
+            },
+        }),
+        Some(c) if c.starts_with("40") || c.starts_with("53") || c.starts_with("57") || c == "55P03" => {
+            Err(Outcome::Retry { reason, after: None })
+        }
+        Some(_) => Err(Outcome::Fatal { reason }),
     }
 }
 
@@ -319,18 +719,19 @@ impl SinkBackend for PgBackend {
                 "a table defined by 'query' is read-only; name a 'table' to write".into(),
             ));
         }
-        let mut body = Vec::with_capacity(batch.get_array_memory_size() + 64);
-        pgcopy::header(&mut body);
-        pgcopy::encode_rows(batch, &self.targets, &mut body)?;
-        pgcopy::trailer(&mut body);
+        let body = match self.targets.get() {
+            Some(t) => Some(self.encode_body(batch, t)?),
+            None => None,
+        };
         Ok(PgRequest {
             body,
+            batch: batch.clone(),
             rows: batch.num_rows(),
         })
     }
 
     fn request_bytes(&self, r: &PgRequest) -> usize {
-        r.body.len()
+        r.body.as_ref().map_or(r.batch.get_array_memory_size(), Vec::len)
     }
 
     fn describe(&self) -> String {
@@ -338,16 +739,20 @@ impl SinkBackend for PgBackend {
             Ok(s) if self.spec.create != Create::Never => format!("; on first write: {s}"),
             _ => String::new(),
         };
-        format!(
-            "POSTGRES {} mode={} transaction={} columns=[{}]{create}",
-            self.spec.table,
-            self.spec.mode.name(),
-            if self.spec.job { "job" } else { "batch" },
-            self.targets
+        let columns = match self.targets.get() {
+            Some(t) => t
                 .iter()
                 .map(|c| format!("{} {}", c.name, c.ty))
                 .collect::<Vec<_>>()
-                .join(", ")
+                .join(", "),
+            None => "read at the first write".into(),
+        };
+        format!(
+            "POSTGRES {} mode={} transaction={} columns=[{columns}]{create}; delivery tokens in {}",
+            self.spec.table,
+            self.spec.mode.name(),
+            if self.spec.job { "job" } else { "batch" },
+            self.spec.deliveries.as_deref().unwrap_or("none (at-least-once)")
         )
     }
 
@@ -359,102 +764,88 @@ impl SinkBackend for PgBackend {
         &["append", "overwrite", "upsert"]
     }
 
-    async fn send(&self, req: &PgRequest, _token: &str) -> Outcome {
-        if let Err(o) = self.prepare().await {
-            return o;
-        }
-        self.sent.store(true, Ordering::Relaxed);
-        if self.spec.job {
-            let mut guard = self.job.lock().await;
-            let r = match self.job_client(&mut guard).await {
-                Ok(c) => self.load(c, req).await,
-                Err(e) => Err(e),
-            };
-            return match r {
-                Ok(()) => Outcome::Delivered,
-                Err(e) => Outcome::Fatal {
-                    reason: format!("{} (the transaction is rolled back)", pg_text(&e)),
-                },
-            };
-        }
-        let client = match self.pool.lock().await.pop() {
-            Some(c) if !c.is_closed() => c,
-            _ => match connect(&self.url).await {
-                Ok(c) => c,
-                Err(e) => return classify_connect(e),
+    async fn send(&self, req: &PgRequest, a: &Attempt<'_>) -> Outcome {
+        let targets = match self.targets(a.timeout).await {
+            Ok(t) => t,
+            Err(o) => return o,
+        };
+        let encoded;
+        let body = match &req.body {
+            Some(b) => b,
+            None => match self.encode_body(&req.batch, targets) {
+                Ok(b) => {
+                    encoded = b;
+                    &encoded
+                }
+                Err(e) => {
+                    return Outcome::Fatal {
+                        reason: e.to_string(),
+                    };
+                }
             },
         };
-        let r = async {
-            client.batch_execute("BEGIN").await?;
-            self.load(&client, req).await?;
-            client.batch_execute("COMMIT").await
-        }
-        .await;
-        match r {
-            Ok(()) => {
-                self.pool.lock().await.push(client);
-                Outcome::Delivered
-            }
-            Err(e) => {
-                let _ = client.batch_execute("ROLLBACK").await;
-                if !client.is_closed() {
-                    self.pool.lock().await.push(client);
-                }
-                let reason = pg_text(&e);
-                let code = e.as_db_error().map(|d| d.code().code().to_string());
-                match code.as_deref() {
-                    None => Outcome::Retry { reason, after: None },
-                    Some(c) if c.starts_with("22") || c.starts_with("23") => match copy_line(&e) {
-                        Some(row) if row < req.rows => Outcome::Partial {
-                            rejected: vec![(row, reason)],
-                            retry: (0..req.rows).filter(|r| *r != row).collect(),
-                        },
-                        _ => Outcome::Partial {
-                            rejected: (0..req.rows).map(|r| (r, reason.clone())).collect(),
-                            retry: vec![],
-                        },
-                    },
-                    Some(c) if c.starts_with("40") || c.starts_with("53") || c.starts_with("57") => {
-                        Outcome::Retry { reason, after: None }
-                    }
-                    Some(_) => Outcome::Fatal { reason },
-                }
-            }
+        if self.spec.job {
+            self.send_job(body, a).await
+        } else {
+            self.send_batch(body, req.rows, a).await
         }
     }
 
-    async fn finish(&self, ok: bool) -> Result<()> {
+    async fn finish(&self, ok: bool, fx: &Effects) -> Result<()> {
+        let at = |reason: String| Error::Config(format!("table {}: {reason}", self.spec.table));
         if !self.spec.job {
-            if ok {
-                self.prepare().await.map_err(outcome_error)?;
+            if ok && !*self.prepared.lock().await {
+                // No request was sent: the table is still owed its DDL.
+                let client = connect(&self.url).await.map_err(|e| at(pg_text(&e)))?;
+                let mut prepared = self.prepared.lock().await;
+                self.ensure_deliveries(&client)
+                    .await
+                    .map_err(|o| at(outcome_text(o)))?;
+                client.batch_execute("BEGIN").await.map_err(|e| at(pg_text(&e)))?;
+                if let Err(o) = self.ddl(&client, fx).await {
+                    let _ = client.batch_execute("ROLLBACK").await;
+                    return Err(at(outcome_text(o)));
+                }
+                client
+                    .batch_execute("COMMIT")
+                    .await
+                    .map_err(|e| at(pg_text(&e)))?;
+                *prepared = true;
+                if self.spec.create == Create::Replace && !fx.done("replace") {
+                    fx.record("replace")?;
+                }
             }
             return Ok(());
         }
         let mut guard = self.job.lock().await;
         if ok {
-            self.prepare().await.map_err(outcome_error)?;
-            let c = self
-                .job_client(&mut guard)
+            self.job_begin(&mut guard, fx, Duration::from_secs(60))
                 .await
-                .map_err(|e| Error::Config(format!("table {}: {}", self.spec.table, pg_text(&e))))?;
-            c.batch_execute("COMMIT").await.map_err(|e| {
-                Error::Config(format!(
-                    "table {}: commit failed: {}",
-                    self.spec.table,
-                    pg_text(&e)
-                ))
-            })?;
-        } else if let Some(c) = guard.as_ref() {
-            let _ = c.batch_execute("ROLLBACK").await;
+                .map_err(|o| at(outcome_text(o)))?;
+            if let Some(job) = guard.as_ref().filter(|j| !j.committed_before) {
+                job.client
+                    .batch_execute("COMMIT")
+                    .await
+                    .map_err(|e| at(format!("commit failed: {}", pg_text(&e))))?;
+                if job.prepares && self.spec.create == Create::Replace && !fx.done("replace") {
+                    fx.record("replace")?;
+                }
+            }
+        } else if let Some(job) = guard.as_ref() {
+            let _ = job.client.batch_execute("ROLLBACK").await;
+            if job.prepares {
+                // The DDL rolled back with the job: the next statement prepares again.
+                *self.prepared.lock().await = false;
+            }
         }
         *guard = None;
         Ok(())
     }
 }
 
-fn outcome_error(o: Outcome) -> Error {
+fn outcome_text(o: Outcome) -> String {
     match o {
-        Outcome::Fatal { reason } | Outcome::Retry { reason, .. } => Error::Config(reason),
-        _ => Error::Config("the table could not be prepared".into()),
+        Outcome::Fatal { reason } | Outcome::Retry { reason, .. } => reason,
+        _ => "the table could not be prepared".into(),
     }
 }

@@ -2,18 +2,26 @@
 //! for the whole statement), through rusqlite on tokio's blocking pool. SQLite has one writer at
 //! a time, so requests take turns on one connection. A row the database refuses (a constraint)
 //! goes to dead letters with SQLite's message and the rest of the request commits.
+//!
+//! As with PostgreSQL (see `pg.rs`), each transaction records its delivery token in the delivery
+//! table first, so a request sent again is applied once, and the table's DDL runs inside the
+//! first transaction, so a failed statement leaves the file as it was. An attempt that outlives
+//! the sink's `timeout` is interrupted (`sqlite3_interrupt`) and waited for before the next one;
+//! a lock held by another process is waited for at most `timeout` (SQLite's busy timeout).
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Float64Type, Int64Type, SchemaRef};
 use arrow::json::writer::{EncoderOptions, make_encoder};
 use async_trait::async_trait;
+use rusqlite::OptionalExtension;
 use rusqlite::types::ValueRef;
 
 use super::{Create, Mode, WriteSpec};
 use crate::error::{Error, Result};
-use crate::sink::{Outcome, SinkBackend};
+use crate::sink::{Attempt, Effects, Outcome, SinkBackend};
 
 /// The SQLite type flumen creates for an Arrow type. Decimals, dates and timestamps are TEXT
 /// (exact digits; ISO-8601, which sorts and compares correctly), booleans 0/1, lists and
@@ -47,13 +55,10 @@ pub fn type_for(t: &DataType) -> Option<&'static str> {
 
 /// The SQLite writer.
 pub struct SqliteBackend {
-    pub path: String,
-    pub spec: WriteSpec,
-    pub schema: SchemaRef,
-    pub conn: Arc<Mutex<Option<rusqlite::Connection>>>,
-    /// Whether the job's transaction is open on `conn`.
-    pub in_job: Arc<Mutex<bool>>,
-    pub prepared: Arc<Mutex<bool>>,
+    path: String,
+    spec: WriteSpec,
+    schema: SchemaRef,
+    shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for SqliteBackend {
@@ -64,6 +69,26 @@ impl std::fmt::Debug for SqliteBackend {
     }
 }
 
+/// What the blocking tasks share: the one connection and what it has done.
+#[derive(Default)]
+struct Shared {
+    conn: Mutex<Option<rusqlite::Connection>>,
+    /// Interrupts the statement running on `conn` (taken without waiting for `conn`).
+    interrupt: Mutex<Option<rusqlite::InterruptHandle>>,
+    state: Mutex<ConnState>,
+}
+
+#[derive(Default)]
+struct ConnState {
+    /// The table is prepared (`create`).
+    prepared: bool,
+    /// The job's transaction is open on the connection.
+    in_job: bool,
+    /// The job's transaction prepares the table.
+    job_prepares: bool,
+    /// An earlier attempt of this run committed the job.
+    committed_before: bool,
+}
 /// Columns as SQLite binds them.
 enum Col {
     Int(ArrayRef),
@@ -149,14 +174,46 @@ fn value(c: &Col, row: usize) -> ValueRef<'_> {
     }
 }
 
-/// Opens the database file (created if missing).
-pub fn open(path: &str) -> std::result::Result<rusqlite::Connection, rusqlite::Error> {
+/// Opens the database file (created if missing); a lock held by another connection is waited
+/// for at most `busy`.
+pub fn open(path: &str, busy: Duration) -> std::result::Result<rusqlite::Connection, rusqlite::Error> {
     let c = rusqlite::Connection::open(path)?;
-    c.busy_timeout(std::time::Duration::from_secs(30))?;
+    c.busy_timeout(busy)?;
     Ok(c)
 }
 
+fn busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
+/// A failed statement: a lock or an interrupt may go away, anything else will not.
+fn fail(e: rusqlite::Error) -> Outcome {
+    if busy(&e) || e.sqlite_error_code() == Some(rusqlite::ErrorCode::OperationInterrupted) {
+        Outcome::Retry {
+            reason: e.to_string(),
+            after: None,
+        }
+    } else {
+        Outcome::Fatal {
+            reason: e.to_string(),
+        }
+    }
+}
+
 impl SqliteBackend {
+    /// A writer of `spec` into the database file at `path`.
+    pub fn new(path: String, spec: WriteSpec, schema: SchemaRef) -> Self {
+        Self {
+            path,
+            spec,
+            schema,
+            shared: Arc::default(),
+        }
+    }
+
     fn d(&self) -> super::dialect::Dialect {
         super::dialect::Dialect::Sqlite
     }
@@ -217,76 +274,196 @@ impl SqliteBackend {
         sql
     }
 
-    /// Runs `f` with the connection (opened, table prepared) on the blocking pool.
+    /// The token that records this run's replace of the table in the delivery table.
+    fn replace_token(&self, fx: &Effects) -> String {
+        format!("{}/replace/{}", fx.run_id(), self.spec.name)
+    }
+
+    /// Runs `f` with the connection on the blocking pool, within `timeout`: past it, the
+    /// statement running is interrupted and waited for, so no attempt outlives its turn.
     async fn with_conn<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut rusqlite::Connection, &mut bool) -> std::result::Result<T, Outcome> + Send + 'static,
+        timeout: Duration,
+        f: impl FnOnce(&mut rusqlite::Connection, &mut ConnState) -> std::result::Result<T, Outcome>
+        + Send
+        + 'static,
     ) -> std::result::Result<T, Outcome> {
-        let conn = Arc::clone(&self.conn);
-        let in_job = Arc::clone(&self.in_job);
-        let prepared = Arc::clone(&self.prepared);
+        let shared = Arc::clone(&self.shared);
         let path = self.path.clone();
-        let create = match self.spec.create {
-            Create::Never => None,
-            Create::IfNotExists => Some(self.create_sql().map_err(|e| Outcome::Fatal {
-                reason: e.to_string(),
-            })?),
-            Create::Replace => Some(format!(
-                "DROP TABLE IF EXISTS {};\n{}",
-                self.spec.table,
-                self.create_sql().map_err(|e| Outcome::Fatal {
-                    reason: e.to_string()
-                })?
-            )),
-        };
-        let job = self.spec.job;
-        let overwrite = self.spec.mode == Mode::Overwrite;
-        let table = self.spec.table.clone();
-        tokio::task::spawn_blocking(move || {
-            let state = |_| Outcome::Fatal {
+        fn poisoned<E>(_: E) -> Outcome {
+            Outcome::Fatal {
                 reason: "writer state".into(),
-            };
-            let mut guard = conn.lock().map_err(state)?;
-            let mut in_job = in_job.lock().map_err(|_| Outcome::Fatal {
-                reason: "writer state".into(),
-            })?;
+            }
+        }
+        let mut task = tokio::task::spawn_blocking(move || {
+            let mut guard = shared.conn.lock().map_err(poisoned)?;
             if guard.is_none() {
-                *guard = Some(open(&path).map_err(|e| Outcome::Fatal {
+                let c = open(&path, timeout).map_err(|e| Outcome::Fatal {
                     reason: format!("cannot open {path}: {e}"),
-                })?);
+                })?;
+                *shared.interrupt.lock().map_err(poisoned)? = Some(c.get_interrupt_handle());
+                *guard = Some(c);
             }
             let c = guard.as_mut().ok_or_else(|| Outcome::Fatal {
                 reason: "no connection".into(),
             })?;
-            let mut prepared = prepared.lock().map_err(|_| Outcome::Fatal {
-                reason: "writer state".into(),
-            })?;
-            if !*prepared {
-                if let Some(sql) = &create {
-                    c.execute_batch(sql).map_err(|e| Outcome::Fatal {
-                        reason: format!("creating {table}: {e}"),
-                    })?;
+            let mut st = shared.state.lock().map_err(poisoned)?;
+            f(c, &mut st)
+        });
+        let joined = match tokio::time::timeout(timeout, &mut task).await {
+            Ok(j) => j,
+            Err(_) => {
+                if let Ok(Some(h)) = self.shared.interrupt.lock().as_deref() {
+                    h.interrupt();
                 }
-                *prepared = true;
+                // Settled: the interrupted statement has returned and its transaction is
+                // rolled back before anything else runs on the connection.
+                let _ = task.await;
+                return Err(Outcome::Retry {
+                    reason: format!("no answer within {timeout:?} (the statement was interrupted)"),
+                    after: None,
+                });
             }
-            if job && !*in_job {
-                c.execute_batch("BEGIN IMMEDIATE").map_err(|e| Outcome::Fatal {
-                    reason: e.to_string(),
-                })?;
-                if overwrite {
-                    c.execute_batch(&format!("DELETE FROM {table}"))
-                        .map_err(|e| Outcome::Fatal {
-                            reason: e.to_string(),
-                        })?;
-                }
-                *in_job = true;
-            }
-            f(c, &mut in_job)
-        })
-        .await
-        .map_err(|e| Outcome::Fatal {
+        };
+        joined.map_err(|e| Outcome::Fatal {
             reason: format!("the writer task failed: {e}"),
         })?
+    }
+
+    /// What a transaction runs before its rows: the delivery table and the token (`false`:
+    /// an earlier attempt committed it), then the table's DDL when it is not prepared yet.
+    fn begin(
+        c: &rusqlite::Connection,
+        st: &ConnState,
+        plan: &Plan,
+        token: &str,
+    ) -> std::result::Result<bool, Outcome> {
+        if let Some(t) = &plan.deliveries {
+            c.execute_batch(&format!(
+                "CREATE TABLE IF NOT EXISTS {t} (token TEXT PRIMARY KEY, target TEXT NOT NULL, \
+                 delivered_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)"
+            ))
+            .map_err(fail)?;
+            let n = c
+                .execute(
+                    &format!("INSERT OR IGNORE INTO {t} (token, target) VALUES (?1, ?2)"),
+                    (token, &plan.table),
+                )
+                .map_err(fail)?;
+            if n == 0 {
+                return Ok(false);
+            }
+        }
+        if !st.prepared {
+            Self::ddl(c, plan)?;
+        }
+        Ok(true)
+    }
+
+    /// The table's DDL: created if missing, or (replace) dropped and created unless this run
+    /// did so already.
+    fn ddl(c: &rusqlite::Connection, plan: &Plan) -> std::result::Result<(), Outcome> {
+        let fatal = |e: rusqlite::Error| Outcome::Fatal {
+            reason: format!("creating {}: {e}", plan.table),
+        };
+        let Some(create) = &plan.create else {
+            return Ok(());
+        };
+        let mut replace = plan.replace && !plan.replaced;
+        if replace && let Some(t) = &plan.deliveries {
+            let before: Option<i64> = c
+                .query_row(
+                    &format!("SELECT 1 FROM {t} WHERE token = ?1"),
+                    [&plan.replace_token],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(fail)?;
+            replace = before.is_none();
+        }
+        if replace {
+            c.execute_batch(&format!("DROP TABLE IF EXISTS {}", plan.table))
+                .map_err(fatal)?;
+            if let Some(t) = &plan.deliveries {
+                c.execute(
+                    &format!("INSERT OR IGNORE INTO {t} (token, target) VALUES (?1, ?2)"),
+                    (&plan.replace_token, &plan.table),
+                )
+                .map_err(fail)?;
+            }
+        }
+        c.execute_batch(create).map_err(fatal)
+    }
+
+    /// What the blocking side needs to know of the target.
+    fn plan(&self, fx: &Effects) -> std::result::Result<Plan, Outcome> {
+        let create = match self.spec.create {
+            Create::Never => None,
+            _ => Some(self.create_sql().map_err(|e| Outcome::Fatal {
+                reason: e.to_string(),
+            })?),
+        };
+        Ok(Plan {
+            table: self.spec.table.clone(),
+            create,
+            replace: self.spec.create == Create::Replace,
+            replaced: fx.done("replace"),
+            replace_token: self.replace_token(fx),
+            deliveries: self.spec.deliveries.clone(),
+            insert: self.insert_sql(),
+            job: self.spec.job,
+            overwrite: self.spec.mode == Mode::Overwrite,
+            job_token: fx.statement_token(),
+        })
+    }
+}
+
+/// The target as the blocking side writes it.
+struct Plan {
+    table: String,
+    create: Option<String>,
+    replace: bool,
+    /// The run's journal says the replace is done.
+    replaced: bool,
+    replace_token: String,
+    deliveries: Option<String>,
+    insert: String,
+    job: bool,
+    overwrite: bool,
+    job_token: String,
+}
+
+impl Plan {
+    /// Opens the job's transaction if it is not open: its token recorded (or found), the table
+    /// prepared, emptied for `overwrite`.
+    fn open_job(&self, c: &rusqlite::Connection, st: &mut ConnState) -> std::result::Result<(), Outcome> {
+        if st.in_job || st.committed_before {
+            return Ok(());
+        }
+        c.execute_batch("BEGIN IMMEDIATE").map_err(fail)?;
+        let prepares = !st.prepared;
+        match SqliteBackend::begin(c, st, self, &self.job_token) {
+            Ok(true) => {}
+            Ok(false) => {
+                let _ = c.execute_batch("ROLLBACK");
+                st.committed_before = true;
+                return Ok(());
+            }
+            Err(o) => {
+                let _ = c.execute_batch("ROLLBACK");
+                return Err(o);
+            }
+        }
+        if self.overwrite
+            && let Err(e) = c.execute_batch(&format!("DELETE FROM {}", self.table))
+        {
+            let _ = c.execute_batch("ROLLBACK");
+            return Err(fail(e));
+        }
+        st.in_job = true;
+        st.job_prepares = prepares;
+        st.prepared = true;
+        Ok(())
     }
 }
 
@@ -339,9 +516,11 @@ impl SinkBackend for SqliteBackend {
         &["append", "overwrite", "upsert"]
     }
 
-    async fn send(&self, req: &SqliteRequest, _token: &str) -> Outcome {
-        let sql = self.insert_sql();
-        let job = self.spec.job;
+    async fn send(&self, req: &SqliteRequest, a: &Attempt<'_>) -> Outcome {
+        let plan = match self.plan(a.effects) {
+            Ok(p) => p,
+            Err(o) => return o,
+        };
         // The request is moved into the blocking task as shared columns (cheap clones).
         let cols: Vec<Col> = req
             .cols
@@ -354,41 +533,41 @@ impl SinkBackend for SqliteBackend {
             })
             .collect();
         let rows = req.rows;
+        let token = a.token.to_string();
+        let job = plan.job;
         let r = self
-            .with_conn(move |c, _| {
-                let busy = |e: &rusqlite::Error| {
-                    matches!(
-                        e.sqlite_error_code(),
-                        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
-                    )
-                };
-                let fail = |e: rusqlite::Error| {
-                    if busy(&e) {
-                        Outcome::Retry {
-                            reason: e.to_string(),
-                            after: None,
+            .with_conn(a.timeout, move |c, st| {
+                if job {
+                    plan.open_job(c, st)?;
+                    if st.committed_before {
+                        return Ok((Vec::new(), false));
+                    }
+                } else {
+                    c.execute_batch("BEGIN IMMEDIATE").map_err(fail)?;
+                    match SqliteBackend::begin(c, st, &plan, &token) {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            let _ = c.execute_batch("ROLLBACK");
+                            return Ok((Vec::new(), false));
                         }
-                    } else {
-                        Outcome::Fatal {
-                            reason: e.to_string(),
+                        Err(o) => {
+                            let _ = c.execute_batch("ROLLBACK");
+                            return Err(o);
                         }
                     }
-                };
-                if !job {
-                    c.execute_batch("BEGIN IMMEDIATE").map_err(fail)?;
                 }
                 let mut rejected = Vec::new();
                 let result = (|| {
-                    let mut st = c.prepare_cached(&sql).map_err(fail)?;
+                    let mut stmt = c.prepare_cached(&plan.insert).map_err(fail)?;
                     for row in 0..rows {
                         for (i, col) in cols.iter().enumerate() {
-                            st.raw_bind_parameter(
+                            stmt.raw_bind_parameter(
                                 i + 1,
                                 rusqlite::types::ToSqlOutput::Borrowed(value(col, row)),
                             )
                             .map_err(fail)?;
                         }
-                        if let Err(e) = st.raw_execute() {
+                        if let Err(e) = stmt.raw_execute() {
                             if job
                                 || busy(&e)
                                 || e.sqlite_error_code() != Some(rusqlite::ErrorCode::ConstraintViolation)
@@ -401,50 +580,114 @@ impl SinkBackend for SqliteBackend {
                     Ok(())
                 })();
                 match result {
+                    Ok(()) if job => Ok((rejected, false)),
                     Ok(()) => {
-                        if !job {
-                            c.execute_batch("COMMIT").map_err(fail)?;
-                        }
-                        Ok(rejected)
+                        c.execute_batch("COMMIT").map_err(fail)?;
+                        let prepared_now = !st.prepared;
+                        st.prepared = true;
+                        Ok((rejected, prepared_now))
                     }
+                    Err(o) if job => Err(match o {
+                        Outcome::Fatal { reason } | Outcome::Retry { reason, .. } => Outcome::Fatal {
+                            reason: format!("{reason} (the transaction is rolled back)"),
+                        },
+                        other => other,
+                    }),
                     Err(o) => {
-                        if !job {
-                            let _ = c.execute_batch("ROLLBACK");
-                        }
+                        let _ = c.execute_batch("ROLLBACK");
                         Err(o)
                     }
                 }
             })
             .await;
+        let r = match r {
+            // In a job, an interrupted statement leaves the transaction to be rolled back.
+            Err(Outcome::Retry { reason, .. }) if job => {
+                return Outcome::Fatal {
+                    reason: format!("{reason} (the transaction is rolled back)"),
+                };
+            }
+            r => r,
+        };
         match r {
-            Ok(rejected) if rejected.is_empty() => Outcome::Delivered,
-            Ok(rejected) => Outcome::Partial {
-                rejected,
-                retry: vec![],
-            },
+            Ok((rejected, prepared_now)) => {
+                if prepared_now
+                    && self.spec.create == Create::Replace
+                    && !a.effects.done("replace")
+                    && let Err(e) = a.effects.record("replace")
+                {
+                    return Outcome::Fatal {
+                        reason: e.to_string(),
+                    };
+                }
+                if rejected.is_empty() {
+                    Outcome::Delivered
+                } else {
+                    Outcome::Partial {
+                        rejected,
+                        retry: vec![],
+                    }
+                }
+            }
             Err(o) => o,
         }
     }
 
-    async fn finish(&self, ok: bool) -> Result<()> {
-        if !ok && !self.spec.job {
-            return Ok(());
+    async fn finish(&self, ok: bool, fx: &Effects) -> Result<()> {
+        let plan = self.plan(fx).map_err(outcome_error)?;
+        let job = plan.job;
+        let prepared_here = self
+            .with_conn(Duration::from_secs(60), move |c, st| {
+                if !ok {
+                    // Nothing runs but the rollback of an open job: no DDL on a failure.
+                    if st.in_job {
+                        let _ = c.execute_batch("ROLLBACK");
+                        st.in_job = false;
+                        if st.job_prepares {
+                            st.prepared = false;
+                        }
+                    }
+                    st.committed_before = false;
+                    return Ok(false);
+                }
+                if job {
+                    plan.open_job(c, st)?;
+                    let prepared_here = st.in_job && st.job_prepares;
+                    if st.in_job {
+                        c.execute_batch("COMMIT").map_err(|e| Outcome::Fatal {
+                            reason: format!("COMMIT failed: {e}"),
+                        })?;
+                    }
+                    st.in_job = false;
+                    st.committed_before = false;
+                    return Ok(prepared_here);
+                }
+                if st.prepared {
+                    return Ok(false);
+                }
+                // No request was sent: the table is still owed its DDL.
+                c.execute_batch("BEGIN IMMEDIATE").map_err(fail)?;
+                let done =
+                    SqliteBackend::ddl(c, &plan).and_then(|()| c.execute_batch("COMMIT").map_err(fail));
+                if let Err(o) = done {
+                    let _ = c.execute_batch("ROLLBACK");
+                    return Err(o);
+                }
+                st.prepared = true;
+                Ok(true)
+            })
+            .await
+            .map_err(outcome_error)?;
+        if prepared_here && self.spec.create == Create::Replace && !fx.done("replace") {
+            fx.record("replace")?;
         }
-        let job = self.spec.job;
-        self.with_conn(move |c, in_job| {
-            if job && *in_job {
-                let sql = if ok { "COMMIT" } else { "ROLLBACK" };
-                c.execute_batch(sql).map_err(|e| Outcome::Fatal {
-                    reason: format!("{sql} failed: {e}"),
-                })?;
-                *in_job = false;
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|o| match o {
-            Outcome::Fatal { reason } | Outcome::Retry { reason, .. } => Error::Config(reason),
-            _ => Error::Config("finishing the write failed".into()),
-        })
+        Ok(())
+    }
+}
+
+fn outcome_error(o: Outcome) -> Error {
+    match o {
+        Outcome::Fatal { reason } | Outcome::Retry { reason, .. } => Error::Config(reason),
+        _ => Error::Config("finishing the write failed".into()),
     }
 }
