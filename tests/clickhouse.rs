@@ -651,7 +651,7 @@ fn a_server_killed_mid_load_loses_nothing_after_resume() {
     let run = err
         .split("flumen resume ")
         .nth(1)
-        .and_then(|s| s.split('`').next())
+        .and_then(|s| s.split(['`', ' ']).next())
         .unwrap_or_else(|| panic!("no resume command in: {err}"))
         .to_string();
     server.up();

@@ -667,19 +667,16 @@ impl Env {
         if c.mode == "upsert" && c.sink != Sink::Redis {
             opts.push("'keys' 'order_id'".into());
         }
-        opts.extend(
-            [
-                format!("'batch_rows' '{batch}'"),
-                "'concurrency' '2'".into(),
-                "'linger' '100ms'".into(),
-                format!("'timeout' '{}s'", c.sink.patience().0),
-                "'max_attempts' '4'".into(),
-                "'retry_initial' '50ms'".into(),
-                "'retry_max' '400ms'".into(),
-                format!("'max_elapsed' '{}s'", 4 * c.sink.patience().0),
-            ]
-            .into_iter(),
-        );
+        opts.extend([
+            format!("'batch_rows' '{batch}'"),
+            "'concurrency' '2'".into(),
+            "'linger' '100ms'".into(),
+            format!("'timeout' '{}s'", c.sink.patience().0),
+            "'max_attempts' '4'".into(),
+            "'retry_initial' '50ms'".into(),
+            "'retry_max' '400ms'".into(),
+            format!("'max_elapsed' '{}s'", 4 * c.sink.patience().0),
+        ]);
         format!(
             "CREATE EXTERNAL TABLE src STORED AS GENERATE LOCATION 'orders'\n  \
              OPTIONS ('rows' '{n}', 'rate' '${{RATE:-{rate}}}', 'batch_rows' '{}', 'partitions' '1');\n\
@@ -999,6 +996,17 @@ fn run_case(case: &Case, seed: u64) -> Result<String, String> {
         }
         if !next.status.success() && !alive(case.sink) {
             start(case.sink)?;
+        }
+    }
+
+    // A second resume of a finished run changes nothing.
+    if let Some((run, _)) = last_run(&env.state()) {
+        let again = env
+            .flumen(&["resume", &run], std::slice::from_ref(&fast))
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !again.status.success() {
+            return Err(format!("a second resume failed: {}", text(&again.stderr)));
         }
     }
 

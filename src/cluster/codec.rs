@@ -727,16 +727,18 @@ async fn claim(addr: &str, job: &str, table: &str, partition: usize) -> DfResult
 fn resume_here(e: DataFusionError, run: &str, state_dir: &std::path::Path) -> DataFusionError {
     let msg = e.to_string();
     let msg = msg.strip_prefix("External error: ").unwrap_or(&msg);
-    let at = format!("`flumen resume {run}`");
-    if !msg.contains(&at) {
+    let Some(start) = msg.find(&format!("`flumen resume {run}")) else {
         return e;
-    }
-    DataFusionError::Execution(msg.replace(
-        &at,
-        &format!(
-            "`flumen resume {run} --state-dir {}` on that executor",
-            state_dir.display()
-        ),
+    };
+    let Some(len) = msg[start + 1..].find('`') else {
+        return e;
+    };
+    let end = start + 1 + len + 1;
+    DataFusionError::Execution(format!(
+        "{}`flumen resume {run} --state-dir {}` on that executor{}",
+        &msg[..start],
+        state_dir.display(),
+        &msg[end..]
     ))
 }
 

@@ -160,7 +160,7 @@ fn remove_orphans(target: &Path) {
     };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if !name.starts_with(&prefix) || name.ends_with(".lock") {
+        if !name.starts_with(&prefix) || name.ends_with(".lock") || name.ends_with(".lock.new") {
             continue;
         }
         // `<staging>` and the `<staging>.old` an older flumen made share the staging's lock.
@@ -213,10 +213,20 @@ pub fn stage(plan: LogicalPlan) -> Result<(LogicalPlan, Option<DirSwap>)> {
     if let Some(dir) = lock_path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     }
-    let lock = std::fs::File::create(&lock_path)
-        .map_err(|e| Error::io(format!("creating {}", lock_path.display()), e))?;
+    // Locked under a name the orphan sweep ignores, then renamed: no COPY ever sees it unlocked.
+    let fresh = lock_path.with_file_name(format!(
+        "{}.new",
+        lock_path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    ));
+    let lock =
+        std::fs::File::create(&fresh).map_err(|e| Error::io(format!("creating {}", fresh.display()), e))?;
     lock.try_lock()
-        .map_err(|e| Error::Config(format!("locking {}: {e}", lock_path.display())))?;
+        .map_err(|e| Error::Config(format!("locking {}: {e}", fresh.display())))?;
+    std::fs::rename(&fresh, &lock_path)
+        .map_err(|e| Error::io(format!("creating {}", lock_path.display()), e))?;
     let staged = CopyTo {
         output_url: format!("{}/", staging.display()),
         input: Arc::clone(&copy.input),
@@ -295,7 +305,13 @@ impl DirSwap {
             return Ok(());
         }
         // No exchange here: two renames, with a moment where the target is absent.
-        let old = self.staging.with_extension("old");
+        let old = self.staging.with_file_name(format!(
+            "{}.old",
+            self.staging
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        ));
         std::fs::rename(&self.target, &old).map_err(|e| io("moving aside", &self.target, e))?;
         if let Err(e) = std::fs::rename(&self.staging, &self.target) {
             let _ = std::fs::rename(&old, &self.target);

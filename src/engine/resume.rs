@@ -57,17 +57,15 @@ impl Flumen {
                 self.run.dir().display()
             )));
         };
-        let replay = ledger.status != RunStatus::Succeeded;
-        let script = if replay {
-            Some(self.run.saved_script().ok_or_else(|| {
-                Error::Config(format!(
-                    "run {run} did not finish, but its script was not saved, so it cannot be replayed"
-                ))
-            })?)
-        } else {
-            None
+        // A run without a saved script is an executor's write task of a cluster run: it read
+        // all its input when it staged rows, and has nothing to replay otherwise.
+        let script = match ledger.status {
+            RunStatus::Succeeded => None,
+            _ => self.run.saved_script(),
         };
-        self.run.continue_from_journal(replay)?;
+        let unreplayable =
+            script.is_none() && matches!(ledger.status, RunStatus::Running | RunStatus::Failed);
+        self.run.continue_from_journal(script.is_some())?;
 
         let delivered = self.deliver_staged(&mut report).await;
         if let Err(e) = delivered {
@@ -80,6 +78,13 @@ impl Flumen {
             let summary = self.run_script(&ledger.script, &script, &opts, out).await?;
             report.replayed = true;
             report.replayed_rows = summary.rows_written;
+        } else if unreplayable {
+            let e = Error::Config(format!(
+                "run {run} did not finish, and its script was not saved, so it cannot be replayed; \
+                 its staged parts are delivered"
+            ));
+            self.run.finish(Some(e.to_string()))?;
+            return Err(e);
         } else {
             self.run.finish(None)?;
         }
@@ -111,6 +116,7 @@ impl Flumen {
                 let table = quoted(&manifest.table);
                 for part in pending {
                     self.run.set_scope(part.token.clone());
+                    self.run.set_origin(part.origin.clone());
                     let path = dir.join(&part.file);
                     let df = self
                         .ctx

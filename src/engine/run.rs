@@ -364,6 +364,7 @@ impl Flumen {
             });
         }
         let progress_key = format!("statement/l{}", c.stmt.line);
+        self.run.set_input_repeatable(bounds.is_empty());
         if StatementKind::of(&plan) == StatementKind::Write
             && self.run.replaying()
             && self.run.progress(&progress_key).as_deref() == Some("done")
@@ -418,7 +419,13 @@ impl Flumen {
                     Ok(()) => None,
                     Err(e) if e.is_staged() => Some(e),
                     Err(e) => {
+                        let broker = self.run.pending().any();
                         self.run.pending().release().await;
+                        if broker {
+                            self.run.drop_statement_parts(
+                                "the write failed and its broker messages were given back",
+                            )?;
+                        }
                         return Err(e);
                     }
                 };
@@ -518,6 +525,12 @@ impl Flumen {
                     (Ok(()), StatementKind::Write) => self.run.pending().commit().await?,
                     // Staged rows belong to the staged parts: the messages are acknowledged.
                     (Err(e), StatementKind::Write) if e.is_staged() => self.run.pending().commit().await?,
+                    (Err(_), StatementKind::Write) if self.run.pending().any() => {
+                        self.run.pending().release().await;
+                        self.run.drop_statement_parts(
+                            "the write failed and its broker messages were given back",
+                        )?;
+                    }
                     _ => self.run.pending().release().await,
                 }
                 drained?;

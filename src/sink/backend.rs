@@ -71,6 +71,13 @@ impl Effects {
         )
     }
 
+    /// Whether the statement reads the same rows in a replay of the run (see
+    /// [`RunState::input_repeatable`]): only then may a replay take a job an earlier attempt
+    /// committed as this statement's.
+    pub fn input_repeatable(&self) -> bool {
+        self.state.input_repeatable()
+    }
+
     /// A token for the whole statement, the same in every attempt of the run (a job's
     /// transaction records it, so a replay knows the job committed).
     pub fn statement_token(&self) -> String {

@@ -165,12 +165,19 @@ struct Chunk {
     token: String,
     /// The input rows it carries, for the journal.
     slices: Vec<Slice>,
+    /// Where its rows came from when they are a retried subset of another request (a staged
+    /// part of one): that request's token and the rows' indexes in it, from which backends
+    /// derive item ids.
+    origin: Option<(String, Vec<u32>)>,
 }
 
 impl<B: SinkBackend> Shared<B> {
     /// Sends one chunk to the end: delivered, rejected rows dead-lettered, or staged.
     async fn deliver(self: Arc<Self>, chunk: Chunk) -> Result<u64> {
-        if self.backend.all_or_nothing() {
+        // All-or-nothing writes journal nothing (a failure rolls everything back), and neither
+        // does `flumen resume` delivering staged parts: their rows are in the journal already
+        // (as staged) and in the manifests, which record their delivery.
+        if self.backend.all_or_nothing() || self.state.resuming() {
             return self.deliver_chunk(&chunk).await;
         }
         let journal = self.state.journal();
@@ -239,14 +246,21 @@ impl<B: SinkBackend> Shared<B> {
 
     /// The attempts of one chunk; journals how it ended.
     async fn deliver_chunk(&self, chunk: &Chunk) -> Result<u64> {
-        let aon = self.backend.all_or_nothing();
+        let journaled = !self.backend.all_or_nothing() && !self.state.resuming();
         let journal = self.state.journal();
-        let done = |token: &str| if aon { Ok(()) } else { journal.done(token) };
+        let done = |token: &str| if journaled { journal.done(token) } else { Ok(()) };
         let mut batch = chunk.batch.clone();
         let mut token = chunk.token.clone();
-        // Row i of `batch` is row rows[i] of the request as first sent (after partial retries).
-        let mut rows: Option<Vec<u32>> = None;
-        let mut request = self.encode(&batch, &chunk.token, None).await?;
+        // Row i of `batch` is row rows[i] of request `id_token` as first sent (after partial
+        // retries, or a staged subset of one).
+        let (id_token, mut rows): (String, Option<Vec<u32>>) = match &chunk.origin {
+            Some((t, r)) if r.len() == batch.num_rows() => (t.clone(), Some(r.clone())),
+            _ => (chunk.token.clone(), None),
+        };
+        let mut request = self.encode(&batch, &id_token, rows.as_deref()).await?;
+        // Partial answers so far: the retried subset's token counts them (not the attempts,
+        // which differ between a run and its replay), so a replay resends it under the same one.
+        let mut partials = 0u32;
         let seed = chunk
             .token
             .bytes()
@@ -265,18 +279,9 @@ impl<B: SinkBackend> Shared<B> {
                 number: attempt,
                 effects: &self.effects,
             };
-            // Backends bound their own attempts and settle them (see `Attempt`); this outer
-            // bound only catches one that does not return at all.
-            let net = o.timeout.saturating_mul(2) + std::time::Duration::from_secs(30);
-            let outcome = match tokio::time::timeout(net, self.backend.send(&request, &a)).await {
-                Ok(outcome) => outcome,
-                Err(_) => {
-                    tracing::error!(table = %self.table, "a request did not end within {net:?}; it is given up and its rows are staged");
-                    Outcome::Fatal {
-                        reason: format!("the request did not end within {net:?}"),
-                    }
-                }
-            };
+            // Backends bound their own attempts and settle them before they return (see
+            // `Attempt`): nothing here may drop an attempt that could still apply.
+            let outcome = self.backend.send(&request, &a).await;
             let (reason, after) = match outcome {
                 Outcome::Delivered => {
                     self.relieved();
@@ -328,15 +333,19 @@ impl<B: SinkBackend> Shared<B> {
                         .map(|c| arrow::compute::take(c, &idx, None))
                         .collect::<std::result::Result<Vec<_>, _>>()?;
                     batch = RecordBatch::try_new(batch.schema(), cols)?;
-                    request = self.encode(&batch, &chunk.token, rows.as_deref()).await?;
-                    token = format!("{}/retry{attempt}", chunk.token);
+                    request = self.encode(&batch, &id_token, rows.as_deref()).await?;
+                    partials += 1;
+                    token = format!("{}/p{partials}", chunk.token);
                     (format!("{} rows to send again", retry.len()), None)
                 }
                 Outcome::Retry { reason, after } => {
                     self.congested();
                     (reason, after)
                 }
-                Outcome::Fatal { reason } => return self.give_up(chunk, &batch, &token, &reason, delivered),
+                Outcome::Fatal { reason } => {
+                    let origin = rows.clone().map(|r| (id_token.clone(), r));
+                    return self.give_up(chunk, &batch, &token, origin, &reason, delivered);
+                }
             };
             match backoff.next_delay(attempt, started.elapsed(), after) {
                 Some(delay) => {
@@ -345,7 +354,8 @@ impl<B: SinkBackend> Shared<B> {
                 }
                 None => {
                     let reason = format!("{reason} (gave up after {attempt} attempts)");
-                    return self.give_up(chunk, &batch, &token, &reason, delivered);
+                    let origin = rows.clone().map(|r| (id_token.clone(), r));
+                    return self.give_up(chunk, &batch, &token, origin, &reason, delivered);
                 }
             }
         }
@@ -361,6 +371,7 @@ impl<B: SinkBackend> Shared<B> {
         chunk: &Chunk,
         batch: &RecordBatch,
         token: &str,
+        origin: Option<(String, Vec<u32>)>,
         reason: &str,
         delivered: u64,
     ) -> Result<u64> {
@@ -372,7 +383,7 @@ impl<B: SinkBackend> Shared<B> {
         {
             return Err(self.failure_error(reason));
         }
-        self.stage_rows(batch, token)?;
+        self.stage_rows_from(batch, token, origin)?;
         self.state.journal().staged(&chunk.token)?;
         Ok(delivered)
     }
@@ -392,6 +403,17 @@ impl<B: SinkBackend> Shared<B> {
 
     /// Writes rows to staging under a delivery token and records them in the manifest.
     fn stage_rows(&self, batch: &RecordBatch, token: &str) -> Result<()> {
+        self.stage_rows_from(batch, token, None)
+    }
+
+    /// Stages rows that are a subset of request `origin.0` (its rows `origin.1`), so that
+    /// `flumen resume` sends them with the item ids they had.
+    fn stage_rows_from(
+        &self,
+        batch: &RecordBatch,
+        token: &str,
+        origin: Option<(String, Vec<u32>)>,
+    ) -> Result<()> {
         let (path, file) = self.state.new_staging_file(&self.table);
         write_parquet(&path, batch)?;
         let rows = batch.num_rows() as u64;
@@ -402,6 +424,8 @@ impl<B: SinkBackend> Shared<B> {
                 rows,
                 token: token.to_string(),
                 delivered: false,
+                origin,
+                dropped: None,
             },
         )?;
         self.metrics.spilled(rows);
@@ -590,8 +614,10 @@ impl<B: SinkBackend> DataSink for BatchSink<B> {
         // backend can tell they were applied, else sent again with their own token and rows.
         let mut resends = Resends::default();
         if let Some(r) = replay.as_mut() {
+            // A request killed between staging its rows and journaling so: its part owns them.
+            let staged = state.staged_tokens(&self.table)?;
             for (token, slices) in std::mem::take(&mut r.in_flight) {
-                if self.backend.was_delivered(&token).await == Some(true) {
+                if staged.contains(&token) || self.backend.was_delivered(&token).await == Some(true) {
                     r.account(&slices);
                 } else {
                     resends.add(token, slices);
@@ -698,7 +724,7 @@ impl<B: SinkBackend> DataSink for BatchSink<B> {
                                 // In a replay, only the rows no earlier attempt accounted for; the
                                 // rows of requests in flight then are gathered to be sent as they were.
                                 let ranges = match &replay {
-                                    Some(r) => resends.take(&batch, hash, occ, r, &mut ready),
+                                    Some(r) => resends.take(&batch, hash, occ, r, &mut ready)?,
                                     None => vec![(0, rows as u32)],
                                 };
                                 for (start, len) in ranges {
@@ -730,8 +756,19 @@ impl<B: SinkBackend> DataSink for BatchSink<B> {
                         } else {
                             format!("{scope}/{seq}")
                         };
+                        // A staged part goes as it was staged: its token, and where its rows came from.
+                        let origin = if state.resuming() && seq == 0 {
+                            state.origin()
+                        } else {
+                            None
+                        };
                         seq += 1;
-                        ready.push(Chunk { batch, token, slices });
+                        ready.push(Chunk {
+                            batch,
+                            token,
+                            slices,
+                            origin,
+                        });
                     }
                 }
                 for chunk in ready {
@@ -835,11 +872,11 @@ impl Resends {
         occ: u32,
         replay: &SinkReplay,
         ready: &mut Vec<Chunk>,
-    ) -> Vec<(u32, u32)> {
+    ) -> Result<Vec<(u32, u32)>> {
         let rows = batch.num_rows() as u32;
         let mut ranges = replay.remaining(hash, occ, rows);
         let Some(wanted) = self.by_input.remove(&(hash, occ)) else {
-            return ranges;
+            return Ok(ranges);
         };
         for (i, j) in wanted {
             let Some(Some(req)) = self.reqs.get_mut(i) else {
@@ -855,20 +892,16 @@ impl Resends {
                 && let Some(req) = self.reqs[i].take()
             {
                 let parts: Vec<RecordBatch> = req.pieces.into_iter().flatten().collect();
-                let batch = match parts.len() {
-                    1 => parts.into_iter().next(),
-                    _ => arrow::compute::concat_batches(&batch.schema(), &parts).ok(),
-                };
-                if let Some(batch) = batch {
-                    ready.push(Chunk {
-                        batch,
-                        token: req.token,
-                        slices: req.slices,
-                    });
-                }
+                let batch = arrow::compute::concat_batches(&batch.schema(), &parts)?;
+                ready.push(Chunk {
+                    batch,
+                    token: req.token,
+                    slices: req.slices,
+                    origin: None,
+                });
             }
         }
-        ranges
+        Ok(ranges)
     }
 
     /// The rows gathered for requests that could not be completed, as pieces for new requests.

@@ -242,8 +242,22 @@ impl Journal {
                 .append(true)
                 .open(&self.path)
                 .map_err(|e| Error::io(format!("opening {}", self.path.display()), e))?;
-            let empty = f.metadata().map_err(io)?.len() == 0;
+            let len = f.metadata().map_err(io)?.len();
+            let empty = len == 0;
+            // A killed attempt may have left its last record torn: the next one starts on a
+            // line of its own, so that only the torn record is lost to a replay.
+            let torn = !empty && {
+                use std::io::{Read, Seek, SeekFrom};
+                let mut r = std::fs::File::open(&self.path).map_err(io)?;
+                r.seek(SeekFrom::Start(len - 1)).map_err(io)?;
+                let mut last = [0u8; 1];
+                r.read_exact(&mut last).map_err(io)?;
+                last[0] != b'\n'
+            };
             let mut w = std::io::BufWriter::new(f);
+            if torn {
+                w.write_all(b"\n").map_err(io)?;
+            }
             if empty {
                 let header = Record::Header {
                     format: JOURNAL_FORMAT,
@@ -358,8 +372,8 @@ pub struct Replay {
 }
 
 impl Replay {
-    /// Reads a journal; a torn last line (the process died while writing it) is ignored. A
-    /// journal of another format is an error that says so.
+    /// Reads a journal; a torn line (the process died while writing it) is ignored. A journal
+    /// of another format is an error that says so.
     pub fn load(path: &Path) -> Result<Self> {
         let file = match std::fs::File::open(path) {
             Ok(f) => f,
@@ -404,7 +418,8 @@ impl Replay {
                     replay.effects.insert(key);
                 }
                 Ok(Record::Header { .. }) => {}
-                Err(_) => break,
+                // A record torn by a kill: the step it records did not complete.
+                Err(_) => {}
             }
         }
         for (sink, hash, occ) in rejected {
@@ -549,17 +564,31 @@ mod tests {
             .unwrap()
             .write_all(b"{\"t\":\"do")
             .unwrap();
+        // The next attempt appends after the torn line, on a line of its own.
+        let j2 = Journal::new(path.clone());
+        j2.send(
+            "t@l3",
+            "d",
+            &[Slice {
+                hash: 7,
+                occ: 0,
+                start: 25,
+                len: 5,
+            }],
+        )
+        .unwrap();
+        j2.done("d").unwrap();
         let r = Replay::load(&path).unwrap();
         assert!(r.effects().contains("t/replace"));
         let sink = r.sink("t@l3").unwrap();
-        assert_eq!(sink.remaining(7, 0, 30), vec![(15, 15)]);
+        assert_eq!(sink.remaining(7, 0, 30), vec![(15, 10)]);
         assert_eq!(sink.remaining(7, 1, 30), vec![(0, 30)]);
         assert_eq!(sink.in_flight, vec![("c".to_string(), vec![s(20, 5)])]);
         assert!(sink.rejections_written(9, 1) && !sink.rejections_written(9, 0));
         let mut sink = sink;
         let flight = sink.in_flight[0].1.clone();
         sink.account(&flight);
-        assert_eq!(sink.remaining(7, 0, 30), vec![(15, 5), (25, 5)]);
+        assert_eq!(sink.remaining(7, 0, 30), vec![(15, 5)]);
     }
 
     #[test]

@@ -129,6 +129,14 @@ pub struct Part {
     pub token: String,
     /// Whether `resume` has delivered it.
     pub delivered: bool,
+    /// When the part holds some rows of another request (those left of a partial answer):
+    /// that request's token and the rows' indexes in it, from which item ids are derived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<(String, Vec<u32>)>,
+    /// Why the part will not be delivered although its rows were not (its broker messages were
+    /// given back to the broker, which delivers them again); it then counts as delivered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped: Option<String>,
 }
 
 /// The staging manifest of one table in one run.
@@ -181,6 +189,10 @@ pub struct RunState {
     attempt: String,
     statement: AtomicUsize,
     scope: Mutex<String>,
+    /// The origin of the staged part `resume` delivers now (see [`Part::origin`]).
+    origin: Mutex<Option<(String, Vec<u32>)>>,
+    /// The parts the running statement staged: (table, file).
+    statement_parts: Mutex<Vec<(String, String)>>,
     journal: Journal,
     replay: Mutex<Option<Replay>>,
     templates: Mutex<HashMap<String, String>>,
@@ -189,6 +201,9 @@ pub struct RunState {
     parts: Mutex<HashMap<String, Arc<AtomicU64>>>,
     progress: Mutex<BTreeMap<String, String>>,
     watermarks: Mutex<Vec<String>>,
+    /// Whether the running statement's input comes out the same when the run is replayed (no
+    /// incremental bounds; brokers are checked at the sink).
+    repeatable: AtomicBool,
     /// Side effects this run has done (from the journal, and as they happen).
     effects: Mutex<HashSet<String>>,
     /// The run's lock file, held while this process runs or resumes the run.
@@ -216,6 +231,8 @@ impl RunState {
         let dir = dir.into();
         Self {
             scope: Mutex::new(run_id.clone()),
+            origin: Mutex::default(),
+            statement_parts: Mutex::default(),
             journal: Journal::new(dir.join("runs").join(format!("{run_id}.journal.jsonl"))),
             // Unique to this process and this state: two attempts never share a name.
             attempt: {
@@ -242,6 +259,7 @@ impl RunState {
             parts: Mutex::default(),
             progress: Mutex::default(),
             watermarks: Mutex::default(),
+            repeatable: AtomicBool::new(true),
             effects: Mutex::default(),
             lock: Mutex::default(),
             pending: Default::default(),
@@ -265,18 +283,26 @@ impl RunState {
         let f = private_file_options()
             .open(&path)
             .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-        match f.try_lock() {
-            Ok(()) => {
-                *held = Some(f);
-                Ok(())
+        // `flumen runs` checks liveness with a shared lock held for an instant: a few tries.
+        for _ in 0..10 {
+            match f.try_lock() {
+                Ok(()) => {
+                    *held = Some(f);
+                    return Ok(());
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(Error::io(format!("locking {}", path.display()), e));
+                }
             }
-            Err(std::fs::TryLockError::WouldBlock) => Err(Error::Config(format!(
-                "run {} is being run or resumed by another flumen process (it holds {}); wait for it to end",
-                self.run_id,
-                path.display()
-            ))),
-            Err(std::fs::TryLockError::Error(e)) => Err(Error::io(format!("locking {}", path.display()), e)),
         }
+        Err(Error::Config(format!(
+            "run {} is being run or resumed by another flumen process (it holds {}); wait for it to end",
+            self.run_id,
+            path.display()
+        )))
     }
 
     /// The id of this process's attempt at the run (part of delivery tokens and staged part names).
@@ -303,6 +329,19 @@ impl RunState {
             p.extend(prev.progress);
         }
         Ok(any)
+    }
+
+    /// Says whether the running statement's input reads the same in a replay (set by the
+    /// engine before each write; see [`RunState::input_repeatable`]).
+    pub fn set_input_repeatable(&self, yes: bool) {
+        self.repeatable.store(yes, Ordering::Relaxed);
+    }
+
+    /// Whether the running statement reads the same rows when the run is replayed: no
+    /// incremental source (whose bounds move) and no broker (whose messages are read again
+    /// with any that arrived since).
+    pub fn input_repeatable(&self) -> bool {
+        self.repeatable.load(Ordering::Relaxed) && !self.pending.any()
     }
 
     /// Whether side effect `key` (`<table>/<what>`) was done by this run, in any attempt.
@@ -363,6 +402,9 @@ impl RunState {
     /// Starts a statement: delivery tokens get a prefix unique to this statement and process.
     pub fn begin_statement(&self, line: usize) {
         self.statement.store(line, Ordering::Relaxed);
+        if let Ok(mut p) = self.statement_parts.lock() {
+            p.clear();
+        }
         self.set_scope(format!("{}/{}/l{line}", self.run_id, self.attempt));
     }
 
@@ -392,6 +434,31 @@ impl RunState {
         if let Ok(mut s) = self.scope.lock() {
             *s = scope;
         }
+    }
+
+    /// Where the rows of the staged part being delivered came from (see [`Part::origin`]).
+    pub fn set_origin(&self, origin: Option<(String, Vec<u32>)>) {
+        if let Ok(mut o) = self.origin.lock() {
+            *o = origin;
+        }
+    }
+
+    /// See [`RunState::set_origin`].
+    pub fn origin(&self) -> Option<(String, Vec<u32>)> {
+        self.origin.lock().ok().and_then(|o| o.clone())
+    }
+
+    /// The tokens of the parts staged for `table` in this run (from the manifest on disk).
+    pub fn staged_tokens(&self, table: &str) -> Result<HashSet<String>> {
+        let path = self.staging_dir(table).join("manifest.json");
+        if !path.exists() {
+            return Ok(HashSet::new());
+        }
+        Ok(read_json::<Manifest>(&path)?
+            .parts
+            .into_iter()
+            .map(|p| p.token)
+            .collect())
     }
 
     /// The current token prefix.
@@ -520,8 +587,36 @@ impl RunState {
                 v.insert(m)
             }
         };
+        if let Ok(mut p) = self.statement_parts.lock() {
+            p.push((table.to_string(), part.file.clone()));
+        }
         m.parts.push(part);
         write_json(&path, m)
+    }
+
+    /// Gives up the parts the running statement staged, saying `why` in their manifests: the
+    /// statement failed and its broker messages went back to the broker, which delivers them
+    /// again, so delivering the parts too would write their rows twice.
+    pub fn drop_statement_parts(&self, why: &str) -> Result<()> {
+        let parts = self
+            .statement_parts
+            .lock()
+            .map(|mut p| std::mem::take(&mut *p))
+            .unwrap_or_default();
+        let mut manifests = self
+            .manifests
+            .lock()
+            .map_err(|_| Error::Config("staging manifest lock poisoned".into()))?;
+        for (table, file) in parts {
+            if let Some(m) = manifests.get_mut(&table) {
+                for p in m.parts.iter_mut().filter(|p| p.file == file) {
+                    p.delivered = true;
+                    p.dropped = Some(why.to_string());
+                }
+                write_json(&self.staging_dir(&table).join("manifest.json"), m)?;
+            }
+        }
+        Ok(())
     }
 
     /// Records a source's progress under `key` and writes the ledger at once.
@@ -563,13 +658,14 @@ impl RunState {
         let mut sinks = self.sink_snapshots();
         let mut script = self.script.lock().map(|s| s.clone()).unwrap_or_default();
         let mut started_at = self.started_at.clone();
+        // Whoever writes a run's ledger holds the run.
+        self.acquire_lock()?;
         if let Ok(Some(text)) = self.script_text.lock().map(|t| t.clone()) {
             let path = self.dir.join("runs").join(format!("{}.sql", self.run_id));
             if !path.exists() {
                 if let Some(dir) = path.parent() {
                     private_dir(dir)?;
                 }
-                self.acquire_lock()?;
                 write_private(&path, text.as_bytes())?;
             }
         }
@@ -693,6 +789,8 @@ mod tests {
                 rows: 5,
                 token: "r1/t/0".into(),
                 delivered: false,
+                origin: None,
+                dropped: None,
             },
         )
         .unwrap();
@@ -758,6 +856,8 @@ mod tests {
             rows: 1,
             token: "t".into(),
             delivered: false,
+            origin: None,
+            dropped: None,
         };
         let first = RunState::new(dir.path(), "r4".into(), false);
         let (_, f1) = first.new_staging_file("t");

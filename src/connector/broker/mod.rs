@@ -123,6 +123,11 @@ impl Debug for Pending {
 }
 
 impl Pending {
+    /// Whether the running statement reads a broker (its messages may differ in a replay).
+    pub fn any(&self) -> bool {
+        self.reading.load(Ordering::SeqCst) > 0 || self.held.lock().map(|h| !h.is_empty()).unwrap_or(true)
+    }
+
     fn hold(&self, h: Held) {
         if let Ok(mut v) = self.held.lock() {
             v.push(h);

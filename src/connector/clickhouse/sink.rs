@@ -332,7 +332,7 @@ struct Resolved {
 
 /// Why the target could not be resolved.
 enum Unresolved {
-    /// No answer: the server is down or unreachable.
+    /// No answer, or a retriable one: the server is down, restarting or overloaded.
     Unreachable(ChError),
     Other(Error),
 }
@@ -343,7 +343,8 @@ async fn resolve(client: &Client, s: &Spec) -> std::result::Result<Resolved, Unr
     let name = &s.name;
     let full = &s.full;
     let at = |e: ChError| {
-        if e.status == 0 {
+        // No answer, or one that says to try again (a restart, an overloaded server).
+        if is_retriable(&e) {
             Unresolved::Unreachable(e)
         } else {
             Unresolved::Other(Error::Config(format!("table {name}: ClickHouse {full}: {e}")))
@@ -974,7 +975,9 @@ impl SinkBackend for ClickHouseBackend {
             if let Err(o) = self.fresh(target, &shadow).await {
                 return o;
             }
-            let outcome = self.insert(&shadow, body, a, false, rows).await;
+            // With its token: on 22.2+ its dedup log moves with the table, so a resend of this
+            // request after the swap is recognised.
+            let outcome = self.insert(&shadow, body, a, target.tokens, rows).await;
             if outcome == Outcome::Delivered {
                 if let Err(o) = self.swap_in(&shadow, fx).await {
                     return o;
@@ -988,10 +991,10 @@ impl SinkBackend for ClickHouseBackend {
             }
             return outcome;
         }
-        if let Some(create) = &target.create {
-            if let Err(o) = self.run(create, &format!("creating {}", self.spec.full)).await {
-                return o;
-            }
+        if let Some(create) = &target.create
+            && let Err(o) = self.run(create, &format!("creating {}", self.spec.full)).await
+        {
+            return o;
         }
         *prepared = true;
         drop(prepared);

@@ -200,7 +200,7 @@ impl TableProviderFactory for SqlFactory {
         // One connection first, with the database's own client: a clear error (wrong password,
         // unknown database) at once, instead of ConnectorX's pool timing out on "db error".
         let declared: Vec<Arc<Field>> = cmd.schema.fields().iter().cloned().collect();
-        check_connection(d, &conn, &location, !declared.is_empty())
+        check_connection(d, &conn, &location, !declared.is_empty(), sink.timeout)
             .await
             .map_err(at)?;
         let schema: SchemaRef = if !declared.is_empty() {
@@ -307,13 +307,13 @@ impl TableProviderFactory for SqlFactory {
         };
         Ok(match d {
             Dialect::Postgres => {
-                let backend = pg_backend(conn, spec, Arc::clone(&schema), &name).await?;
+                let backend = pg_backend(conn, spec, Arc::clone(&schema), &name, sink.timeout).await?;
                 Arc::new(SourceSinkTable::new(reader, SinkTable::new(backend, name, sink)?))
             }
             Dialect::Sqlite => {
                 let path = location.strip_prefix("sqlite://").map(decode).unwrap_or_default();
                 let _ = url;
-                let backend = sqlite::SqliteBackend::new(path, spec, Arc::clone(&schema));
+                let backend = sqlite::SqliteBackend::new(path, spec, Arc::clone(&schema), sink.timeout);
                 Arc::new(SourceSinkTable::new(reader, SinkTable::new(backend, name, sink)?))
             }
             Dialect::MySql => {
@@ -391,22 +391,38 @@ async fn declared_decimals(
 }
 
 /// Connects once (reads need the server at planning time; a table with declared columns may be
-/// written later, so an unreachable server is then only a warning).
-async fn check_connection(d: Dialect, conn: &Conn, location: &str, declared: bool) -> Result<()> {
+/// written later, so an unreachable or unanswering server is then only a warning). Waits at most
+/// `timeout`.
+async fn check_connection(
+    d: Dialect,
+    conn: &Conn,
+    location: &str,
+    declared: bool,
+    timeout: std::time::Duration,
+) -> Result<()> {
+    let silent = || (false, format!("no answer within {timeout:?}"));
     let r: std::result::Result<(), (bool, String)> = match d {
-        Dialect::Postgres => match pg::connect(&conn.url).await {
-            Ok(_) => Ok(()),
-            Err(e) => Err((e.as_db_error().is_some(), pg::pg_text(&e))),
+        Dialect::Postgres => match tokio::time::timeout(timeout, pg::connect(&conn.url)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err((e.as_db_error().is_some(), pg::pg_text(&e))),
+            Err(_) => Err(silent()),
         },
         Dialect::MySql => {
             let url = conn.url.clone();
+            let t = Some(timeout.max(std::time::Duration::from_secs(1)));
             tokio::task::spawn_blocking(move || match ::mysql::Opts::from_url(&url) {
-                Ok(o) => ::mysql::Conn::new(o).map(|_| ()).map_err(|e| {
-                    (
-                        matches!(e, ::mysql::Error::MySqlError(_)),
-                        self::mysql::my_text(&e),
-                    )
-                }),
+                Ok(o) => {
+                    let o = ::mysql::OptsBuilder::from_opts(o)
+                        .tcp_connect_timeout(t)
+                        .read_timeout(t)
+                        .write_timeout(t);
+                    ::mysql::Conn::new(o).map(|_| ()).map_err(|e| {
+                        (
+                            matches!(e, ::mysql::Error::MySqlError(_)),
+                            self::mysql::my_text(&e),
+                        )
+                    })
+                }
                 Err(e) => Err((true, e.to_string())),
             })
             .await
@@ -443,13 +459,30 @@ async fn check_connection(d: Dialect, conn: &Conn, location: &str, declared: boo
 /// The PostgreSQL writer, with the target's column types from the catalog (or, for a table
 /// not there yet, from the type map it will be created with). A server that cannot be reached
 /// now leaves them to be read at the first write.
-async fn pg_backend(conn: Conn, spec: WriteSpec, schema: SchemaRef, name: &str) -> Result<pg::PgBackend> {
+async fn pg_backend(
+    conn: Conn,
+    spec: WriteSpec,
+    schema: SchemaRef,
+    name: &str,
+    timeout: std::time::Duration,
+) -> Result<pg::PgBackend> {
     let targets = if spec.table.is_empty() || spec.create == Create::Replace {
         Some(pg::planned_targets(&schema))
     } else {
-        match pg::connect(&conn.url).await {
-            Ok(client) => Some(pg::targets(&client, &spec, &schema, name).await?),
-            Err(e) => {
+        let connected = tokio::time::timeout(timeout, async {
+            let client = pg::connect(&conn.url).await?;
+            Ok::<_, tokio_postgres::Error>(pg::targets(&client, &spec, &schema, name).await)
+        })
+        .await;
+        match connected {
+            Ok(Ok(targets)) => Some(targets?),
+            Err(_) => {
+                tracing::warn!(
+                    "table {name}: the database did not answer within {timeout:?}; its column types are read at the first write"
+                );
+                None
+            }
+            Ok(Err(e)) => {
                 if e.as_db_error().is_some() {
                     return Err(Error::Config(format!(
                         "table {name}: cannot log in: {}",
@@ -464,5 +497,5 @@ async fn pg_backend(conn: Conn, spec: WriteSpec, schema: SchemaRef, name: &str) 
             }
         }
     };
-    Ok(pg::PgBackend::new(conn.url, spec, schema, name, targets))
+    Ok(pg::PgBackend::new(conn.url, spec, schema, name, targets, timeout))
 }

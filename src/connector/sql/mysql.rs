@@ -104,9 +104,13 @@ pub struct MySqlBackend {
     prepared: Mutex<bool>,
     /// The delivery table exists (made once per process).
     deliveries_made: AtomicBool,
+    /// It cannot be made for lack of privilege: no record is kept (with a warning).
+    deliveries_off: AtomicBool,
     /// Set once the server refused local infile: multi-row INSERTs from then on.
     no_infile: AtomicBool,
     seq: AtomicU64,
+    /// The sink's timeout (statements outside a request's attempt are bounded by it too).
+    timeout: Duration,
 }
 
 /// The statement's transaction (`'transaction' 'job'`, `overwrite`).
@@ -319,25 +323,55 @@ impl MySqlBackend {
             job: Default::default(),
             prepared: Default::default(),
             deliveries_made: Default::default(),
+            deliveries_off: Default::default(),
             no_infile: Default::default(),
             seq: AtomicU64::new(0),
+            timeout,
         })
     }
 
-    /// The new table of a replace, beside the target.
-    fn shadow(&self) -> String {
-        self.spec.beside(Dialect::MySql, "__flumen_new")
+    /// The new table of this run's replace, beside the target.
+    fn shadow(&self, fx: &Effects) -> String {
+        self.spec
+            .beside(Dialect::MySql, &format!("__flumen_new_{}", fx.run_tag()))
     }
 
-    /// The old table of a replace, dropped once the new one is in place.
-    fn retired(&self) -> String {
-        self.spec.beside(Dialect::MySql, "__flumen_old")
+    /// The old table of this run's replace, dropped once the new one is in place.
+    fn retired(&self, fx: &Effects) -> String {
+        self.spec
+            .beside(Dialect::MySql, &format!("__flumen_old_{}", fx.run_tag()))
+    }
+
+    /// The token that records this run's replace of the table in the delivery table.
+    fn replace_token(&self, fx: &Effects) -> String {
+        format!("{}/replace/{}", fx.run_id(), self.spec.name)
+    }
+
+    /// Whether this run replaced the table already: its journal says so, or the delivery
+    /// table does (the process died between the swap and the journal).
+    fn replaced(&self, c: &mut mysql::Conn, fx: &Effects) -> std::result::Result<bool, Outcome> {
+        if fx.done("replace") {
+            return Ok(true);
+        }
+        if self.recorded(c, &self.replace_token(fx))? {
+            fx.record("replace").map_err(fatal)?;
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     /// The DDL of the table flumen creates, under `name`.
     fn create_named(&self, name: &str) -> Result<String> {
         let sql = self.create_sql()?;
         Ok(sql.replacen(&self.spec.table, name, 1))
+    }
+
+    /// The delivery table, when one is kept.
+    fn deliveries(&self) -> Option<&String> {
+        self.spec
+            .deliveries
+            .as_ref()
+            .filter(|_| !self.deliveries_off.load(Ordering::Relaxed))
     }
 
     /// Makes the delivery table, once per process.
@@ -348,25 +382,42 @@ impl MySqlBackend {
         if self.deliveries_made.load(Ordering::Relaxed) {
             return Ok(());
         }
-        c.query_drop(format!(
+        let made = c.query_drop(format!(
             "CREATE TABLE IF NOT EXISTS {t} (token VARCHAR(255) CHARACTER SET ascii NOT NULL PRIMARY KEY, \
              target VARCHAR(1024) NOT NULL, delivered_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6)) ENGINE=InnoDB"
-        ))
-        .map_err(|e| match classify(e) {
-            Outcome::Fatal { reason } => Outcome::Fatal {
-                reason: format!(
-                    "making the delivery table {t}: {reason}; name one flumen may create with OPTIONS ('delivery_table' 'db.table'), or 'none'"
-                ),
-            },
-            o => o,
-        })?;
+        ));
+        match made {
+            Ok(()) => {}
+            // No privilege to make it: the write goes on without it, at least once, and says so.
+            Err(mysql::Error::MySqlError(e)) if matches!(e.code, 1044 | 1142 | 1227) => {
+                tracing::warn!(
+                    table = %self.spec.table,
+                    "cannot make the delivery table {t} ({} ({})): requests are recorded nowhere, so one sent again \
+                     after a timeout or a crash may be applied twice; name a table flumen may create with \
+                     OPTIONS ('delivery_table' 'db.table')",
+                    e.message,
+                    e.code
+                );
+                self.deliveries_off.store(true, Ordering::Relaxed);
+            }
+            Err(e) => {
+                return Err(match classify(e) {
+                    Outcome::Fatal { reason } => Outcome::Fatal {
+                        reason: format!(
+                            "making the delivery table {t}: {reason}; name one flumen may create with OPTIONS ('delivery_table' 'db.table'), or 'none'"
+                        ),
+                    },
+                    o => o,
+                });
+            }
+        }
         self.deliveries_made.store(true, Ordering::Relaxed);
         Ok(())
     }
 
     /// Inserts `token` into the delivery table: `false` when it was there already.
     fn record(&self, c: &mut mysql::Conn, token: &str) -> std::result::Result<bool, Outcome> {
-        let Some(t) = &self.spec.deliveries else {
+        let Some(t) = self.deliveries() else {
             return Ok(true);
         };
         c.exec_drop(
@@ -379,7 +430,7 @@ impl MySqlBackend {
 
     /// Whether `token` is in the delivery table.
     fn recorded(&self, c: &mut mysql::Conn, token: &str) -> std::result::Result<bool, Outcome> {
-        let Some(t) = &self.spec.deliveries else {
+        let Some(t) = self.deliveries() else {
             return Ok(false);
         };
         let found: Option<u8> = c
@@ -389,8 +440,8 @@ impl MySqlBackend {
     }
 
     /// Makes a fresh, empty new table for a replace.
-    fn make_shadow(&self, c: &mut mysql::Conn) -> std::result::Result<(), Outcome> {
-        let shadow = self.shadow();
+    fn make_shadow(&self, c: &mut mysql::Conn, fx: &Effects) -> std::result::Result<(), Outcome> {
+        let shadow = self.shadow(fx);
         for sql in [
             format!("DROP TABLE IF EXISTS {shadow}"),
             self.create_named(&shadow).map_err(fatal)?,
@@ -403,14 +454,16 @@ impl MySqlBackend {
     }
 
     /// Puts the new table of a replace in the target's place (one atomic RENAME), drops the
-    /// old one, and records it: the token (when given) in the delivery table, then the journal.
+    /// old one, and records it: the run's replace token and the request's (when given) in the
+    /// delivery table, then the journal. A death before the replace token is recorded makes the
+    /// replay build the new table again (with the same first rows); one after it, never.
     fn swap_in(
         &self,
         c: &mut mysql::Conn,
         token: Option<&str>,
         fx: &Effects,
     ) -> std::result::Result<(), Outcome> {
-        let (t, shadow, old) = (&self.spec.table, self.shadow(), self.retired());
+        let (t, shadow, old) = (&self.spec.table, self.shadow(fx), self.retired(fx));
         let exists: Option<u8> = c
             .exec_first(
                 "SELECT 1 FROM information_schema.TABLES WHERE TABLE_SCHEMA = COALESCE(?, DATABASE()) AND TABLE_NAME = ?",
@@ -432,6 +485,7 @@ impl MySqlBackend {
         .map_err(swap)?;
         c.query_drop(format!("DROP TABLE IF EXISTS {old}"))
             .map_err(swap)?;
+        self.record(c, &self.replace_token(fx))?;
         if let Some(token) = token {
             self.record(c, token)?;
         }
@@ -450,8 +504,8 @@ impl MySqlBackend {
     }
 
     /// Whether this write still owes the replace (`'create' 'replace'`, not done in the run).
-    fn replace_owed(&self, fx: &Effects) -> bool {
-        self.spec.create == Create::Replace && !fx.done("replace")
+    fn replace_owed(&self, c: &mut mysql::Conn, fx: &Effects) -> std::result::Result<bool, Outcome> {
+        Ok(self.spec.create == Create::Replace && !self.replaced(c, fx)?)
     }
 
     pub fn create_sql(&self) -> Result<String> {
@@ -849,36 +903,31 @@ impl SinkBackend for MySql {
                 .map_err(|e| Error::Config(format!("the writer task failed: {e}")))?
                 .map_err(at);
         }
-        if !ok {
-            // A replace whose new table never went in: dropped, the target untouched.
-            let owed = self.0.replace_owed(&fx);
-            if owed {
-                let _ = self
-                    .0
-                    .with_conn(Duration::from_secs(60), |me, c| {
-                        c.query_drop(format!("DROP TABLE IF EXISTS {}", me.shadow()))
-                            .map_err(classify)
-                    })
-                    .await;
-            }
-            return Ok(());
-        }
-        // No request was sent (an empty input): the table is still owed its DDL.
-        let prepared = self.0.prepared.lock().map(|p| *p).unwrap_or(false);
-        if prepared {
-            return Ok(());
-        }
+        let timeout = self.0.timeout;
         self.0
-            .with_conn(Duration::from_secs(60), move |me, c| {
-                if me.replace_owed(&fx) {
-                    me.make_shadow(c)?;
+            .with_conn(timeout, move |me, c| {
+                let mut prepared = me.prepared.lock().map_err(|_| Outcome::Fatal {
+                    reason: "writer state".into(),
+                })?;
+                if *prepared {
+                    return Ok(());
+                }
+                if !ok {
+                    // A replace whose new table never went in: dropped, the target untouched.
+                    if me.spec.create == Create::Replace && !fx.done("replace") {
+                        c.query_drop(format!("DROP TABLE IF EXISTS {}", me.shadow(&fx)))
+                            .map_err(classify)?;
+                    }
+                    return Ok(());
+                }
+                // No request was sent (an empty input): the table is still owed its DDL.
+                if me.replace_owed(c, &fx)? {
+                    me.make_shadow(c, &fx)?;
                     me.swap_in(c, None, &fx)?;
                 } else {
                     me.create_if_missing(c)?;
                 }
-                if let Ok(mut p) = me.prepared.lock() {
-                    *p = true;
-                }
+                *prepared = true;
                 Ok(())
             })
             .await
@@ -910,7 +959,7 @@ impl MySql {
             }
             seen.store(job.conn.connection_id(), Ordering::Relaxed);
             let into = if job.shadow {
-                me.shadow()
+                me.shadow(&fx)
             } else {
                 me.spec.table.clone()
             };
@@ -955,15 +1004,9 @@ impl MySqlBackend {
         let mut into = self.spec.table.clone();
         let mut swap = false;
         if !*prepared {
-            if self.replace_owed(fx) {
-                if self.recorded(c, token)? {
-                    // An earlier attempt swapped the new table in with these rows.
-                    fx.record("replace").map_err(fatal)?;
-                    *prepared = true;
-                    return Ok(vec![]);
-                }
-                self.make_shadow(c)?;
-                into = self.shadow();
+            if self.replace_owed(c, fx)? {
+                self.make_shadow(c, fx)?;
+                into = self.shadow(fx);
                 swap = true;
             } else {
                 self.create_if_missing(c)?;
@@ -1045,11 +1088,9 @@ impl MySqlBackend {
         let mut conn = mysql::Conn::new(self.opts.clone()).map_err(classify)?;
         self.ensure_deliveries(&mut conn)?;
         let job_token = fx.statement_token();
-        if self.recorded(&mut conn, &job_token)? {
+        let committed = self.recorded(&mut conn, &job_token)?;
+        if committed && fx.input_repeatable() {
             tracing::info!(table = %self.spec.table, "an earlier attempt of this run committed this write: it is not loaded again");
-            if self.replace_owed(fx) {
-                fx.record("replace").map_err(fatal)?;
-            }
             *guard = Some(Job {
                 conn,
                 committed_before: true,
@@ -1057,10 +1098,17 @@ impl MySqlBackend {
             });
             return Ok(());
         }
-        let shadow = self.replace_owed(fx);
+        if committed {
+            // Its input (incremental, a broker) may hold more now: loaded again, at least once.
+            tracing::warn!(
+                table = %self.spec.table,
+                "an earlier attempt of this run committed this write, but its input may have changed since: it is loaded again"
+            );
+        }
+        let shadow = self.replace_owed(&mut conn, fx)?;
         let prepared = self.prepared.lock().map(|p| *p).unwrap_or(false);
         if shadow {
-            self.make_shadow(&mut conn)?;
+            self.make_shadow(&mut conn, fx)?;
         } else if !prepared {
             self.create_if_missing(&mut conn)?;
             if let Ok(mut p) = self.prepared.lock() {
@@ -1107,7 +1155,7 @@ impl MySqlBackend {
             if job.shadow {
                 let _ = job
                     .conn
-                    .query_drop(format!("DROP TABLE IF EXISTS {}", self.shadow()));
+                    .query_drop(format!("DROP TABLE IF EXISTS {}", self.shadow(fx)));
             }
             return Ok(());
         }

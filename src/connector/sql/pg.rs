@@ -83,8 +83,11 @@ pub struct PgBackend {
     targets: tokio::sync::OnceCell<Vec<PgColumn>>,
     pool: tokio::sync::Mutex<Vec<Client>>,
     job: tokio::sync::Mutex<Option<Job>>,
-    /// The delivery table exists (made once per process).
-    deliveries: tokio::sync::OnceCell<()>,
+    /// The delivery table is there (`true`), or cannot be made for lack of privilege
+    /// (`false`: no record is kept, with a warning); known once per process.
+    deliveries: tokio::sync::OnceCell<bool>,
+    /// The sink's timeout, for what runs outside a request's attempt (DDL, commit).
+    timeout: Duration,
     /// The table is prepared (`create`): held by the first request while it prepares it.
     prepared: tokio::sync::Mutex<bool>,
     seq: AtomicU64,
@@ -132,6 +135,39 @@ async fn connect_within(
         let _ = conn.await;
     });
     Ok(client)
+}
+
+/// Connects within `timeout`, handshake and login included; a failure as the outcome it means
+/// for a request.
+async fn connect_bounded(url: &str, timeout: Duration) -> std::result::Result<Client, Outcome> {
+    match tokio::time::timeout(timeout, connect_within(url, Some(timeout))).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(classify_connect(e)),
+        Err(_) => Err(Outcome::Retry {
+            reason: format!("cannot connect: no answer within {timeout:?}"),
+            after: None,
+        }),
+    }
+}
+
+/// Runs `work` within `timeout`; past it, its statement is cancelled at the server (best
+/// effort, bounded too) and the outcome is a retriable failure.
+async fn bounded<T>(
+    client: &Client,
+    timeout: Duration,
+    work: impl std::future::Future<Output = std::result::Result<T, Outcome>>,
+) -> std::result::Result<T, Outcome> {
+    match tokio::time::timeout(timeout, work).await {
+        Ok(r) => r,
+        Err(_) => {
+            let cancel = client.cancel_token();
+            let _ = tokio::time::timeout(timeout, cancel.cancel_query(NoTls)).await;
+            Err(Outcome::Retry {
+                reason: format!("no answer within {timeout:?} (the statement was cancelled)"),
+                after: None,
+            })
+        }
+    }
 }
 
 /// The columns of an existing table (`None`: no such table), generated columns left out.
@@ -246,6 +282,7 @@ impl PgBackend {
         schema: SchemaRef,
         name: &str,
         targets: Option<Vec<PgColumn>>,
+        timeout: Duration,
     ) -> Self {
         let cell = tokio::sync::OnceCell::new();
         if let Some(t) = targets {
@@ -262,7 +299,16 @@ impl PgBackend {
             deliveries: Default::default(),
             prepared: Default::default(),
             seq: AtomicU64::new(0),
+            timeout,
         }
+    }
+
+    /// The delivery table, when one is kept.
+    fn deliveries(&self) -> Option<&String> {
+        self.spec
+            .deliveries
+            .as_ref()
+            .filter(|_| self.deliveries.get() != Some(&false))
     }
 
     fn d(&self) -> super::dialect::Dialect {
@@ -327,7 +373,10 @@ impl PgBackend {
                 client.batch_execute(&sql).await.map_err(fatal)
             }
             Create::Replace => {
-                if fx.done("replace") || self.recorded(client, &self.replace_token(fx)).await? {
+                // The run's replace token is inserted first: an attempt that made it and has
+                // not ended yet holds its row, so this waits for it, and finds it if it committed.
+                let owed = !fx.done("replace") && self.record(client, &self.replace_token(fx)).await?;
+                if !owed {
                     // Done by an earlier attempt of this run: its rows stay.
                     let sql = self.create_sql().map_err(|e| Outcome::Fatal {
                         reason: e.to_string(),
@@ -341,27 +390,14 @@ impl PgBackend {
                         reason: e.to_string()
                     })?
                 );
-                client.batch_execute(&sql).await.map_err(fatal)?;
-                self.record(client, &self.replace_token(fx)).await.map(|_| ())
+                client.batch_execute(&sql).await.map_err(fatal)
             }
         }
     }
 
-    /// Whether `token` is in the delivery table.
-    async fn recorded(&self, client: &Client, token: &str) -> std::result::Result<bool, Outcome> {
-        let Some(t) = &self.spec.deliveries else {
-            return Ok(false);
-        };
-        client
-            .query_opt(&format!("SELECT 1 FROM {t} WHERE token = $1"), &[&token])
-            .await
-            .map(|r| r.is_some())
-            .map_err(|e| classify(&e, 0).unwrap_or_else(|o| o))
-    }
-
     /// Inserts `token` into the delivery table: `false` when it was there already.
     async fn record(&self, client: &Client, token: &str) -> std::result::Result<bool, Outcome> {
-        let Some(t) = &self.spec.deliveries else {
+        let Some(t) = self.deliveries() else {
             return Ok(true);
         };
         let target = &self.spec.table;
@@ -375,49 +411,59 @@ impl PgBackend {
             .map_err(|e| classify(&e, 0).unwrap_or_else(|o| o))
     }
 
-    /// Makes the delivery table, once per process.
+    /// Makes the delivery table, once per process (within the timeout). Without the privilege
+    /// to make it the write goes on without it, at least once, and says so.
     async fn ensure_deliveries(&self, client: &Client) -> std::result::Result<(), Outcome> {
         let Some(t) = &self.spec.deliveries else {
             return Ok(());
         };
-        self.deliveries
-            .get_or_try_init(|| async {
-                let sql = format!(
-                    "CREATE TABLE IF NOT EXISTS {t} (token TEXT PRIMARY KEY, target TEXT NOT NULL, \
-                     delivered_at TIMESTAMPTZ NOT NULL DEFAULT now())"
-                );
-                match client.batch_execute(&sql).await {
-                    Ok(()) => Ok(()),
-                    // Made at the same moment by another writer.
-                    Err(e) if matches!(e.code().map(|c| c.code()), Some("23505" | "42P07")) => Ok(()),
+        let make = self.deliveries.get_or_try_init(|| async {
+            let sql = format!(
+                "CREATE TABLE IF NOT EXISTS {t} (token TEXT PRIMARY KEY, target TEXT NOT NULL, \
+                 delivered_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+            );
+            match client.batch_execute(&sql).await {
+                Ok(()) => Ok(true),
+                // Made at the same moment by another writer.
+                Err(e) if matches!(e.code().map(|c| c.code()), Some("23505" | "42P07")) => Ok(true),
+                Err(e) if e.code().map(|c| c.code()) == Some("42501") => {
+                    tracing::warn!(
+                        table = %self.name,
+                        "cannot make the delivery table {t} ({}): requests are recorded nowhere, so one sent again \
+                         after a timeout or a crash may be applied twice; name a table flumen may create with \
+                         OPTIONS ('delivery_table' 'schema.table')",
+                        pg_text(&e)
+                    );
+                    Ok(false)
+                }
                     Err(e) if e.as_db_error().is_none() => Err(Outcome::Retry {
                         reason: pg_text(&e),
                         after: None,
                     }),
-                    Err(e) => Err(Outcome::Fatal {
-                        reason: format!(
-                            "making the delivery table {t}: {}; name one flumen may create with OPTIONS ('delivery_table' 'schema.table'), or 'none'",
-                            pg_text(&e)
-                        ),
-                    }),
-                }
-            })
-            .await
-            .map(|_| ())
+                Err(e) => Err(Outcome::Fatal {
+                    reason: format!(
+                        "making the delivery table {t}: {}; name one flumen may create with OPTIONS ('delivery_table' 'schema.table'), or 'none'",
+                        pg_text(&e)
+                    ),
+                }),
+            }
+        });
+        bounded(client, self.timeout, make).await.map(|_| ())
     }
 
     /// The target's columns: known at CREATE, or read now.
     async fn targets(&self, timeout: Duration) -> std::result::Result<&Vec<PgColumn>, Outcome> {
         self.targets
             .get_or_try_init(|| async {
-                let client = connect_within(&self.url, Some(timeout))
-                    .await
-                    .map_err(classify_connect)?;
-                targets(&client, &self.spec, &self.schema, &self.name)
-                    .await
-                    .map_err(|e| Outcome::Fatal {
-                        reason: e.to_string(),
-                    })
+                let client = connect_bounded(&self.url, timeout).await?;
+                let read = async {
+                    targets(&client, &self.spec, &self.schema, &self.name)
+                        .await
+                        .map_err(|e| Outcome::Fatal {
+                            reason: e.to_string(),
+                        })
+                };
+                bounded(&client, timeout, read).await
             })
             .await
     }
@@ -525,9 +571,9 @@ impl PgBackend {
     async fn send_batch(&self, body: &[u8], rows: usize, a: &Attempt<'_>) -> Outcome {
         let client = match self.pool.lock().await.pop() {
             Some(c) if !c.is_closed() => c,
-            _ => match connect_within(&self.url, Some(a.timeout)).await {
+            _ => match connect_bounded(&self.url, a.timeout).await {
                 Ok(c) => c,
-                Err(e) => return classify_connect(e),
+                Err(o) => return o,
             },
         };
         if let Err(o) = self.ensure_deliveries(&client).await {
@@ -587,29 +633,48 @@ impl PgBackend {
         if guard.is_some() {
             return Ok(());
         }
-        let client = connect_within(&self.url, Some(timeout))
-            .await
-            .map_err(classify_connect)?;
+        let client = connect_bounded(&self.url, timeout).await?;
         self.ensure_deliveries(&client).await?;
-        let rolled = |e: tokio_postgres::Error| Outcome::Fatal {
-            reason: format!("{} (the transaction is rolled back)", pg_text(&e)),
-        };
-        client.batch_execute("BEGIN").await.map_err(rolled)?;
-        if !self.record(&client, &fx.statement_token()).await? {
-            let _ = client.batch_execute("ROLLBACK").await;
-            tracing::info!(table = %self.name, "an earlier attempt of this run committed this write: it is not loaded again");
+        let begun = bounded(&client, timeout, self.begin_job(&client, fx)).await?;
+        let Some(prepares) = begun else {
             *guard = Some(Job {
                 client,
                 committed_before: true,
                 prepares: false,
             });
             return Ok(());
+        };
+        *guard = Some(Job {
+            client,
+            committed_before: false,
+            prepares,
+        });
+        Ok(())
+    }
+
+    /// The first statements of the job's transaction: `None` when an earlier attempt of the run
+    /// committed this job (nothing is loaded again), else whether it prepares the table.
+    async fn begin_job(&self, client: &Client, fx: &Effects) -> std::result::Result<Option<bool>, Outcome> {
+        let rolled = |e: tokio_postgres::Error| Outcome::Fatal {
+            reason: format!("{} (the transaction is rolled back)", pg_text(&e)),
+        };
+        client.batch_execute("BEGIN").await.map_err(rolled)?;
+        if !self.record(client, &fx.statement_token()).await? {
+            if fx.input_repeatable() {
+                let _ = client.batch_execute("ROLLBACK").await;
+                tracing::info!(table = %self.name, "an earlier attempt of this run committed this write: it is not loaded again");
+                return Ok(None);
+            }
+            // Its input (incremental, a broker) may hold more now: loaded again, at least once.
+            tracing::warn!(
+                table = %self.name,
+                "an earlier attempt of this run committed this write, but its input may have changed since: it is loaded again"
+            );
         }
         let mut prepared = self.prepared.lock().await;
         let prepares = !*prepared;
         if prepares {
-            self.ddl(&client, fx).await?;
-            *prepared = true;
+            self.ddl(client, fx).await?;
         }
         if self.spec.mode == Mode::Overwrite {
             client
@@ -617,12 +682,9 @@ impl PgBackend {
                 .await
                 .map_err(rolled)?;
         }
-        *guard = Some(Job {
-            client,
-            committed_before: false,
-            prepares,
-        });
-        Ok(())
+        // Prepared as far as this process goes; a rollback of the job undoes it (see finish).
+        *prepared = true;
+        Ok(Some(prepares))
     }
 
     async fn send_job(&self, body: &[u8], a: &Attempt<'_>) -> Outcome {
@@ -793,46 +855,62 @@ impl SinkBackend for PgBackend {
 
     async fn finish(&self, ok: bool, fx: &Effects) -> Result<()> {
         let at = |reason: String| Error::Config(format!("table {}: {reason}", self.spec.table));
+        let t = self.timeout;
         if !self.spec.job {
-            if ok && !*self.prepared.lock().await {
+            let mut prepared = self.prepared.lock().await;
+            if ok && !*prepared {
                 // No request was sent: the table is still owed its DDL.
-                let client = connect(&self.url).await.map_err(|e| at(pg_text(&e)))?;
-                let mut prepared = self.prepared.lock().await;
+                let client = connect_bounded(&self.url, t)
+                    .await
+                    .map_err(|o| at(outcome_text(o)))?;
                 self.ensure_deliveries(&client)
                     .await
                     .map_err(|o| at(outcome_text(o)))?;
-                client.batch_execute("BEGIN").await.map_err(|e| at(pg_text(&e)))?;
-                if let Err(o) = self.ddl(&client, fx).await {
-                    let _ = client.batch_execute("ROLLBACK").await;
-                    return Err(at(outcome_text(o)));
-                }
-                client
-                    .batch_execute("COMMIT")
-                    .await
-                    .map_err(|e| at(pg_text(&e)))?;
-                *prepared = true;
+                let ddl = async {
+                    client
+                        .batch_execute("BEGIN")
+                        .await
+                        .map_err(|e| Outcome::Fatal { reason: pg_text(&e) })?;
+                    self.ddl(&client, fx).await?;
+                    client
+                        .batch_execute("COMMIT")
+                        .await
+                        .map_err(|e| Outcome::Fatal { reason: pg_text(&e) })
+                };
+                bounded(&client, t, ddl).await.map_err(|o| at(outcome_text(o)))?;
                 if self.spec.create == Create::Replace && !fx.done("replace") {
                     fx.record("replace")?;
                 }
+                *prepared = true;
             }
             return Ok(());
         }
         let mut guard = self.job.lock().await;
         if ok {
-            self.job_begin(&mut guard, fx, Duration::from_secs(60))
+            self.job_begin(&mut guard, fx, t)
                 .await
                 .map_err(|o| at(outcome_text(o)))?;
             if let Some(job) = guard.as_ref().filter(|j| !j.committed_before) {
-                job.client
-                    .batch_execute("COMMIT")
+                let commit = async {
+                    job.client
+                        .batch_execute("COMMIT")
+                        .await
+                        .map_err(|e| Outcome::Fatal {
+                            reason: format!("commit failed: {}", pg_text(&e)),
+                        })
+                };
+                // A COMMIT without an answer may have committed: a resume finds out from the
+                // job's token in the delivery table.
+                bounded(&job.client, t, commit)
                     .await
-                    .map_err(|e| at(format!("commit failed: {}", pg_text(&e))))?;
+                    .map_err(|o| at(outcome_text(o)))?;
                 if job.prepares && self.spec.create == Create::Replace && !fx.done("replace") {
                     fx.record("replace")?;
                 }
             }
         } else if let Some(job) = guard.as_ref() {
-            let _ = job.client.batch_execute("ROLLBACK").await;
+            // Unanswered, the connection closes with the job and the server rolls it back.
+            let _ = tokio::time::timeout(t, job.client.batch_execute("ROLLBACK")).await;
             if job.prepares {
                 // The DDL rolled back with the job: the next statement prepares again.
                 *self.prepared.lock().await = false;

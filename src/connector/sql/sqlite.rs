@@ -59,6 +59,8 @@ pub struct SqliteBackend {
     spec: WriteSpec,
     schema: SchemaRef,
     shared: Arc<Shared>,
+    /// The sink's timeout (also SQLite's wait for another writer's lock).
+    timeout: Duration,
 }
 
 impl std::fmt::Debug for SqliteBackend {
@@ -205,12 +207,13 @@ fn fail(e: rusqlite::Error) -> Outcome {
 
 impl SqliteBackend {
     /// A writer of `spec` into the database file at `path`.
-    pub fn new(path: String, spec: WriteSpec, schema: SchemaRef) -> Self {
+    pub fn new(path: String, spec: WriteSpec, schema: SchemaRef, timeout: Duration) -> Self {
         Self {
             path,
             spec,
             schema,
             shared: Arc::default(),
+            timeout,
         }
     }
 
@@ -414,6 +417,8 @@ impl SqliteBackend {
             job: self.spec.job,
             overwrite: self.spec.mode == Mode::Overwrite,
             job_token: fx.statement_token(),
+            repeatable: fx.input_repeatable(),
+            effects: fx.clone(),
         })
     }
 }
@@ -431,6 +436,22 @@ struct Plan {
     job: bool,
     overwrite: bool,
     job_token: String,
+    /// The statement reads the same rows in a replay (see `Effects::input_repeatable`).
+    repeatable: bool,
+    effects: Effects,
+}
+
+impl Plan {
+    /// Records the replace in the run's journal once the transaction that did it committed,
+    /// before the connection is given to the next request.
+    fn replaced(&self) -> std::result::Result<(), Outcome> {
+        if self.replace && !self.effects.done("replace") {
+            self.effects.record("replace").map_err(|e| Outcome::Fatal {
+                reason: e.to_string(),
+            })?;
+        }
+        Ok(())
+    }
 }
 
 impl Plan {
@@ -444,10 +465,24 @@ impl Plan {
         let prepares = !st.prepared;
         match SqliteBackend::begin(c, st, self, &self.job_token) {
             Ok(true) => {}
-            Ok(false) => {
+            Ok(false) if self.repeatable => {
                 let _ = c.execute_batch("ROLLBACK");
                 st.committed_before = true;
                 return Ok(());
+            }
+            Ok(false) => {
+                // Committed by an earlier attempt, but its input (incremental, a broker) may
+                // hold more now: loaded again, at least once.
+                tracing::warn!(
+                    table = %self.table,
+                    "an earlier attempt of this run committed this write, but its input may have changed since: it is loaded again"
+                );
+                if !st.prepared
+                    && let Err(o) = SqliteBackend::ddl(c, self)
+                {
+                    let _ = c.execute_batch("ROLLBACK");
+                    return Err(o);
+                }
             }
             Err(o) => {
                 let _ = c.execute_batch("ROLLBACK");
@@ -508,6 +543,12 @@ impl SinkBackend for SqliteBackend {
         )
     }
 
+    /// One writer at a time: SQLite has one, and an attempt's timeout must not run while it
+    /// waits for another request's turn.
+    fn serial(&self) -> bool {
+        true
+    }
+
     fn all_or_nothing(&self) -> bool {
         self.spec.job
     }
@@ -540,7 +581,7 @@ impl SinkBackend for SqliteBackend {
                 if job {
                     plan.open_job(c, st)?;
                     if st.committed_before {
-                        return Ok((Vec::new(), false));
+                        return Ok(Vec::new());
                     }
                 } else {
                     c.execute_batch("BEGIN IMMEDIATE").map_err(fail)?;
@@ -548,7 +589,7 @@ impl SinkBackend for SqliteBackend {
                         Ok(true) => {}
                         Ok(false) => {
                             let _ = c.execute_batch("ROLLBACK");
-                            return Ok((Vec::new(), false));
+                            return Ok(Vec::new());
                         }
                         Err(o) => {
                             let _ = c.execute_batch("ROLLBACK");
@@ -580,12 +621,14 @@ impl SinkBackend for SqliteBackend {
                     Ok(())
                 })();
                 match result {
-                    Ok(()) if job => Ok((rejected, false)),
+                    Ok(()) if job => Ok(rejected),
                     Ok(()) => {
                         c.execute_batch("COMMIT").map_err(fail)?;
-                        let prepared_now = !st.prepared;
+                        if !st.prepared {
+                            plan.replaced()?;
+                        }
                         st.prepared = true;
-                        Ok((rejected, prepared_now))
+                        Ok(rejected)
                     }
                     Err(o) if job => Err(match o {
                         Outcome::Fatal { reason } | Outcome::Retry { reason, .. } => Outcome::Fatal {
@@ -610,16 +653,7 @@ impl SinkBackend for SqliteBackend {
             r => r,
         };
         match r {
-            Ok((rejected, prepared_now)) => {
-                if prepared_now
-                    && self.spec.create == Create::Replace
-                    && !a.effects.done("replace")
-                    && let Err(e) = a.effects.record("replace")
-                {
-                    return Outcome::Fatal {
-                        reason: e.to_string(),
-                    };
-                }
+            Ok(rejected) => {
                 if rejected.is_empty() {
                     Outcome::Delivered
                 } else {
@@ -636,52 +670,49 @@ impl SinkBackend for SqliteBackend {
     async fn finish(&self, ok: bool, fx: &Effects) -> Result<()> {
         let plan = self.plan(fx).map_err(outcome_error)?;
         let job = plan.job;
-        let prepared_here = self
-            .with_conn(Duration::from_secs(60), move |c, st| {
-                if !ok {
-                    // Nothing runs but the rollback of an open job: no DDL on a failure.
-                    if st.in_job {
-                        let _ = c.execute_batch("ROLLBACK");
-                        st.in_job = false;
-                        if st.job_prepares {
-                            st.prepared = false;
-                        }
-                    }
-                    st.committed_before = false;
-                    return Ok(false);
-                }
-                if job {
-                    plan.open_job(c, st)?;
-                    let prepared_here = st.in_job && st.job_prepares;
-                    if st.in_job {
-                        c.execute_batch("COMMIT").map_err(|e| Outcome::Fatal {
-                            reason: format!("COMMIT failed: {e}"),
-                        })?;
-                    }
-                    st.in_job = false;
-                    st.committed_before = false;
-                    return Ok(prepared_here);
-                }
-                if st.prepared {
-                    return Ok(false);
-                }
-                // No request was sent: the table is still owed its DDL.
-                c.execute_batch("BEGIN IMMEDIATE").map_err(fail)?;
-                let done =
-                    SqliteBackend::ddl(c, &plan).and_then(|()| c.execute_batch("COMMIT").map_err(fail));
-                if let Err(o) = done {
+        self.with_conn(self.timeout, move |c, st| {
+            if !ok {
+                // Nothing runs but the rollback of an open job: no DDL on a failure.
+                if st.in_job {
                     let _ = c.execute_batch("ROLLBACK");
-                    return Err(o);
+                    st.in_job = false;
+                    if st.job_prepares {
+                        st.prepared = false;
+                    }
                 }
-                st.prepared = true;
-                Ok(true)
-            })
-            .await
-            .map_err(outcome_error)?;
-        if prepared_here && self.spec.create == Create::Replace && !fx.done("replace") {
-            fx.record("replace")?;
-        }
-        Ok(())
+                st.committed_before = false;
+                return Ok(());
+            }
+            if job {
+                plan.open_job(c, st)?;
+                if st.in_job {
+                    c.execute_batch("COMMIT").map_err(|e| Outcome::Fatal {
+                        reason: format!("COMMIT failed: {e}"),
+                    })?;
+                    if st.job_prepares {
+                        plan.replaced()?;
+                    }
+                }
+                st.in_job = false;
+                st.committed_before = false;
+                return Ok(());
+            }
+            if st.prepared {
+                return Ok(());
+            }
+            // No request was sent: the table is still owed its DDL.
+            c.execute_batch("BEGIN IMMEDIATE").map_err(fail)?;
+            let done = SqliteBackend::ddl(c, &plan).and_then(|()| c.execute_batch("COMMIT").map_err(fail));
+            if let Err(o) = done {
+                let _ = c.execute_batch("ROLLBACK");
+                return Err(o);
+            }
+            plan.replaced()?;
+            st.prepared = true;
+            Ok(())
+        })
+        .await
+        .map_err(outcome_error)
     }
 }
 
