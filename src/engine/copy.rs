@@ -160,7 +160,19 @@ fn remove_orphans(target: &Path) {
     };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if !name.starts_with(&prefix) || name.ends_with(".lock") || name.ends_with(".lock.new") {
+        if name.starts_with(&prefix) && name.ends_with(".lock.new") {
+            // A COPY killed between making its lock and naming it (a minute old: one that is
+            // starting now holds it unlocked for an instant).
+            let stale = e.metadata().and_then(|m| m.modified()).is_ok_and(|t| {
+                t.elapsed()
+                    .is_ok_and(|age| age > std::time::Duration::from_secs(60))
+            });
+            if stale && std::fs::File::open(e.path()).is_ok_and(|f| f.try_lock().is_ok()) {
+                let _ = std::fs::remove_file(e.path());
+            }
+            continue;
+        }
+        if !name.starts_with(&prefix) || name.ends_with(".lock") {
             continue;
         }
         // `<staging>` and the `<staging>.old` an older flumen made share the staging's lock.
@@ -213,7 +225,8 @@ pub fn stage(plan: LogicalPlan) -> Result<(LogicalPlan, Option<DirSwap>)> {
     if let Some(dir) = lock_path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     }
-    // Locked under a name the orphan sweep ignores, then renamed: no COPY ever sees it unlocked.
+    // Locked under a name the orphan sweep leaves alone while it is young, then renamed: no COPY
+    // ever sees it unlocked.
     let fresh = lock_path.with_file_name(format!(
         "{}.new",
         lock_path

@@ -98,6 +98,15 @@ impl Flumen {
         let run = self.run.run_id().to_string();
         let manifests = run_manifests(self.run.dir(), &run)?;
         self.run.set_delivering_staged(true);
+        // A part is read in file order, one stream: row i of the part is row i of the request
+        // it was staged as (documents' ids derive from it); a large file is otherwise split
+        // into byte ranges read in parallel.
+        let state = self.ctx.state_ref();
+        let repartition = {
+            let mut s = state.write();
+            let o = s.config_mut().options_mut();
+            std::mem::replace(&mut o.optimizer.repartition_file_scans, false)
+        };
         let result = async {
             for (dir, manifest) in &manifests {
                 let pending: Vec<_> = manifest.parts.iter().filter(|p| !p.delivered).collect();
@@ -113,7 +122,7 @@ impl Flumen {
                     ))
                 })?;
                 self.sql(create).await?;
-                let table = quoted(&manifest.table);
+                let table = self.quoted(&manifest.table)?;
                 for part in pending {
                     self.run.set_scope(part.token.clone());
                     self.run.set_origin(part.origin.clone());
@@ -133,16 +142,33 @@ impl Flumen {
             Ok::<_, Error>(())
         }
         .await;
+        state
+            .write()
+            .config_mut()
+            .options_mut()
+            .optimizer
+            .repartition_file_scans = repartition;
         self.run.set_delivering_staged(false);
         result
     }
 }
 
-/// A table name (as `TableReference` shows it: `t`, `schema.t`) as DataFusion reads it back
-/// unchanged: each part quoted, so a table declared as `"Orders"` stays `Orders`.
-fn quoted(name: &str) -> String {
-    name.split('.')
-        .map(|p| format!("\"{}\"", p.replace('"', "\"\"")))
-        .collect::<Vec<_>>()
-        .join(".")
+impl Flumen {
+    /// A table's name as a manifest holds it (as `TableReference` shows it: `t`, `schema.t`,
+    /// or a quoted name that holds a dot) in the quoted form DataFusion reads back unchanged,
+    /// so a table declared as `"Orders"` or `"a.b"` stays itself.
+    fn quoted(&self, name: &str) -> Result<String> {
+        use datafusion::common::TableReference;
+        let whole = TableReference::bare(name);
+        if self.ctx.table_exist(whole.clone())? {
+            return Ok(whole.to_quoted_string());
+        }
+        let parts: Vec<&str> = name.split('.').collect();
+        let r = match parts.as_slice() {
+            [s, t] => TableReference::partial(*s, *t),
+            [c, s, t] => TableReference::full(*c, *s, *t),
+            _ => whole,
+        };
+        Ok(r.to_quoted_string())
+    }
 }

@@ -419,13 +419,7 @@ impl Flumen {
                     Ok(()) => None,
                     Err(e) if e.is_staged() => Some(e),
                     Err(e) => {
-                        let broker = self.run.pending().any();
-                        self.run.pending().release().await;
-                        if broker {
-                            self.run.drop_statement_parts(
-                                "the write failed and its broker messages were given back",
-                            )?;
-                        }
+                        self.give_back().await;
                         return Err(e);
                     }
                 };
@@ -460,6 +454,20 @@ impl Flumen {
         stats.rows_returned = returned;
         stats.rows_written = written;
         Ok(stats)
+    }
+
+    /// A write failed (not by staging): its broker messages go back to the broker, which
+    /// delivers them again, so the parts it staged are given up first (a kill in between then
+    /// leaves them to `flumen resume`, with the messages not yet given back).
+    async fn give_back(&self) {
+        if self.run.pending().any()
+            && let Err(e) = self
+                .run
+                .drop_statement_parts("the write failed and its broker messages were given back")
+        {
+            tracing::error!("giving up the parts the failed write staged: {e}");
+        }
+        self.run.pending().release().await;
     }
 
     /// What to tell the user after a run failed with `e`: the command that continues it, when
@@ -505,6 +513,7 @@ impl Flumen {
             }
             let run = async {
                 let plan = self.plan_checked(&c).await?;
+                self.run.set_input_repeatable(true);
                 let mut running = self.execute(plan).await?;
                 let mut out = SqlOutput {
                     kind: running.kind,
@@ -525,12 +534,7 @@ impl Flumen {
                     (Ok(()), StatementKind::Write) => self.run.pending().commit().await?,
                     // Staged rows belong to the staged parts: the messages are acknowledged.
                     (Err(e), StatementKind::Write) if e.is_staged() => self.run.pending().commit().await?,
-                    (Err(_), StatementKind::Write) if self.run.pending().any() => {
-                        self.run.pending().release().await;
-                        self.run.drop_statement_parts(
-                            "the write failed and its broker messages were given back",
-                        )?;
-                    }
+                    (Err(_), StatementKind::Write) => self.give_back().await,
                     _ => self.run.pending().release().await,
                 }
                 drained?;

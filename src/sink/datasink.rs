@@ -383,7 +383,7 @@ impl<B: SinkBackend> Shared<B> {
         {
             return Err(self.failure_error(reason));
         }
-        self.stage_rows_from(batch, token, origin)?;
+        self.stage_rows_from(batch, token, origin, &chunk.token)?;
         self.state.journal().staged(&chunk.token)?;
         Ok(delivered)
     }
@@ -403,7 +403,7 @@ impl<B: SinkBackend> Shared<B> {
 
     /// Writes rows to staging under a delivery token and records them in the manifest.
     fn stage_rows(&self, batch: &RecordBatch, token: &str) -> Result<()> {
-        self.stage_rows_from(batch, token, None)
+        self.stage_rows_from(batch, token, None, token)
     }
 
     /// Stages rows that are a subset of request `origin.0` (its rows `origin.1`), so that
@@ -413,6 +413,7 @@ impl<B: SinkBackend> Shared<B> {
         batch: &RecordBatch,
         token: &str,
         origin: Option<(String, Vec<u32>)>,
+        request: &str,
     ) -> Result<()> {
         let (path, file) = self.state.new_staging_file(&self.table);
         write_parquet(&path, batch)?;
@@ -426,6 +427,7 @@ impl<B: SinkBackend> Shared<B> {
                 delivered: false,
                 origin,
                 dropped: None,
+                request: (request != token).then(|| request.to_string()),
             },
         )?;
         self.metrics.spilled(rows);
@@ -649,7 +651,20 @@ impl<B: SinkBackend> DataSink for BatchSink<B> {
                 self.options.concurrency as u64
             }),
         });
-        let o = &self.options;
+        // A staged part goes whole, as one request, as it was staged: its token and its rows'
+        // origin are the request's.
+        let whole;
+        let o = if state.resuming() {
+            whole = SinkOptions {
+                batch_rows: usize::MAX,
+                batch_bytes: usize::MAX,
+                linger: std::time::Duration::from_secs(24 * 3600),
+                ..self.options.clone()
+            };
+            &whole
+        } else {
+            &self.options
+        };
         let scope = state.scope();
         let mut batcher = Batcher {
             schema: data.schema(),
@@ -802,8 +817,12 @@ impl<B: SinkBackend> DataSink for BatchSink<B> {
             .finish(checked.is_ok() && staged == 0, &effects)
             .await;
         let delivered = checked?;
-        finished?;
         if staged > 0 {
+            // The rows are staged whatever the end of the write said (a sink that is down
+            // cannot roll anything back either): the staged outcome is the one to act on.
+            if let Err(e) = finished {
+                tracing::warn!(table = %self.table, "ending the write: {e}");
+            }
             let reason = shared
                 .last_failure
                 .lock()
@@ -820,6 +839,7 @@ impl<B: SinkBackend> DataSink for BatchSink<B> {
             }
             .into());
         }
+        finished?;
         Ok(delivered)
     }
 }

@@ -78,6 +78,11 @@ enum Record {
     Effect {
         key: String,
     },
+    /// A staged request's part was given up (its broker messages went back): its rows are not
+    /// accounted for any more.
+    Dropped {
+        token: String,
+    },
 }
 
 /// A stable hash of a batch's values, the same in every process and every build that writes
@@ -243,22 +248,28 @@ impl Journal {
                 .open(&self.path)
                 .map_err(|e| Error::io(format!("opening {}", self.path.display()), e))?;
             let len = f.metadata().map_err(io)?.len();
-            let empty = len == 0;
             // A killed attempt may have left its last record torn: the next one starts on a
-            // line of its own, so that only the torn record is lost to a replay.
-            let torn = !empty && {
+            // line of its own, so that only the torn record is lost to a replay. A journal
+            // whose header itself was torn gets one now.
+            let (torn, headed) = if len == 0 {
+                (false, false)
+            } else {
                 use std::io::{Read, Seek, SeekFrom};
                 let mut r = std::fs::File::open(&self.path).map_err(io)?;
                 r.seek(SeekFrom::Start(len - 1)).map_err(io)?;
                 let mut last = [0u8; 1];
                 r.read_exact(&mut last).map_err(io)?;
-                last[0] != b'\n'
+                r.seek(SeekFrom::Start(0)).map_err(io)?;
+                let mut first = String::new();
+                std::io::BufReader::new(r).read_line(&mut first).map_err(io)?;
+                let headed = matches!(serde_json::from_str::<Record>(&first), Ok(Record::Header { .. }));
+                (last[0] != b'\n', headed)
             };
             let mut w = std::io::BufWriter::new(f);
             if torn {
                 w.write_all(b"\n").map_err(io)?;
             }
-            if empty {
+            if !headed {
                 let header = Record::Header {
                     format: JOURNAL_FORMAT,
                     fingerprint: FINGERPRINT.into(),
@@ -312,6 +323,11 @@ impl Journal {
     /// A side effect is done.
     pub fn effect(&self, key: &str) -> Result<()> {
         self.append(&Record::Effect { key: key.into() })
+    }
+
+    /// A staged request's part was given up: its rows count as not sent.
+    pub fn dropped(&self, token: &str) -> Result<()> {
+        self.append(&Record::Dropped { token: token.into() })
     }
 }
 
@@ -385,21 +401,26 @@ impl Replay {
         let mut ended: Vec<String> = Vec::new();
         let mut rejected: Vec<(String, u64, u32)> = Vec::new();
         let mut replay = Replay::default();
-        for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let mut headed = false;
+        for line in std::io::BufReader::new(file).lines() {
             let line = line.map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
             let record = serde_json::from_str::<Record>(&line);
-            if n == 0 {
+            if !headed {
+                // The first whole record must be the header (one torn by a kill is skipped,
+                // and the next attempt wrote it again).
                 match &record {
                     Ok(Record::Header { format, fingerprint })
-                        if *format == JOURNAL_FORMAT && fingerprint == FINGERPRINT => {}
+                        if *format == JOURNAL_FORMAT && fingerprint == FINGERPRINT =>
+                    {
+                        headed = true;
+                    }
                     Ok(Record::Header { format, fingerprint }) => {
                         return Err(unreadable(
                             path,
                             &format!("format {format}, fingerprints {fingerprint}"),
                         ));
                     }
-                    // Killed while writing the header: nothing was journaled.
-                    Err(_) => return Ok(replay),
+                    Err(_) => {}
                     Ok(_) => return Err(unreadable(path, "format 1, without a header")),
                 }
                 continue;
@@ -417,6 +438,8 @@ impl Replay {
                 Ok(Record::Effect { key }) => {
                     replay.effects.insert(key);
                 }
+                // Undoes the ends recorded before it; a later `done` or `staged` ends it again.
+                Ok(Record::Dropped { token }) => ended.retain(|t| *t != token),
                 Ok(Record::Header { .. }) => {}
                 // A record torn by a kill: the step it records did not complete.
                 Err(_) => {}
@@ -589,6 +612,40 @@ mod tests {
         let flight = sink.in_flight[0].1.clone();
         sink.account(&flight);
         assert_eq!(sink.remaining(7, 0, 30), vec![(15, 5)]);
+    }
+
+    #[test]
+    fn a_torn_header_and_dropped_parts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.jsonl");
+        // Killed while writing the header.
+        std::fs::write(&path, "{\"t\":\"hea").unwrap();
+        let j = Journal::new(path.clone());
+        let s = Slice {
+            hash: 1,
+            occ: 0,
+            start: 0,
+            len: 4,
+        };
+        j.send("t@l1", "a", &[s]).unwrap();
+        j.staged("a").unwrap();
+        let r = Replay::load(&path).unwrap();
+        assert_eq!(
+            r.sink("t@l1").unwrap().remaining(1, 0, 4),
+            vec![],
+            "staged rows are accounted"
+        );
+        // The part was given up: its rows count as in flight again.
+        j.dropped("a").unwrap();
+        let sink = Replay::load(&path).unwrap().sink("t@l1").unwrap();
+        assert_eq!(sink.remaining(1, 0, 4), vec![(0, 4)]);
+        assert_eq!(sink.in_flight.len(), 1);
+        // Resent by a replay and delivered: ended again, whatever was dropped before.
+        j.send("t@l1", "a", &[s]).unwrap();
+        j.done("a").unwrap();
+        let sink = Replay::load(&path).unwrap().sink("t@l1").unwrap();
+        assert_eq!(sink.remaining(1, 0, 4), vec![], "delivered after it was dropped");
+        assert!(sink.in_flight.is_empty());
     }
 
     #[test]

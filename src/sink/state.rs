@@ -137,6 +137,17 @@ pub struct Part {
     /// given back to the broker, which delivers them again); it then counts as delivered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dropped: Option<String>,
+    /// The token the journal knows the request by, when it is not `token` (a part that holds
+    /// the rows left of a partial answer is staged under the retry's token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
+}
+
+impl Part {
+    /// The token the journal knows the part's request by.
+    pub fn request_token(&self) -> &str {
+        self.request.as_deref().unwrap_or(&self.token)
+    }
 }
 
 /// The staging manifest of one table in one run.
@@ -191,8 +202,8 @@ pub struct RunState {
     scope: Mutex<String>,
     /// The origin of the staged part `resume` delivers now (see [`Part::origin`]).
     origin: Mutex<Option<(String, Vec<u32>)>>,
-    /// The parts the running statement staged: (table, file).
-    statement_parts: Mutex<Vec<(String, String)>>,
+    /// The parts the running statement staged: (table, file, the request's journal token).
+    statement_parts: Mutex<Vec<(String, String, String)>>,
     journal: Journal,
     replay: Mutex<Option<Replay>>,
     templates: Mutex<HashMap<String, String>>,
@@ -283,8 +294,8 @@ impl RunState {
         let f = private_file_options()
             .open(&path)
             .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-        // `flumen runs` checks liveness with a shared lock held for an instant: a few tries.
-        for _ in 0..10 {
+        // `flumen runs` checks liveness with a shared lock held for an instant: tries for 0.5 s.
+        for _ in 0..25 {
             match f.try_lock() {
                 Ok(()) => {
                     *held = Some(f);
@@ -457,7 +468,8 @@ impl RunState {
         Ok(read_json::<Manifest>(&path)?
             .parts
             .into_iter()
-            .map(|p| p.token)
+            .filter(|p| p.dropped.is_none())
+            .map(|p| p.request_token().to_string())
             .collect())
     }
 
@@ -588,7 +600,11 @@ impl RunState {
             }
         };
         if let Ok(mut p) = self.statement_parts.lock() {
-            p.push((table.to_string(), part.file.clone()));
+            p.push((
+                table.to_string(),
+                part.file.clone(),
+                part.request_token().to_string(),
+            ));
         }
         m.parts.push(part);
         write_json(&path, m)
@@ -607,16 +623,25 @@ impl RunState {
             .manifests
             .lock()
             .map_err(|_| Error::Config("staging manifest lock poisoned".into()))?;
-        for (table, file) in parts {
+        // Every part is tried, whatever fails for one of them: the first error is returned.
+        let mut first = None;
+        for (table, file, request) in parts {
+            // The journal first: a replay then sends the rows again rather than skip them.
+            if let Err(e) = self.journal.dropped(&request) {
+                first.get_or_insert(e);
+                continue;
+            }
             if let Some(m) = manifests.get_mut(&table) {
                 for p in m.parts.iter_mut().filter(|p| p.file == file) {
                     p.delivered = true;
                     p.dropped = Some(why.to_string());
                 }
-                write_json(&self.staging_dir(&table).join("manifest.json"), m)?;
+                if let Err(e) = write_json(&self.staging_dir(&table).join("manifest.json"), m) {
+                    first.get_or_insert(e);
+                }
             }
         }
-        Ok(())
+        first.map_or(Ok(()), Err)
     }
 
     /// Records a source's progress under `key` and writes the ledger at once.
@@ -791,6 +816,7 @@ mod tests {
                 delivered: false,
                 origin: None,
                 dropped: None,
+                request: None,
             },
         )
         .unwrap();
@@ -858,6 +884,7 @@ mod tests {
             delivered: false,
             origin: None,
             dropped: None,
+            request: None,
         };
         let first = RunState::new(dir.path(), "r4".into(), false);
         let (_, f1) = first.new_staging_file("t");

@@ -173,12 +173,15 @@ impl TableProviderFactory for ClickHouseFactory {
                 );
                 None
             }
-            Err(Unresolved::Unreachable(e)) => {
+            Err(Unresolved::Unreachable(e)) if e.status == 0 => {
                 return Err(Error::Config(format!(
                     "table {name}: ClickHouse {full}: {e}; declare the table's columns to load while the server is away \
                      (the rows are then staged for `flumen resume`)"
                 ))
                 .into());
+            }
+            Err(Unresolved::Unreachable(e)) => {
+                return Err(Error::Config(format!("table {name}: ClickHouse {full}: {e}")).into());
             }
             Err(Unresolved::Other(e)) => return Err(e.into()),
         };

@@ -27,7 +27,7 @@ use mongodb::bson::{Document, doc};
 use mongodb::options::{ClientOptions, ReadPreference, SelectionCriteria};
 use mongodb::{Client, error::ErrorKind};
 
-use self::sink::{MongoBackend, Op};
+use self::sink::{Concern, MongoBackend, Op};
 use self::source::MongoReader;
 use crate::connector::options::{OptionSpec, TableOptions};
 use crate::error::{Error, Result};
@@ -62,6 +62,10 @@ const OPTIONS: &[OptionSpec] = &[
     OptionSpec::new(
         "transaction",
         "'batch' (default) or 'job': the whole INSERT in one transaction (servers that have them)",
+    ),
+    OptionSpec::new(
+        "write_concern",
+        "writes: 'journaled' (default, {j: true}: a write the server answered survives its crash), 'majority' ({w: 'majority', j: true}) or 'server' (the server's default)",
     ),
 ];
 
@@ -238,6 +242,11 @@ impl TableProviderFactory for MongoFactory {
             None => Vec::new(),
         };
         let job = o.choice_or("transaction", &["batch", "job"], "batch")? == "job";
+        let concern = match o.choice_or("write_concern", &["journaled", "majority", "server"], "journaled")? {
+            "majority" => Concern::Majority,
+            "server" => Concern::Server,
+            _ => Concern::Journaled,
+        };
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let reader = MongoReader {
             client: client.clone(),
@@ -260,6 +269,7 @@ impl TableProviderFactory for MongoFactory {
             op,
             keys,
             job,
+            concern,
         );
         let mut sink = sink;
         if op != Op::Insert {

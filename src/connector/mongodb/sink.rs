@@ -54,7 +54,47 @@ pub struct MongoBackend {
     job: bool,
     /// Inserts whose `_id`s flumen makes.
     generated_ids: bool,
+    /// The write concern of every write (and of a job's commit).
+    concern: Concern,
     session: Mutex<Option<ClientSession>>,
+}
+
+/// How far a write must have gone before the server answers (option `write_concern`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Concern {
+    /// `{j: true}`: on the server's journal, so a write answered is not lost when the server
+    /// dies (the default: a recovery trusts every write answered).
+    Journaled,
+    /// `{w: "majority", j: true}`: on the journal of a majority of the replica set.
+    Majority,
+    /// The server's or connection string's default (`{w: 1}` for mongod: a write answered may be
+    /// lost if the server dies before its next journal flush).
+    Server,
+}
+
+impl Concern {
+    /// The `writeConcern` document, if any.
+    fn document(self) -> Option<Document> {
+        match self {
+            Concern::Journaled => Some(doc! {"j": true}),
+            Concern::Majority => Some(doc! {"w": "majority", "j": true}),
+            Concern::Server => None,
+        }
+    }
+
+    fn driver(self) -> Option<mongodb::options::WriteConcern> {
+        use mongodb::options::{Acknowledgment, WriteConcern};
+        match self {
+            Concern::Journaled => Some(WriteConcern::builder().journal(true).build()),
+            Concern::Majority => Some(
+                WriteConcern::builder()
+                    .w(Acknowledgment::Majority)
+                    .journal(true)
+                    .build(),
+            ),
+            Concern::Server => None,
+        }
+    }
 }
 
 impl std::fmt::Debug for MongoBackend {
@@ -75,6 +115,7 @@ impl MongoBackend {
         op: Op,
         keys: Vec<String>,
         job: bool,
+        concern: Concern,
     ) -> Self {
         let generated_ids = op == Op::Insert && schema.field_with_name("_id").is_err();
         Self {
@@ -88,6 +129,7 @@ impl MongoBackend {
             keys,
             job,
             generated_ids,
+            concern,
             session: Mutex::new(None),
         }
     }
@@ -264,7 +306,10 @@ impl MongoBackend {
         if self.job && session.is_none() {
             let started = async {
                 let mut s = self.client.start_session().await?;
-                s.start_transaction().await?;
+                match self.concern.driver() {
+                    Some(c) => s.start_transaction().write_concern(c).await?,
+                    None => s.start_transaction().await?,
+                }
                 Ok::<_, mongodb::error::Error>(s)
             }
             .await;
@@ -303,8 +348,14 @@ impl MongoBackend {
             pending.push(chunk);
         }
         let mut reason = String::new();
+        // Inside a transaction the commit carries the write concern, not the commands.
+        let concern = if session.is_some() {
+            None
+        } else {
+            self.concern.document()
+        };
         for chunk in pending {
-            let cmd = match self.op {
+            let mut cmd = match self.op {
                 Op::Insert => doc! {
                     "insert": &self.collection,
                     "documents": chunk.iter().map(|(_, d)| Bson::Document((*d).clone())).collect::<Vec<_>>(),
@@ -315,6 +366,9 @@ impl MongoBackend {
                     doc! {"update": &self.collection, "updates": updates, "ordered": false}
                 }
             };
+            if let Some(c) = &concern {
+                cmd.insert("writeConcern", c.clone());
+            }
             let answer = match session.as_mut() {
                 Some(s) => db.run_command(cmd).session(s).await,
                 None => db.run_command(cmd).await,

@@ -332,19 +332,37 @@ impl MySqlBackend {
 
     /// The new table of this run's replace, beside the target.
     fn shadow(&self, fx: &Effects) -> String {
-        self.spec
-            .beside(Dialect::MySql, &format!("__flumen_new_{}", fx.run_tag()))
+        self.beside(&format!("__flumen_new_{}", fx.run_tag()))
+    }
+
+    /// A table beside the target: its name, cut to leave room, and `suffix` (MySQL names hold
+    /// at most 64 characters).
+    fn beside(&self, suffix: &str) -> String {
+        let (schema, name) = match self.spec.name.rsplit_once('.') {
+            Some((s, n)) => (Some(s), n),
+            None => (None, self.spec.name.as_str()),
+        };
+        let room = 64usize.saturating_sub(suffix.chars().count());
+        let cut: String = name.chars().take(room).collect();
+        let t = Dialect::MySql.ident(&format!("{cut}{suffix}"));
+        match schema {
+            Some(s) => format!("{}.{t}", Dialect::MySql.table(s)),
+            None => t,
+        }
     }
 
     /// The old table of this run's replace, dropped once the new one is in place.
     fn retired(&self, fx: &Effects) -> String {
-        self.spec
-            .beside(Dialect::MySql, &format!("__flumen_old_{}", fx.run_tag()))
+        self.beside(&format!("__flumen_old_{}", fx.run_tag()))
     }
 
     /// The token that records this run's replace of the table in the delivery table.
     fn replace_token(&self, fx: &Effects) -> String {
-        format!("{}/replace/{}", fx.run_id(), self.spec.name)
+        format!(
+            "{}/replace/{:016x}",
+            fx.run_id(),
+            xxhash_rust::xxh3::xxh3_64(self.spec.name.as_bytes())
+        )
     }
 
     /// Whether this run replaced the table already: its journal says so, or the delivery
@@ -389,6 +407,10 @@ impl MySqlBackend {
         match made {
             Ok(()) => {}
             // No privilege to make it: the write goes on without it, at least once, and says so.
+            // Made by someone else, with the rights to use it: fine.
+            Err(mysql::Error::MySqlError(e))
+                if matches!(e.code, 1044 | 1142 | 1227)
+                    && c.query_drop(format!("SELECT token FROM {t} LIMIT 0")).is_ok() => {}
             Err(mysql::Error::MySqlError(e)) if matches!(e.code, 1044 | 1142 | 1227) => {
                 tracing::warn!(
                     table = %self.spec.table,
@@ -485,10 +507,19 @@ impl MySqlBackend {
         .map_err(swap)?;
         c.query_drop(format!("DROP TABLE IF EXISTS {old}"))
             .map_err(swap)?;
-        self.record(c, &self.replace_token(fx))?;
-        if let Some(token) = token {
-            self.record(c, token)?;
+        // Both tokens at once: the replace and the rows it went in with are one fact.
+        c.query_drop("START TRANSACTION").map_err(classify)?;
+        let recorded = (|| {
+            self.record(c, &self.replace_token(fx))?;
+            if let Some(token) = token {
+                self.record(c, token)?;
+            }
+            c.query_drop("COMMIT").map_err(classify)
+        })();
+        if recorded.is_err() {
+            let _ = c.query_drop("ROLLBACK");
         }
+        recorded?;
         fx.record("replace").map_err(fatal)
     }
 
@@ -903,8 +934,14 @@ impl SinkBackend for MySql {
                 .map_err(|e| Error::Config(format!("the writer task failed: {e}")))?
                 .map_err(at);
         }
+        // A failed write owes nothing, but a replace's new table that never went in (dropped
+        // if the server answers; the target is untouched either way).
+        if !ok && (self.0.spec.create != Create::Replace || fx.done("replace")) {
+            return Ok(());
+        }
         let timeout = self.0.timeout;
-        self.0
+        let ended = self
+            .0
             .with_conn(timeout, move |me, c| {
                 let mut prepared = me.prepared.lock().map_err(|_| Outcome::Fatal {
                     reason: "writer state".into(),
@@ -913,14 +950,11 @@ impl SinkBackend for MySql {
                     return Ok(());
                 }
                 if !ok {
-                    // A replace whose new table never went in: dropped, the target untouched.
-                    if me.spec.create == Create::Replace && !fx.done("replace") {
-                        c.query_drop(format!("DROP TABLE IF EXISTS {}", me.shadow(&fx)))
-                            .map_err(classify)?;
-                    }
+                    let _ = c.query_drop(format!("DROP TABLE IF EXISTS {}", me.shadow(&fx)));
                     return Ok(());
                 }
                 // No request was sent (an empty input): the table is still owed its DDL.
+                me.ensure_deliveries(c)?;
                 if me.replace_owed(c, &fx)? {
                     me.make_shadow(c, &fx)?;
                     me.swap_in(c, None, &fx)?;
@@ -930,8 +964,11 @@ impl SinkBackend for MySql {
                 *prepared = true;
                 Ok(())
             })
-            .await
-            .map_err(at)
+            .await;
+        match ended {
+            Err(o) if ok => Err(at(o)),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -356,7 +356,11 @@ impl PgBackend {
 
     /// The token that records this run's replace of the table in the delivery table.
     fn replace_token(&self, fx: &Effects) -> String {
-        format!("{}/replace/{}", fx.run_id(), self.name)
+        format!(
+            "{}/replace/{:016x}",
+            fx.run_id(),
+            xxhash_rust::xxh3::xxh3_64(self.spec.name.as_bytes())
+        )
     }
 
     /// The DDL the table is owed (run inside the transaction that prepares it).
@@ -426,6 +430,16 @@ impl PgBackend {
                 Ok(()) => Ok(true),
                 // Made at the same moment by another writer.
                 Err(e) if matches!(e.code().map(|c| c.code()), Some("23505" | "42P07")) => Ok(true),
+                Err(e)
+                    if e.code().map(|c| c.code()) == Some("42501")
+                        && client
+                            .batch_execute(&format!("SELECT token FROM {t} LIMIT 0"))
+                            .await
+                            .is_ok() =>
+                {
+                    // Made by someone else, with the rights to use it: fine.
+                    Ok(true)
+                }
                 Err(e) if e.code().map(|c| c.code()) == Some("42501") => {
                     tracing::warn!(
                         table = %self.name,
@@ -890,7 +904,9 @@ impl SinkBackend for PgBackend {
             self.job_begin(&mut guard, fx, t)
                 .await
                 .map_err(|o| at(outcome_text(o)))?;
-            if let Some(job) = guard.as_ref().filter(|j| !j.committed_before) {
+            // The job ends here whatever the COMMIT answers.
+            let job = guard.take();
+            if let Some(job) = job.as_ref().filter(|j| !j.committed_before) {
                 let commit = async {
                     job.client
                         .batch_execute("COMMIT")
@@ -901,9 +917,13 @@ impl SinkBackend for PgBackend {
                 };
                 // A COMMIT without an answer may have committed: a resume finds out from the
                 // job's token in the delivery table.
-                bounded(&job.client, t, commit)
-                    .await
-                    .map_err(|o| at(outcome_text(o)))?;
+                if let Err(o) = bounded(&job.client, t, commit).await {
+                    if job.prepares {
+                        // The DDL went with the job: the next statement prepares again.
+                        *self.prepared.lock().await = false;
+                    }
+                    return Err(at(outcome_text(o)));
+                }
                 if job.prepares && self.spec.create == Create::Replace && !fx.done("replace") {
                     fx.record("replace")?;
                 }

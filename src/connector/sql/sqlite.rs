@@ -279,7 +279,11 @@ impl SqliteBackend {
 
     /// The token that records this run's replace of the table in the delivery table.
     fn replace_token(&self, fx: &Effects) -> String {
-        format!("{}/replace/{}", fx.run_id(), self.spec.name)
+        format!(
+            "{}/replace/{:016x}",
+            fx.run_id(),
+            xxhash_rust::xxh3::xxh3_64(self.spec.name.as_bytes())
+        )
     }
 
     /// Runs `f` with the connection on the blocking pool, within `timeout`: past it, the
@@ -445,10 +449,13 @@ impl Plan {
     /// Records the replace in the run's journal once the transaction that did it committed,
     /// before the connection is given to the next request.
     fn replaced(&self) -> std::result::Result<(), Outcome> {
-        if self.replace && !self.effects.done("replace") {
-            self.effects.record("replace").map_err(|e| Outcome::Fatal {
-                reason: e.to_string(),
-            })?;
+        // After the COMMIT: the rows are in, whatever the journal says; the delivery table
+        // keeps the replace too.
+        if self.replace
+            && !self.effects.done("replace")
+            && let Err(e) = self.effects.record("replace")
+        {
+            tracing::error!(table = %self.table, "recording the replace in the journal: {e}");
         }
         Ok(())
     }
@@ -685,16 +692,22 @@ impl SinkBackend for SqliteBackend {
             }
             if job {
                 plan.open_job(c, st)?;
-                if st.in_job {
-                    c.execute_batch("COMMIT").map_err(|e| Outcome::Fatal {
-                        reason: format!("COMMIT failed: {e}"),
-                    })?;
+                let open = std::mem::replace(&mut st.in_job, false);
+                st.committed_before = false;
+                if open {
+                    if let Err(e) = c.execute_batch("COMMIT") {
+                        let _ = c.execute_batch("ROLLBACK");
+                        if st.job_prepares {
+                            st.prepared = false;
+                        }
+                        return Err(Outcome::Fatal {
+                            reason: format!("COMMIT failed: {e}"),
+                        });
+                    }
                     if st.job_prepares {
                         plan.replaced()?;
                     }
                 }
-                st.in_job = false;
-                st.committed_before = false;
                 return Ok(());
             }
             if st.prepared {
