@@ -178,7 +178,8 @@ fn a_failed_statement_leaves_the_target_as_it_was() {
     let db = d.join("t.db");
     // (connector, location, options, the row the query fails at): a job or an overwrite fails
     // after several requests went in; a statement of one transaction per request fails before
-    // its first (its delivered requests would stay: they are committed).
+    // its first (its delivered requests would stay: they are committed). One source partition:
+    // with two, the other's rows could reach the sink before the failing batch.
     let my_url = "mysql://flumen:${PW}@127.0.0.1:3306/flumen".to_string();
     let pg_url = "postgres://flumen:${PW}@127.0.0.1:5432/flumen".to_string();
     let lite = format!("sqlite://{}", db.display());
@@ -243,7 +244,7 @@ fn a_failed_statement_leaves_the_target_as_it_was() {
         let script = write(
             d,
             &format!(
-                "CREATE EXTERNAL TABLE src STORED AS GENERATE LOCATION 'orders' OPTIONS ('rows' '6000', 'batch_rows' '500');\n\
+                "CREATE EXTERNAL TABLE src STORED AS GENERATE LOCATION 'orders' OPTIONS ('rows' '6000', 'batch_rows' '500', 'partitions' '1');\n\
                  CREATE EXTERNAL TABLE t (id BIGINT NOT NULL, v VARCHAR) STORED AS {stored} LOCATION '{location}'\n  \
                    OPTIONS ('table' '{t}', {options}, 'batch_rows' '1000', 'concurrency' '1', {SINK});\n\
                  INSERT INTO t SELECT order_id, city FROM src WHERE (order_id - {fail}) / (order_id - {fail}) = 1;\n"
