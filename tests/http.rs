@@ -259,7 +259,8 @@ fn a_refused_token_is_a_clear_error_without_the_token() {
          OPTIONS ('api_key' 'k3y-value-77', 'api_key_param' 'apikey');\nSELECT * FROM items;"
     );
     let e = fails(&run(dir.path(), &script, &[]));
-    assert!(e.contains("HTTP 404") && e.contains("apikey=***"), "{e}");
+    // (Messages name the page's URL; the key is added only to the request itself.)
+    assert!(e.contains("HTTP 404") && e.contains("/nowhere"), "{e}");
     assert!(!e.contains("k3y-value-77"), "{e}");
 }
 
@@ -298,4 +299,91 @@ fn bad_options_and_records_are_named() {
         "{e}"
     );
     assert!(e.contains("item-0"), "{e}");
+}
+
+/// The credentials server `api` was sent under `run`.
+fn creds(api: &Api, run: &str) -> Vec<String> {
+    let out = Command::new("curl")
+        .args(["-sf", &format!("{}/_creds?run={run}", api.base)])
+        .output()
+        .expect("curl runs");
+    serde_json::from_slice(&out.stdout).expect("the list is JSON")
+}
+
+#[test]
+fn credentials_stay_with_their_origin_and_hostile_paging_ends() {
+    let home = api();
+    let other = api();
+    let dir = tempfile::tempdir().unwrap();
+    let b = &home.base;
+    let port = other.base.rsplit(':').next().unwrap();
+    let auth = "'bearer_token' 'tok-secret-5150', 'api_key' 'key-secret-6160'";
+    // Pages 2.. are on another server, named by the first page's `next`: read, without credentials.
+    let script = |run: &str, extra: &str| {
+        format!(
+            "CREATE EXTERNAL TABLE items ({COLS}) STORED AS HTTP LOCATION '{b}/items' \
+             OPTIONS ('records' '/data/items', 'pagination' 'next_url', {auth}, \
+                      'params' 'style=next&total=30&per_page=10&next_port={port}&run={run}'{extra});\n{CHECK}"
+        )
+    };
+    assert_eq!(ok(&run(dir.path(), &script("n1", ""), &[])), expected(30));
+    assert_eq!(
+        creds(&home, "n1"),
+        vec![
+            "Bearer tok-secret-5150".to_string(),
+            "key-secret-6160".to_string()
+        ],
+        "the LOCATION's origin gets them"
+    );
+    assert!(creds(&other, "n1").is_empty(), "{:?}", creds(&other, "n1"));
+    // ... unless the other origin is trusted.
+    let trusted = format!(", 'trusted_origins' 'http://127.0.0.1:{port}'");
+    assert_eq!(ok(&run(dir.path(), &script("n2", &trusted), &[])), expected(30));
+    assert_eq!(
+        creds(&other, "n2").len(),
+        4,
+        "pages 2 and 3, two credentials each"
+    );
+
+    // A redirect to another server: followed, without the credentials.
+    let script = format!(
+        "CREATE EXTERNAL TABLE items ({COLS}) STORED AS HTTP LOCATION '{b}/items' \
+         OPTIONS ('records' '/data/items', 'pagination' 'page', 'page_size' '10', {auth}, \
+                  'params' 'total=20&redirect_port={port}&run=r1');\n{CHECK}"
+    );
+    assert_eq!(ok(&run(dir.path(), &script, &[])), expected(20));
+    let at_home = creds(&home, "r1");
+    assert!(
+        at_home.len() >= 4 && at_home.len().is_multiple_of(2),
+        "every page asked at home: {at_home:?}"
+    );
+    assert!(creds(&other, "r1").is_empty(), "{:?}", creds(&other, "r1"));
+
+    // Two pages that name each other: an error, not an endless read.
+    for style in ["next_url", "link_header"] {
+        let s = if style == "next_url" { "next" } else { "link" };
+        let script = format!(
+            "CREATE EXTERNAL TABLE items ({COLS}) STORED AS HTTP LOCATION '{b}/items' \
+             OPTIONS ('records' '/data/items', 'pagination' '{style}', {auth}, \
+                      'params' 'style={s}&total=100&per_page=10&cycle=1');\n{CHECK}"
+        );
+        let e = fails(&run(dir.path(), &script, &[]));
+        assert!(e.contains("form a cycle"), "{style}: {e}");
+        assert!(!e.contains("secret-"), "{e}");
+    }
+    // A numbered API that repeats its last page past the end.
+    let script = format!(
+        "CREATE EXTERNAL TABLE items ({COLS}) STORED AS HTTP LOCATION '{b}/items' \
+         OPTIONS ('records' '/data/items', 'pagination' 'page', 'page_size' '10', \
+                  'params' 'total=25&repeat=1');\n{CHECK}"
+    );
+    let e = fails(&run(dir.path(), &script, &[]));
+    assert!(e.contains("same body as the page before it"), "{e}");
+    // A body larger than 'max_body'.
+    let script = format!(
+        "CREATE EXTERNAL TABLE items ({COLS}) STORED AS HTTP LOCATION '{b}/items' \
+         OPTIONS ('records' '/data/items', 'max_body' '1KiB', 'params' 'total=100&per_page=100');\n{CHECK}"
+    );
+    let e = fails(&run(dir.path(), &script, &[]));
+    assert!(e.contains("larger than 1024 bytes"), "{e}");
 }

@@ -22,6 +22,12 @@
 //! 1.5 s every time; `token=T` answers 401 to requests without `Authorization: Bearer T`;
 //! `gzip=1` compresses bodies for clients that accept it. Every request is logged under its
 //! `run=` tag; `GET /_log?run=TAG` returns `[[ms_since_start, page_index, status], ...]`.
+//!
+//! Hostile answers: `next_port=P` makes `next` and `link` URLs point at 127.0.0.1:P (another
+//! server); `redirect_port=P` answers 302 to the same request on 127.0.0.1:P; `cycle=1` makes
+//! page 2's next page page 1 (`next`, `link`); `repeat=1` answers every page past the end with
+//! the last full page (`page`, `offset`). `GET /_creds?run=TAG` returns the credentials the
+//! server was sent under the tag (`Authorization`, `X-API-Key` values, `apikey` parameters).
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -37,6 +43,8 @@ struct State {
     faulted: HashSet<(String, &'static str, u64)>,
     /// run -> [(ms, page, status)].
     log: HashMap<String, Vec<(u128, u64, u16)>>,
+    /// run -> credentials received.
+    creds: HashMap<String, Vec<String>>,
 }
 
 struct Server {
@@ -102,6 +110,7 @@ async fn serve(server: Arc<Server>, sock: TcpStream) -> std::io::Result<()> {
         let resp = handle(&server, &target, &headers).await;
         let reason = match resp.status {
             200 => "OK",
+            302 => "Found",
             401 => "Unauthorized",
             404 => "Not Found",
             429 => "Too Many Requests",
@@ -152,6 +161,44 @@ fn text(status: u16, body: &str) -> Response {
 async fn handle(server: &Server, target: &str, headers: &HashMap<String, String>) -> Response {
     let (path, p) = query(target);
     let run = p.get("run").cloned().unwrap_or_default();
+    if path == "/_creds" {
+        let st = server.state.lock().unwrap();
+        let seen = st.creds.get(&run).cloned().unwrap_or_default();
+        let items: Vec<String> = seen.iter().map(|c| format!("{c:?}")).collect();
+        return text(200, &format!("[{}]", items.join(",")));
+    }
+    {
+        let mut got: Vec<String> = ["authorization", "x-api-key"]
+            .iter()
+            .filter_map(|h| headers.get(*h).cloned())
+            .collect();
+        got.extend(p.get("apikey").cloned());
+        if !got.is_empty() {
+            server
+                .state
+                .lock()
+                .unwrap()
+                .creds
+                .entry(run.clone())
+                .or_default()
+                .extend(got);
+        }
+    }
+    if let Some(port) = p.get("redirect_port") {
+        let rest: Vec<(String, String)> = p
+            .iter()
+            .filter(|(k, _)| *k != "redirect_port")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let q = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(rest)
+            .finish();
+        return Response {
+            status: 302,
+            headers: vec![("location".into(), format!("http://127.0.0.1:{port}{path}?{q}"))],
+            body: Vec::new(),
+        };
+    }
     if path == "/_log" {
         let st = server.state.lock().unwrap();
         let entries = st.log.get(&run).cloned().unwrap_or_default();
@@ -176,6 +223,12 @@ async fn handle(server: &Server, target: &str, headers: &HashMap<String, String>
             .unwrap_or(0),
         _ => (num(&p, "page", 1).max(1) - 1) * per_page,
     };
+    // An API that answers past its end with its last full page.
+    let start = if p.get("repeat").is_some_and(|r| r == "1") && start + per_page > total {
+        (total / per_page).saturating_sub(1) * per_page
+    } else {
+        start
+    };
     let page = start / per_page;
     let status = fault(server, &run, &p, page, headers).await;
     server.state.lock().unwrap().log.entry(run).or_default().push((
@@ -196,7 +249,13 @@ async fn handle(server: &Server, target: &str, headers: &HashMap<String, String>
     let end = (start + per_page).min(total);
     let ids = start.min(total)..end;
     let more = end < total;
+    let next_port = p
+        .get("next_port")
+        .and_then(|n| n.parse::<u16>().ok())
+        .unwrap_or(server.port);
+    let cycle = p.get("cycle").is_some_and(|c| c == "1");
     let next_target = |next_page: u64| {
+        let next_page = if cycle && next_page == 3 { 1 } else { next_page };
         let mut q = url::form_urlencoded::Serializer::new(String::new());
         for (k, v) in &p {
             if k != "page" {
@@ -238,7 +297,7 @@ async fn handle(server: &Server, target: &str, headers: &HashMap<String, String>
                 "null".into()
             };
             let next = if more && style == "next" {
-                format!("\"http://127.0.0.1:{}{}\"", server.port, next_target(page + 2))
+                format!("\"http://127.0.0.1:{next_port}{}\"", next_target(page + 2))
             } else {
                 "null".into()
             };
@@ -249,8 +308,7 @@ async fn handle(server: &Server, target: &str, headers: &HashMap<String, String>
         headers_out.push((
             "link".into(),
             format!(
-                "<http://127.0.0.1:{}{}>; rel=\"next\", <http://127.0.0.1:{}/items>; rel=\"first\"",
-                server.port,
+                "<http://127.0.0.1:{next_port}{}>; rel=\"next\", <http://127.0.0.1:{}/items>; rel=\"first\"",
                 next_target(page + 2),
                 server.port
             ),

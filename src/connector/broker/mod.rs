@@ -107,6 +107,38 @@ struct Held {
     complete: bool,
 }
 
+/// A partition's read in progress: its consumer goes to the statement's outcome however the
+/// read ends. Dropped with the consumer still inside (the scan was dropped and its task
+/// aborted), the consumer is held as cut short, so the statement's end gives its messages back.
+struct Reading {
+    run: Option<Arc<RunState>>,
+    table: String,
+    consumer: Option<Box<dyn Consumer>>,
+}
+
+impl Reading {
+    fn hand_over(&self, consumer: Box<dyn Consumer>, complete: bool) {
+        if let Some(r) = &self.run {
+            r.pending().hold(Held {
+                table: self.table.clone(),
+                consumer,
+                complete,
+            });
+        }
+    }
+}
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        if let Some(c) = self.consumer.take() {
+            self.hand_over(c, false);
+        }
+        if let Some(r) = &self.run {
+            r.pending().reading.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
 /// The consumers of the running statement (one per partition read), kept in the run state.
 #[derive(Default)]
 pub struct Pending {
@@ -270,18 +302,24 @@ pub fn scan(
             let mut s = started.lock().unwrap_or_else(|e| e.into_inner());
             *s.get_or_insert_with(Instant::now)
         };
-        Box::pin(async move {
-            let pending = run.as_ref().map(|r| r.pending());
-            if let Some(p) = pending {
-                p.reading.fetch_add(1, Ordering::SeqCst);
+        let errors = tx.clone();
+        let table2 = table.clone();
+        let body = async move {
+            // Counts this partition as reading until it hands its consumer over, also when it
+            // panics.
+            let mut guard = Reading {
+                run: run.clone(),
+                table: table.clone(),
+                consumer: None,
+            };
+            if let Some(r) = &run {
+                r.pending().reading.fetch_add(1, Ordering::SeqCst);
             }
             let opened = broker.open(p, run.as_ref()).await;
-            let mut consumer = match opened {
-                Ok(c) => c,
+            let consumer = match opened {
+                Ok(c) => guard.consumer.insert(c),
                 Err(e) => {
-                    if let Some(p) = pending {
-                        p.reading.fetch_sub(1, Ordering::SeqCst);
-                    }
+                    drop(guard);
                     tx.send(Err(e)).await;
                     return;
                 }
@@ -303,24 +341,31 @@ pub fn scan(
             )
             .await;
             let complete = r.is_ok() && !cut_short.load(Ordering::Relaxed);
-            let held = Held {
-                table: table.clone(),
-                consumer,
-                complete,
-            };
-            match pending {
-                Some(pending) => {
-                    pending.hold(held);
-                    pending.reading.fetch_sub(1, Ordering::SeqCst);
-                }
-                None => {
+            match guard.consumer.take() {
+                Some(consumer) if run.is_some() => guard.hand_over(consumer, complete),
+                Some(mut consumer) => {
                     // No run state (a bare session): nothing can acknowledge later.
-                    let mut h = held;
-                    let _ = h.consumer.release().await;
+                    let _ = consumer.release().await;
                 }
+                None => {}
             }
+            drop(guard);
             if let Err(e) = r {
                 tx.send(Err(e)).await;
+            }
+        };
+        Box::pin(async move {
+            // The read runs as a task of its own that the scan's end does not abort: a consumer
+            // stopped at an arbitrary await (in the middle of a fetch) would lose track of the
+            // messages it was handed, which the broker then holds until its ack timeout. It
+            // stops at its next batch once the scan is gone, and the statement's end waits for
+            // it (`Pending::take`) before acknowledging or giving back.
+            if let Err(e) = tokio::spawn(body).await {
+                errors
+                    .send(Err(Error::Config(format!(
+                        "table {table2}: reading partition {p} failed: {e}"
+                    ))))
+                    .await;
             }
         })
     });

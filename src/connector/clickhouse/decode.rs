@@ -35,6 +35,17 @@ pub struct BlockReader<R: Read> {
 /// Bytes a single length may claim before it is taken for a broken stream (1 GiB).
 const MAX_LEN: u64 = 1 << 30;
 
+/// Rows a block may claim (ClickHouse sends blocks of `max_block_size`, 65,536 by default).
+/// Memory follows the bytes that arrive, never a count the answer claims: a hostile count
+/// ends at the end of the stream, after at most what was sent was held.
+const MAX_BLOCK_ROWS: u64 = 1 << 24;
+
+/// Names (of columns and types) longer than this are not Native.
+const MAX_NAME: u64 = 1 << 20;
+
+/// Capacity reserved ahead of the data for per-row vectors.
+const RESERVE: usize = 1 << 16;
+
 impl<R: Read> BlockReader<R> {
     /// Batches will have `schema`: the block's columns must match its fields in order (names are
     /// not checked: a query may alias them).
@@ -49,7 +60,13 @@ impl<R: Read> BlockReader<R> {
                 return Ok(None);
             };
             self.blocks += 1;
-            let rows = self.varuint()? as usize;
+            let rows = self.varuint()?;
+            if rows > MAX_BLOCK_ROWS {
+                return Err(self.err(format!(
+                    "a block of {rows} rows (more than {MAX_BLOCK_ROWS}): the answer is not Native"
+                )));
+            }
+            let rows = rows as usize;
             if cols as usize != self.schema.fields().len() && !(self.schema.fields().is_empty() && cols == 1)
             {
                 return Err(self.err(format!(
@@ -57,7 +74,7 @@ impl<R: Read> BlockReader<R> {
                     self.schema.fields().len()
                 )));
             }
-            let mut arrays = Vec::with_capacity(cols as usize);
+            let mut arrays = Vec::with_capacity(self.schema.fields().len().max(1));
             for i in 0..cols as usize {
                 let name = String::from_utf8_lossy(&self.string()?).into_owned();
                 let ty_name = String::from_utf8_lossy(&self.string()?).into_owned();
@@ -116,7 +133,7 @@ impl<R: Read> BlockReader<R> {
 
     fn string(&mut self) -> Result<Vec<u8>> {
         let n = self.varuint()?;
-        if n > MAX_LEN {
+        if n > MAX_NAME {
             return Err(self.err(format!("a name of {n} bytes: the answer is not Native")));
         }
         let mut v = vec![0u8; n as usize];
@@ -181,15 +198,33 @@ impl<R: Read> ColumnReader<'_, R> {
         Ok(u64::from_le_bytes(b))
     }
 
-    /// `n` bytes into a 64-byte aligned buffer.
+    /// `n` bytes into a 64-byte aligned buffer, grown as they arrive (a stream that claims more
+    /// than it sends ends in an error having held only what it sent).
     fn bytes(&mut self, n: usize) -> Result<Buffer> {
-        let mut m = MutableBuffer::from_len_zeroed(n);
-        read_exact(self.r, m.as_slice_mut())?;
+        if n as u64 > MAX_LEN {
+            return Err(self.err(format!("a column of {n} bytes: the answer is not Native")));
+        }
+        let mut m = MutableBuffer::new(n.min(1 << 20));
+        while m.len() < n {
+            let start = m.len();
+            let step = (n - start).min(1 << 20);
+            m.extend_zeros(step);
+            read_exact(self.r, &mut m.as_slice_mut()[start..])?;
+        }
         Ok(m.into())
     }
 
+    /// Bytes of `rows` values `width` wide, checked.
+    fn width(&self, rows: usize, width: usize) -> Result<usize> {
+        rows.checked_mul(width).ok_or_else(|| {
+            self.err(format!(
+                "{rows} values of {width} bytes: the answer is not Native"
+            ))
+        })
+    }
+
     fn primitive<T: ArrowPrimitiveType>(&mut self, rows: usize) -> Result<PrimitiveArray<T>> {
-        let buf = self.bytes(rows * std::mem::size_of::<T::Native>())?;
+        let buf = self.bytes(self.width(rows, std::mem::size_of::<T::Native>())?)?;
         Ok(PrimitiveArray::<T>::new(ScalarBuffer::new(buf, 0, rows), None))
     }
 
@@ -240,7 +275,7 @@ impl<R: Read> ColumnReader<'_, R> {
             }
             ChType::UInt(bits) => {
                 let width = usize::from(*bits / 8);
-                let raw = self.bytes(rows * width)?;
+                let raw = self.bytes(self.width(rows, width)?)?;
                 let mut values = Vec::with_capacity(rows);
                 for (i, chunk) in raw.chunks_exact(width).enumerate() {
                     let mut b = [0u8; 32];
@@ -269,7 +304,7 @@ impl<R: Read> ColumnReader<'_, R> {
                     19..=38 => 16,
                     _ => 32,
                 };
-                let raw = self.bytes(rows * width)?;
+                let raw = self.bytes(self.width(rows, width)?)?;
                 if *p > 38 {
                     let v: Vec<i256> = raw
                         .chunks_exact(32)
@@ -291,7 +326,10 @@ impl<R: Read> ColumnReader<'_, R> {
             // Views over the decoded buffer (the type map's `Utf8View`).
             ChType::String => arrow::compute::cast(&self.strings(rows)?, &DataType::Utf8View)?,
             ChType::FixedString(n) => {
-                let raw = self.bytes(rows * n)?;
+                if *n == 0 {
+                    return Err(self.err("FixedString(0): the answer is not Native".into()));
+                }
+                let raw = self.bytes(self.width(rows, *n)?)?;
                 let mut offsets = Vec::with_capacity(rows + 1);
                 let mut values = Vec::with_capacity(raw.len());
                 offsets.push(0i32);
@@ -306,7 +344,7 @@ impl<R: Read> ColumnReader<'_, R> {
                 self.utf8(offsets, values)?
             }
             ChType::Uuid => {
-                let raw = self.bytes(rows * 16)?;
+                let raw = self.bytes(self.width(rows, 16)?)?;
                 let mut out = Vec::with_capacity(rows * 36);
                 let mut offsets = Vec::with_capacity(rows + 1);
                 offsets.push(0i32);
@@ -464,7 +502,7 @@ impl<R: Read> ColumnReader<'_, R> {
     }
 
     fn strings(&mut self, rows: usize) -> Result<ArrayRef> {
-        let mut offsets: Vec<i64> = Vec::with_capacity(rows + 1);
+        let mut offsets: Vec<i64> = Vec::with_capacity(rows.min(RESERVE) + 1);
         let mut values = Vec::new();
         offsets.push(0);
         for i in 0..rows {
@@ -473,8 +511,21 @@ impl<R: Read> ColumnReader<'_, R> {
                 return Err(self.err(format!("row {}: a string of {n} bytes", i + 1)));
             }
             let start = values.len();
-            values.resize(start + n as usize, 0);
-            read_exact(self.r, &mut values[start..])?;
+            if (start as u64).saturating_add(n) > MAX_LEN.saturating_mul(4) {
+                return Err(self.err(format!(
+                    "row {}: the column's strings pass 4 GiB in one block",
+                    i + 1
+                )));
+            }
+            // Grown as the bytes arrive, as in `bytes`.
+            let mut left = n as usize;
+            while left > 0 {
+                let at = values.len();
+                let step = left.min(1 << 20);
+                values.resize(at + step, 0);
+                read_exact(self.r, &mut values[at..])?;
+                left -= step;
+            }
             offsets.push(values.len() as i64);
         }
         if let Ok(small) = offsets
@@ -669,5 +720,55 @@ mod tests {
             let mut r = BlockReader::new(&bytes[..cut], Arc::clone(&schema));
             assert!(r.next_batch().is_err(), "cut at {cut}");
         }
+    }
+
+    /// A block header: `cols`, `rows`, then one column `name` of `ty`.
+    fn hostile(rows: u64, ty: &str, data: &[u8]) -> Vec<u8> {
+        use crate::connector::clickhouse::native::put_varuint;
+        let mut b = Vec::new();
+        put_varuint(&mut b, 1);
+        put_varuint(&mut b, rows);
+        for s in ["c", ty] {
+            put_varuint(&mut b, s.len() as u64);
+            b.extend_from_slice(s.as_bytes());
+        }
+        b.extend_from_slice(data);
+        b
+    }
+
+    #[test]
+    fn hostile_counts_are_errors_without_their_allocation() {
+        let schema = |dt: DataType| Arc::new(Schema::new(vec![Field::new("c", dt, true)]));
+        let read = |bytes: Vec<u8>, dt: DataType| {
+            BlockReader::new(&bytes[..], schema(dt))
+                .next_batch()
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
+        };
+        // 2^60 rows: refused before anything is read.
+        let e = read(hostile(1 << 60, "Int64", &[]), DataType::Int64);
+        assert!(e.contains("rows (more than"), "{e}");
+        // 16M Int64 rows claimed (128 MiB), 8 bytes sent: an error at the end of the stream.
+        let e = read(hostile(1 << 24, "Int64", &[1; 8]), DataType::Int64);
+        assert!(!e.is_empty());
+        // Strings claiming 16M rows and a 1 GiB string each, a few bytes sent.
+        let e = read(
+            hostile(1 << 24, "String", &[0xff, 0xff, 0xff, 0xff, 0x03, b'a']),
+            DataType::Utf8View,
+        );
+        assert!(!e.is_empty());
+        // An array whose offsets claim 2^31 - 1 nested values.
+        let mut ends = Vec::new();
+        ends.extend_from_slice(&(i32::MAX as u64).to_le_bytes());
+        let e = read(
+            hostile(1, "Array(UInt64)", &ends),
+            DataType::List(Arc::new(Field::new("item", DataType::UInt64, true))),
+        );
+        assert!(!e.is_empty());
+        // A type nested past the parser's depth: an error, not a stack overflow.
+        let deep = format!("{}Int8{}", "Array(".repeat(5_000), ")".repeat(5_000));
+        let e = read(hostile(1, &deep, &[]), DataType::Int8);
+        assert!(e.contains("nested more than"), "{e}");
     }
 }

@@ -12,7 +12,6 @@ use std::fmt;
 use std::io::Read;
 use std::sync::Arc;
 
-use arrow::array::RecordBatch;
 use arrow::datatypes::{DataType, Schema, SchemaRef};
 use bytes::Bytes;
 use datafusion::common::tree_node::TreeNodeRecursion;
@@ -25,14 +24,16 @@ use datafusion::logical_expr::{
 use datafusion::physical_expr::{EquivalenceProperties, Partitioning, PhysicalExpr};
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
 use datafusion::physical_plan::metrics::{BaselineMetrics, ExecutionPlanMetricsSet, MetricsSet};
-use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::stream::{RecordBatchReceiverStreamBuilder, RecordBatchStreamAdapter};
 use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties};
+use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use super::client::{Client, quote_ident};
 use super::compress::{Decompress, Method};
 use super::decode::BlockReader;
 use super::types::ChType;
+use crate::connector::scan::panicked;
 use crate::error::{Error, Result};
 use crate::sink::ScanSource;
 
@@ -413,27 +414,26 @@ impl ExecutionPlan for ClickHouseScanExec {
             .get(partition)
             .cloned()
             .ok_or_else(|| DataFusionError::Internal(format!("no ClickHouse partition {partition}")))?;
-        let (tx, rx) = mpsc::channel::<Result<RecordBatch>>(2);
+        // Both tasks belong to the stream: a panic is the query's error (never a clean end, as
+        // if the table were complete), and dropping the stream aborts the network task (the
+        // decoder then stops at its next send).
+        let mut builder = RecordBatchReceiverStreamBuilder::new(Arc::clone(&self.schema), 2);
+        let tx = builder.tx();
         let (btx, brx) = mpsc::channel::<std::result::Result<Bytes, String>>(16);
         let reader = self.reader.clone();
         let block_rows = self.block_rows.max(1).to_string();
         let table = reader.table_sql.clone();
         // Network: bytes as they arrive, until the decoder stops wanting them.
-        let errors = tx.clone();
-        tokio::spawn(async move {
+        let network = async move {
             let mut params = vec![("max_block_size", block_rows.as_str())];
             if reader.compression.is_some() {
                 params.push(("compress", "1"));
             }
-            let mut resp = match reader.client.stream(&query, &params).await {
-                Ok(r) => r,
-                Err(e) => {
-                    let _ = errors
-                        .send(Err(Error::Config(format!("ClickHouse {table}: {e}"))))
-                        .await;
-                    return;
-                }
-            };
+            let mut resp = reader
+                .client
+                .stream(&query, &params)
+                .await
+                .map_err(|e| DataFusionError::from(Error::Config(format!("ClickHouse {table}: {e}"))))?;
             loop {
                 let next = match resp.chunk().await {
                     Ok(Some(b)) => Ok(b),
@@ -445,12 +445,20 @@ impl ExecutionPlan for ClickHouseScanExec {
                     break;
                 }
             }
+            Ok::<(), DataFusionError>(())
+        };
+        builder.spawn(async move {
+            use futures::FutureExt;
+            std::panic::AssertUnwindSafe(network)
+                .catch_unwind()
+                .await
+                .map_err(|p| panicked(partition, p.as_ref()))?
         });
         // Decoding: on a blocking thread, block by block.
         let schema = Arc::clone(&self.schema);
         let compression = self.reader.compression;
         let table = self.reader.table_sql.clone();
-        tokio::task::spawn_blocking(move || {
+        let decode = move || {
             let input = ChannelReader::new(brx);
             let tail = input.tail.clone();
             let body: Box<dyn Read> = match compression {
@@ -463,10 +471,10 @@ impl ExecutionPlan for ClickHouseScanExec {
                 match blocks.next_batch() {
                     Ok(Some(b)) => {
                         if tx.blocking_send(Ok(b)).is_err() {
-                            return;
+                            return Ok(());
                         }
                     }
-                    Ok(None) => return,
+                    Ok(None) => return Ok(()),
                     Err(e) => {
                         let e = match server_exception(&tail.lock().map(|t| t.clone()).unwrap_or_default()) {
                             Some(text) => {
@@ -474,20 +482,20 @@ impl ExecutionPlan for ClickHouseScanExec {
                             }
                             None => Error::Config(format!("ClickHouse {table}: {e}")),
                         };
-                        let _ = tx.blocking_send(Err(e));
-                        return;
+                        return Err(DataFusionError::from(e));
                     }
                 }
             }
+        };
+        builder.spawn_blocking(move || {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode))
+                .map_err(|p| panicked(partition, p.as_ref()))?
         });
         let baseline = BaselineMetrics::new(&self.metrics, partition);
-        let stream = futures::stream::unfold((rx, baseline), |(mut rx, baseline)| async move {
-            let next = rx.recv().await?;
-            let next = next.map_err(DataFusionError::from);
-            if let Ok(b) = &next {
+        let stream = builder.build().inspect(move |r| {
+            if let Ok(b) = r {
                 baseline.record_output(b.num_rows());
             }
-            Some((next, (rx, baseline)))
         });
         Ok(Box::pin(RecordBatchStreamAdapter::new(
             Arc::clone(&self.schema),

@@ -314,10 +314,18 @@ impl ChType {
 
     /// Parses a type name as ClickHouse prints it (`Nullable(DateTime64(6, 'UTC'))`, ...).
     pub fn parse(s: &str) -> Result<ChType> {
+        if s.len() > MAX_TYPE_LEN {
+            return Err(Error::Config(format!(
+                "a ClickHouse type name of {} bytes (more than {MAX_TYPE_LEN}) is not a type flumen reads: '{}...'",
+                s.len(),
+                s.chars().take(80).collect::<String>()
+            )));
+        }
         let mut p = Parser {
             s: s.as_bytes(),
             i: 0,
             text: s,
+            depth: 0,
         };
         let t = p.ty()?;
         p.ws();
@@ -328,17 +336,27 @@ impl ChType {
     }
 }
 
+/// Types nested deeper than this (`Array(Array(...))`) are refused: a server's answer must not
+/// drive the parser's (or the decoder's) recursion as deep as it likes.
+const MAX_TYPE_DEPTH: usize = 32;
+
+/// Longer type names are refused before parsing.
+const MAX_TYPE_LEN: usize = 64 << 10;
+
 struct Parser<'a> {
     s: &'a [u8],
     i: usize,
     text: &'a str,
+    depth: usize,
 }
 
 impl Parser<'_> {
     fn err(&self, what: &str) -> Error {
+        let shown: String = self.text.chars().take(200).collect();
+        let more = if shown.len() < self.text.len() { "..." } else { "" };
         Error::Config(format!(
-            "cannot parse ClickHouse type '{}' at {}: {what}",
-            self.text, self.i
+            "cannot parse ClickHouse type '{shown}{more}' at {}: {what}",
+            self.i
         ))
     }
 
@@ -409,6 +427,16 @@ impl Parser<'_> {
     }
 
     fn ty(&mut self) -> Result<ChType> {
+        self.depth += 1;
+        if self.depth > MAX_TYPE_DEPTH {
+            return Err(self.err(&format!("types nested more than {MAX_TYPE_DEPTH} deep")));
+        }
+        let t = self.ty_here();
+        self.depth -= 1;
+        t
+    }
+
+    fn ty_here(&mut self) -> Result<ChType> {
         let name = self.ident();
         let t = match name.as_str() {
             "Int8" | "Int16" | "Int32" | "Int64" | "Int128" | "Int256" => {
@@ -581,6 +609,22 @@ mod tests {
             "Enum16('a' = 1000)"
         );
         assert!(ChType::parse("Nullable(").is_err());
+        // Nesting and length are bounded: an error, not a stack overflow.
+        let deep = format!("{}Int8{}", "Array(".repeat(100_000), ")".repeat(100_000));
+        let e = ChType::parse(&deep).unwrap_err().to_string();
+        assert!(
+            e.contains("nested more than 32 deep") || e.contains("more than 65536"),
+            "{e}"
+        );
+        let deep = format!("{}Int8{}", "Array(".repeat(40), ")".repeat(40));
+        assert!(
+            ChType::parse(&deep)
+                .unwrap_err()
+                .to_string()
+                .contains("nested more than 32 deep")
+        );
+        let ok = format!("{}Int8{}", "Array(".repeat(20), ")".repeat(20));
+        assert!(ChType::parse(&ok).is_ok());
         assert!(ChType::parse("IPv4").is_err());
     }
 

@@ -84,6 +84,14 @@ pub struct Fetched {
     pub body: Bytes,
     /// The `rel="next"` target of a `Link` header.
     pub link_next: Option<String>,
+    /// Where the body came from (after redirects): relative page links are joined onto it.
+    pub url: Url,
+}
+
+/// Why a body was not read.
+enum BodyError {
+    TooLarge,
+    Read(String),
 }
 
 /// How a table's requests are made.
@@ -98,7 +106,29 @@ pub struct Api {
     secrets: Vec<String>,
     limit: Option<RateLimit>,
     max_retries: u32,
+    /// Where credentials (and the configured headers) may go: the LOCATION's origin (scheme,
+    /// host, port) and the ones option `trusted_origins` lists. Pages and redirects elsewhere
+    /// are requested without them.
+    trusted: Vec<url::Origin>,
+    /// The LOCATION is https: no request or redirect goes to plain http.
+    https_only: bool,
+    /// The largest body read (option `max_body`).
+    max_body: usize,
 }
+
+/// Where an `Api`'s requests may go, and how much they may read.
+#[derive(Debug, Clone)]
+pub struct Reach {
+    /// The LOCATION.
+    pub home: Url,
+    /// More origins that get the credentials (option `trusted_origins`).
+    pub trusted: Vec<url::Origin>,
+    /// The largest body read, in bytes.
+    pub max_body: usize,
+}
+
+/// Redirects followed per request.
+const MAX_REDIRECTS: usize = 10;
 
 /// Authentication, as the options give it.
 #[derive(Debug, Default)]
@@ -121,6 +151,7 @@ impl Api {
         concurrency: usize,
         timeout: Duration,
         max_retries: u32,
+        reach: Reach,
     ) -> Result<Self> {
         let bad = |what: &str, why: String| Error::Option(format!("table {table}: {what}: {why}"));
         let mut map = HeaderMap::new();
@@ -187,6 +218,8 @@ impl Api {
             .tcp_nodelay(true)
             .connect_timeout(timeout.min(Duration::from_secs(30)))
             .timeout(timeout)
+            // Redirects are followed by `get`, which decides per hop what goes along.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| bad("client", error_text(&e)))?;
         Ok(Self {
@@ -197,7 +230,74 @@ impl Api {
             secrets,
             limit,
             max_retries,
+            https_only: reach.home.scheme() == "https",
+            trusted: std::iter::once(reach.home.origin())
+                .chain(reach.trusted)
+                .collect(),
+            max_body: reach.max_body,
         })
+    }
+
+    /// Whether `url` may get the credentials.
+    fn trusts(&self, url: &Url) -> bool {
+        let o = url.origin();
+        o.is_tuple() && self.trusted.contains(&o)
+    }
+
+    /// Refuses a URL flumen must not request: not http(s), or plain http when the LOCATION is
+    /// https (the server's answer names it: a page link or a redirect).
+    fn allowed(&self, url: &Url, via: &str) -> Result<()> {
+        let why = match url.scheme() {
+            "https" => return Ok(()),
+            "http" if !self.https_only => return Ok(()),
+            "http" => "plain http from an https LOCATION would send the request unencrypted",
+            _ => "only http and https URLs are requested",
+        };
+        Err(Error::Config(format!(
+            "table {}: {via} leads to {}, which flumen does not request: {why}",
+            self.table,
+            self.shown(url)
+        )))
+    }
+
+    /// Reads a body of at most `max_body` bytes.
+    async fn read_body(
+        &self,
+        url: &Url,
+        mut resp: reqwest::Response,
+        max: usize,
+    ) -> std::result::Result<Bytes, BodyError> {
+        if resp.content_length().is_some_and(|n| n > max as u64) {
+            return Err(BodyError::TooLarge);
+        }
+        let mut body = bytes::BytesMut::new();
+        loop {
+            match resp.chunk().await {
+                Ok(Some(c)) => {
+                    if body.len() + c.len() > max {
+                        return Err(BodyError::TooLarge);
+                    }
+                    body.extend_from_slice(&c);
+                }
+                Ok(None) => return Ok(body.freeze()),
+                Err(e) => {
+                    return Err(BodyError::Read(format!(
+                        "reading the body of {}: {}",
+                        self.shown(url),
+                        error_text(&e)
+                    )));
+                }
+            }
+        }
+    }
+
+    fn too_large(&self, url: &Url) -> Error {
+        Error::Config(format!(
+            "table {}: GET {}: the body is larger than {} bytes ('max_body'; raise it if the API's pages are that large)",
+            self.table,
+            self.shown(url),
+            self.max_body
+        ))
     }
 
     /// `text` with every credential masked.
@@ -242,10 +342,7 @@ impl Api {
     /// GETs `url`, retrying what may succeed later. A 4xx other than 429 (or 408) ends the scan
     /// with the status and the first lines of the body.
     pub async fn get(&self, url: &Url, counters: &Counters) -> Result<Fetched> {
-        let mut target = url.clone();
-        if let Some((p, v)) = &self.key_param {
-            super::source::set_param(&mut target, p, v);
-        }
+        let target = url.clone();
         let started = Instant::now();
         let seed = url
             .as_str()
@@ -258,18 +355,54 @@ impl Api {
             Duration::from_secs(15 * 60),
             seed,
         );
+        self.allowed(url, "the page's URL")?;
         let mut attempt = 0u32;
         loop {
             if let Some(l) = &self.limit {
                 l.acquire().await;
             }
             attempt += 1;
-            let sent = self
-                .client
-                .get(target.clone())
-                .headers(self.headers.clone())
-                .send()
-                .await;
+            // Redirects, one hop at a time: credentials only to trusted origins, never to http
+            // from https.
+            let mut at = url.clone();
+            let mut hops = 0;
+            let sent = loop {
+                let trusted = self.trusts(&at);
+                let mut request = at.clone();
+                if trusted && let Some((p, v)) = &self.key_param {
+                    super::source::set_param(&mut request, p, v);
+                }
+                // Any configured header may be a credential in disguise: none goes elsewhere.
+                let headers = if trusted {
+                    self.headers.clone()
+                } else {
+                    HeaderMap::new()
+                };
+                let sent = self.client.get(request).headers(headers).send().await;
+                match sent {
+                    Ok(resp) if resp.status().is_redirection() => {
+                        let Some(next) = resp
+                            .headers()
+                            .get(reqwest::header::LOCATION)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|l| at.join(l).ok())
+                        else {
+                            break Ok(resp);
+                        };
+                        hops += 1;
+                        if hops > MAX_REDIRECTS {
+                            return Err(Error::Config(format!(
+                                "table {}: GET {}: more than {MAX_REDIRECTS} redirects",
+                                self.table,
+                                self.shown(url)
+                            )));
+                        }
+                        self.allowed(&next, &format!("a redirect from {}", self.shown(&at)))?;
+                        at = next;
+                    }
+                    other => break other,
+                }
+            };
             let (why, retry_after) = match sent {
                 Ok(resp) => {
                     let status = resp.status();
@@ -280,19 +413,28 @@ impl Api {
                             .iter()
                             .filter_map(|v| v.to_str().ok())
                             .find_map(next_link);
-                        match resp.bytes().await {
+                        match self.read_body(&at, resp, self.max_body).await {
                             Ok(body) => {
                                 counters.pages.add(1);
                                 counters.bytes.add(body.len());
-                                return Ok(Fetched { body, link_next });
+                                return Ok(Fetched {
+                                    body,
+                                    link_next,
+                                    url: at,
+                                });
                             }
-                            Err(e) => (format!("reading the body: {}", error_text(&e)), None),
+                            Err(BodyError::TooLarge) => return Err(self.too_large(&at)),
+                            Err(BodyError::Read(why)) => (why, None),
                         }
                     } else if status.as_u16() == 429 || status.as_u16() == 408 || status.is_server_error() {
                         (format!("HTTP {status}"), retry_after(resp.headers()))
                     } else {
-                        let body = resp.text().await.unwrap_or_default();
-                        return Err(self.refused(&target, status, &body));
+                        // The first lines are shown: 64 KiB of the body at most are read.
+                        let body = match self.read_body(&at, resp, 64 << 10).await {
+                            Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+                            Err(_) => String::new(),
+                        };
+                        return Err(self.refused(&at, status, &body));
                     }
                 }
                 Err(e) => (error_text(&e), None),
@@ -349,7 +491,7 @@ impl Api {
 fn retry_after(h: &HeaderMap) -> Option<Duration> {
     let v = h.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
     let d = match v.parse::<f64>() {
-        Ok(s) if s.is_finite() && s >= 0.0 => Duration::from_secs_f64(s),
+        Ok(s) if s.is_finite() && s >= 0.0 => Duration::from_secs_f64(s.min(300.0)),
         _ => {
             let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
             let ms = at.timestamp_millis() - chrono::Utc::now().timestamp_millis();
@@ -427,6 +569,9 @@ mod tests {
             HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
         );
         assert_eq!(retry_after(&h), Some(Duration::ZERO));
+        // A huge number is capped, not a panic.
+        h.insert(reqwest::header::RETRY_AFTER, HeaderValue::from_static("1e300"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(300)));
     }
 
     #[test]
@@ -444,8 +589,24 @@ mod tests {
             1,
             Duration::from_secs(5),
             0,
+            Reach {
+                home: Url::parse("https://h/x").unwrap(),
+                trusted: vec![Url::parse("https://cdn.h:8443").unwrap().origin()],
+                max_body: 1 << 20,
+            },
         )
         .unwrap();
+        // Credentials go to the LOCATION's origin and the trusted ones only; never to http.
+        assert!(api.trusts(&Url::parse("https://h/y?page=3").unwrap()));
+        assert!(api.trusts(&Url::parse("https://cdn.h:8443/z").unwrap()));
+        assert!(!api.trusts(&Url::parse("https://cdn.h/z").unwrap()));
+        assert!(!api.trusts(&Url::parse("http://h/x").unwrap()));
+        assert!(!api.trusts(&Url::parse("https://evil.example/x").unwrap()));
+        assert!(api.allowed(&Url::parse("http://h/x").unwrap(), "a link").is_err());
+        assert!(
+            api.allowed(&Url::parse("file:///etc/passwd").unwrap(), "a link")
+                .is_err()
+        );
         let u = Url::parse("https://u:pw@h/x?apikey=key-987&access_token=zzz&page=2").unwrap();
         let s = api.shown(&u);
         assert!(

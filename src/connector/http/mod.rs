@@ -26,7 +26,7 @@ use datafusion::catalog::{Session, TableProvider, TableProviderFactory};
 use datafusion::logical_expr::{CreateExternalTable, Expr, TableType};
 use datafusion::physical_plan::ExecutionPlan;
 
-use self::client::{Api, Auth, RateLimit};
+use self::client::{Api, Auth, RateLimit, Reach};
 use self::source::{Format, HttpSource, Paging, set_param};
 use crate::connector::options::{OptionSpec, TableOptions};
 use crate::error::Error;
@@ -70,7 +70,18 @@ const OPTIONS: &[OptionSpec] = &[
         "next_url_path",
         "next_url: JSON pointer to the next page's URL in the body (default /next)",
     ),
-    OptionSpec::new("max_pages", "stop after this many pages (default: all)"),
+    OptionSpec::new(
+        "max_pages",
+        "stop after this many pages (default: all, up to 1,000,000 pages, past which the scan fails)",
+    ),
+    OptionSpec::new(
+        "trusted_origins",
+        "more origins (scheme://host:port, comma-separated) that get the credentials; pages and redirects elsewhere are requested without them",
+    ),
+    OptionSpec::new(
+        "max_body",
+        "the largest page body read, e.g. 64MiB (default 256MiB)",
+    ),
     OptionSpec::new(
         "params",
         "query parameters added to every request, e.g. 'status=open&sort=id'",
@@ -239,7 +250,47 @@ impl TableProviderFactory for HttpFactory {
             ))
             .into());
         }
-        let api = Api::new(&name, &headers, auth, rate, concurrency, timeout, max_retries)?;
+        let mut trusted = Vec::new();
+        for t in o
+            .get("trusted_origins")
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+        {
+            let u = url::Url::parse(t)
+                .ok()
+                .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+                .ok_or_else(|| {
+                    o.bad_value(
+                        "trusted_origins",
+                        t,
+                        "each must be an http:// or https:// URL such as https://cdn.example.com",
+                    )
+                })?;
+            trusted.push(u.origin());
+        }
+        let max_body = match o.get("max_body") {
+            Some(v) => crate::connector::options::parse_bytes(v)
+                .map_err(|e| o.bad_value("max_body", v, &e))?
+                .max(1),
+            None => 256 << 20,
+        };
+        let reach = Reach {
+            home: base.clone(),
+            trusted,
+            max_body: usize::try_from(max_body).unwrap_or(usize::MAX),
+        };
+        let api = Api::new(
+            &name,
+            &headers,
+            auth,
+            rate,
+            concurrency,
+            timeout,
+            max_retries,
+            reach,
+        )?;
         let mut source = HttpSource {
             api,
             base,

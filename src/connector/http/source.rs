@@ -19,6 +19,11 @@ use super::client::{Api, Counters};
 use crate::connector::scan::{BatchSender, Producer, StreamScanExec};
 use crate::error::{Error, Result};
 
+/// Pages read without `max_pages` before the scan fails rather than read on: an API that
+/// never ends (a cycle of pages it keeps renaming, a bug) stops here. A million pages of 100
+/// records is 100M rows; `max_pages` raises it.
+pub const DEFAULT_MAX_PAGES: u64 = 1_000_000;
+
 /// How the body of a page holds its records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -80,6 +85,8 @@ pub struct HttpSource {
 struct Page {
     batches: Vec<RecordBatch>,
     records: usize,
+    /// XXH3 of the body (numbered pages: a page repeated is caught).
+    hash: u64,
 }
 
 /// Sets query parameter `name` to `value`, replacing any earlier value.
@@ -186,6 +193,15 @@ impl HttpSource {
         std::str::from_utf8(body).map_err(|e| self.at(url, &format!("the body is not UTF-8: {e}")))
     }
 
+    fn endless(&self, url: &Url) -> Error {
+        self.at(
+            url,
+            &format!(
+                "read {DEFAULT_MAX_PAGES} pages and the API names more: give 'max_pages' to read that many (it stops there), if the API is that large"
+            ),
+        )
+    }
+
     fn at(&self, url: &Url, why: &str) -> Error {
         Error::Config(format!(
             "table {}: GET {}: {}",
@@ -219,7 +235,11 @@ impl HttpSource {
                     records += b.num_rows();
                     batches.push(b);
                 }
-                Ok(Page { batches, records })
+                Ok(Page {
+                    batches,
+                    records,
+                    hash: 0,
+                })
             }
             Format::Json | Format::Ndjson => {
                 let owned;
@@ -236,7 +256,11 @@ impl HttpSource {
                     self.at(url, &format!("{which}{e}"))
                 })?;
                 let records = count.unwrap_or_else(|| batches.iter().map(RecordBatch::num_rows).sum());
-                Ok(Page { batches, records })
+                Ok(Page {
+                    batches,
+                    records,
+                    hash: 0,
+                })
             }
         }
     }
@@ -326,12 +350,18 @@ impl HttpSource {
             Paging::Numbered { size, .. } => {
                 let size = *size;
                 let mut next = 0u64;
+                let mut read = 0u64;
+                let mut previous_hash: Option<u64> = None;
                 let mut ended = false;
                 loop {
                     while !ended
                         && inflight.len() < self.concurrency
                         && self.max_pages.is_none_or(|m| next < m)
                     {
+                        if self.max_pages.is_none() && next >= DEFAULT_MAX_PAGES {
+                            inflight.iter().for_each(JoinHandle::abort);
+                            return Err(self.endless(&self.numbered_url(next)));
+                        }
                         let me = Arc::clone(&self);
                         let url = self.numbered_url(next);
                         let counters = counters.clone();
@@ -339,8 +369,12 @@ impl HttpSource {
                         inflight.push_back(tokio::spawn(async move {
                             let f = me.api.get(&url, &counters).await?;
                             let me2 = Arc::clone(&me);
+                            let hash = xxhash_rust::xxh3::xxh3_64(&f.body);
                             tokio::task::spawn_blocking(move || {
-                                me2.decode(&url, &f.body, &schema, batch_rows)
+                                me2.decode(&url, &f.body, &schema, batch_rows).map(|mut p| {
+                                    p.hash = hash;
+                                    p
+                                })
                             })
                             .await
                             .map_err(join)?
@@ -357,6 +391,22 @@ impl HttpSource {
                             return Err(e);
                         }
                     };
+                    // An API that answers every page past its end with its last one never
+                    // gives a short page: the same records twice in a row end the scan.
+                    // ('max_pages' bounds the read instead, for an API whose pages may repeat.)
+                    if page.records > 0 && previous_hash == Some(page.hash) && self.max_pages.is_none() {
+                        inflight.iter().for_each(JoinHandle::abort);
+                        counters.stop.store(true, Ordering::Relaxed);
+                        return Err(Error::Config(format!(
+                            "table {}: page {} ({}) has the same body as the page before it: the API repeats a page \
+                             instead of ending (give 'page_size', so that a short page ends the read, or 'max_pages' to read that many pages)",
+                            self.api.table,
+                            read + 1,
+                            self.api.shown(&self.numbered_url(read))
+                        )));
+                    }
+                    previous_hash = (page.records > 0).then_some(page.hash);
+                    read += 1;
                     // A short or empty page is the last: what is in flight past it is not read.
                     if page.records == 0 || size.is_some_and(|s| (page.records as u64) < s) {
                         ended = true;
@@ -374,20 +424,26 @@ impl HttpSource {
             _ => {
                 let mut url = Some(self.base.clone());
                 let mut pages = 0u64;
-                let mut previous: Option<Url> = None;
+                // Every page URL read (as XXH3 of the URL): a next page already read is a cycle.
+                let mut seen: std::collections::HashSet<u64> = std::collections::HashSet::new();
                 while let Some(u) = url.take() {
-                    if previous.as_ref() == Some(&u) {
-                        return Err(
-                            self.at(&u, "the API gave this page as its own next page (it would loop)")
-                        );
+                    if !seen.insert(xxhash_rust::xxh3::xxh3_64(u.as_str().as_bytes())) {
+                        inflight.iter().for_each(JoinHandle::abort);
+                        return Err(self.at(
+                            &u,
+                            "the API gave a page already read as the next one (its pages form a cycle)",
+                        ));
+                    }
+                    if self.max_pages.is_none() && pages >= DEFAULT_MAX_PAGES {
+                        inflight.iter().for_each(JoinHandle::abort);
+                        return Err(self.endless(&u));
                     }
                     let f = self.api.get(&u, &counters).await?;
                     pages += 1;
                     if self.max_pages.is_none_or(|m| pages < m) {
-                        url = self.next_url(&u, &f.body, f.link_next.as_deref())?;
+                        url = self.next_url(&f.url, &f.body, f.link_next.as_deref())?;
                     }
                     inflight.push_back(decode_task(&self, u.clone(), f.body));
-                    previous = Some(u);
                     // Decoding overlaps the next request; at most `concurrency` pages are held.
                     if inflight.len() >= self.concurrency.max(1) || url.is_none() {
                         while let Some(h) = inflight.pop_front() {
@@ -520,7 +576,7 @@ impl HttpSource {
             }
             url = match &self.paging {
                 Paging::Numbered { .. } => Some(self.numbered_url(pages)),
-                _ => self.next_url(&u, &f.body, f.link_next.as_deref())?,
+                _ => self.next_url(&f.url, &f.body, f.link_next.as_deref())?,
             };
         }
         let schema = match self.format {
