@@ -387,3 +387,21 @@ fn credentials_stay_with_their_origin_and_hostile_paging_ends() {
     let e = fails(&run(dir.path(), &script, &[]));
     assert!(e.contains("larger than 1024 bytes"), "{e}");
 }
+
+/// Secrets written literally in OPTIONS (not as `${VAR}`) are learnt as secrets too: a failing
+/// CREATE's error quotes its statement with them masked.
+#[test]
+fn literal_secrets_in_options_are_masked_in_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = format!(
+        "CREATE EXTERNAL TABLE items ({COLS}) STORED AS HTTP LOCATION 'http://127.0.0.1:9/items' \
+         OPTIONS ('bearer_token' 'lit-tok-4242', 'headers' 'X-Api-Token: lit-hdr-4343', 'rate_limit' 'fast');"
+    );
+    let e = fails(&run(dir.path(), &script, &[]));
+    assert!(e.contains("'rate_limit' has bad value 'fast'"), "{e}");
+    assert!(
+        e.contains("CREATE EXTERNAL TABLE items"),
+        "the statement is quoted: {e}"
+    );
+    assert!(!e.contains("lit-tok-4242") && !e.contains("lit-hdr-4343"), "{e}");
+}

@@ -578,3 +578,36 @@ fn a_run_is_resumed_by_one_process_at_a_time() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(delivered(&state, &sink), (100_000, 100_000));
 }
+
+/// Everything flumen keeps in its state directory (ledgers, journals, scripts, staged rows,
+/// dead letters) is private to the user: directories 0700, files 0600, whatever the umask.
+#[test]
+fn the_state_directory_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (state, sink) = (dir.path().join("state"), dir.path().join("sink"));
+    let script = job(dir.path(), "20k", &sink, ", 'down' 'true', 'max_attempts' '1'");
+    let out = flumen(&state, &["run", &script]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    fn walk(p: &Path, seen: &mut Vec<(String, u32)>) {
+        let mode = std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        seen.push((p.display().to_string(), mode));
+        if p.is_dir() {
+            for e in std::fs::read_dir(p).unwrap() {
+                walk(&e.unwrap().path(), seen);
+            }
+        }
+    }
+    let mut seen = Vec::new();
+    walk(&state, &mut seen);
+    assert!(
+        seen.iter().any(|(p, _)| p.ends_with(".parquet")),
+        "rows were staged: {seen:?}"
+    );
+    assert!(
+        seen.iter().any(|(p, _)| p.ends_with(".journal.jsonl")),
+        "{seen:?}"
+    );
+    let open: Vec<_> = seen.iter().filter(|(_, m)| m & 0o077 != 0).collect();
+    assert!(open.is_empty(), "readable by others: {open:?}");
+}

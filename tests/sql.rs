@@ -675,3 +675,37 @@ fn incremental_runs_read_only_new_and_updated_rows() {
         "{runs}"
     );
 }
+
+/// Filters pushed to the server mean the same whatever the session's string settings: a value
+/// with a backslash and a quote, compared in PostgreSQL with `standard_conforming_strings` off
+/// (where `'a\'` would escape the quote) and in MariaDB (where a backslash escapes unless
+/// `NO_BACKSLASH_ESCAPES`), finds its row and nothing else.
+#[test]
+fn pushed_string_filters_mean_the_same_in_every_session_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    pg(
+        "DROP TABLE IF EXISTS pushed_bs; CREATE TABLE pushed_bs (id int, v text); \
+        INSERT INTO pushed_bs VALUES (1, E'a\\\\'), (2, 'a'), (3, E'a\\\\'' OR 1=1 -- '), (4, 'b')",
+    );
+    my(
+        "DROP TABLE IF EXISTS pushed_bs; CREATE TABLE pushed_bs (id int, v text); \
+        INSERT INTO pushed_bs VALUES (1, 'a\\\\'), (2, 'a'), (3, 'a\\\\'' OR 1=1 -- '), (4, 'b')",
+    );
+    let check = |stored: &str, location: &str| {
+        let script = format!(
+            "CREATE EXTERNAL TABLE t STORED AS {stored} LOCATION '{location}' OPTIONS ('table' 'pushed_bs');\n\
+             SELECT id FROM t WHERE v = 'a\\' ORDER BY id;\n\
+             SELECT id FROM t WHERE v = 'a\\'' OR 1=1 -- ' ORDER BY id;\n\
+             SELECT id FROM t WHERE v IN ('b', 'a') ORDER BY id;\n"
+        );
+        let out = ok(&flumen(d, &script, &["--format", "csv"]));
+        assert_eq!(out, "id\n1\nid\n3\nid\n2\n4\n", "{stored} {location}");
+    };
+    check(
+        "POSTGRES",
+        &format!("{PG}?options=-c%20standard_conforming_strings%3Doff"),
+    );
+    check("POSTGRES", PG);
+    check("MYSQL", MY);
+}

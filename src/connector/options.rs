@@ -133,6 +133,12 @@ impl TableOptions {
 
     /// An error naming this table, the option and its bad value.
     pub fn bad_value(&self, name: &str, value: &str, why: &str) -> Error {
+        // A secret's value is never echoed, not even a wrong one.
+        let value = if crate::engine::is_secret_option(name) {
+            crate::engine::MASK
+        } else {
+            value
+        };
         Error::Option(format!(
             "table {}: {} option '{name}' has bad value '{value}': {why}",
             self.table, self.connector
@@ -150,7 +156,9 @@ pub fn parse_pairs(v: &str, sep: char) -> std::result::Result<Vec<(String, Strin
             p.split_once(sep)
                 .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
                 .filter(|(k, _)| !k.is_empty())
-                .ok_or_else(|| format!("'{p}' is not 'name{sep}value'"))
+                .ok_or_else(|| {
+                    format!("an item is not 'name{sep}value' (items are separated by ; or new lines)")
+                })
         })
         .collect()
 }

@@ -219,7 +219,7 @@ impl Warehouse {
     /// Replaces `view.json` atomically (the switch to a new version).
     fn save(&self, def: &ViewDef) -> Result<()> {
         let dir = self.view_dir(&def.name);
-        std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+        crate::sink::private_dir(&dir)?;
         let tmp = dir.join("view.json.tmp");
         let text = serde_json::to_vec_pretty(def)
             .map_err(|e| Error::Config(format!("encoding view {}: {e}", def.name)))?;
@@ -331,7 +331,7 @@ impl Warehouse {
             // Left by a refresh that was killed.
             std::fs::remove_dir_all(&tmp).map_err(io(format!("removing {}", tmp.display())))?;
         }
-        std::fs::create_dir_all(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
+        crate::sink::private_dir(&tmp)?;
         let delta = format!("__mv_delta_{name}");
         let merge = match (&def.cube, &def.shape) {
             (Some(cube), _) => Some(cube.merge_query(&Self::store_name(def), &delta)),

@@ -84,7 +84,7 @@ impl Watermarks {
     /// Replaces the file atomically.
     fn save(&self, marks: &BTreeMap<String, Mark>) -> Result<()> {
         if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+            crate::sink::private_dir(dir)?;
         }
         let tmp = self.path.with_extension("json.tmp");
         let text = serde_json::to_vec_pretty(marks)

@@ -29,7 +29,7 @@ use datafusion::logical_expr::{DdlStatement, LogicalPlan};
 use datafusion::physical_plan::{ExecutionPlan, SendableRecordBatchStream, execute_stream};
 use datafusion::prelude::{SessionConfig, SessionContext};
 
-pub use redact::{MASK, Redactor};
+pub use redact::{MASK, Redactor, is_secret_option};
 pub use resume::ResumeReport;
 pub use run::{Mode, RunOptions, SqlOutput, count_of};
 pub use script::{Statement, Variables};
@@ -188,8 +188,7 @@ impl Flumen {
         );
         let mut disk = DiskManagerBuilder::default();
         if let Some(dir) = &config.spill_dir {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| Error::io(format!("creating spill directory {}", dir.display()), e))?;
+            crate::sink::private_dir(dir)?;
             disk = disk.with_mode(DiskManagerMode::Directories(vec![dir.clone()]));
         }
         let runtime = RuntimeEnvBuilder::new()
@@ -363,6 +362,10 @@ impl Flumen {
 
     /// Rejects plans flumen can tell are wrong before DataFusion does, with a better message.
     fn check_plan(&self, plan: &LogicalPlan) -> Result<()> {
+        if let LogicalPlan::Ddl(DdlStatement::CreateExternalTable(cmd)) = plan {
+            self.redactor
+                .observe_options(cmd.options.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        }
         if let LogicalPlan::Ddl(DdlStatement::CreateExternalTable(cmd)) = plan
             && !self.registry.knows(&cmd.file_type)
         {

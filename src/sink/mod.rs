@@ -31,10 +31,10 @@ pub use journal::{FINGERPRINT, JOURNAL_FORMAT, Replay, SinkReplay, Slice, finger
 pub use metrics::{SinkMetrics, SinkMetricsSnapshot, prometheus};
 pub use options::{OnFailure, RejectLimit, SINK_OPTIONS, SinkOptions, WriteMode, parse_duration};
 pub use retry::Backoff;
-pub(crate) use state::safe_name;
 pub use state::{
     Manifest, Part, RunLedger, RunState, RunStatus, list_runs, mark_delivered, new_run_id, read_json,
     run_is_locked, run_manifests, staged_rows,
 };
+pub(crate) use state::{private_dir, safe_name};
 pub use table::{ScanSource, SourceSinkTable};
 pub use validate::{RuleOptions, Rules};

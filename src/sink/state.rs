@@ -98,6 +98,7 @@ pub(crate) fn private_dir(dir: &Path) -> Result<()> {
         .mode(0o700)
         .create(dir)
         .map_err(|e| Error::io(format!("creating {}", dir.display()), e))
+    // (A directory that exists keeps its mode: it may be one the user named, such as `.`.)
 }
 
 /// Options that create a file private to the user (0600).

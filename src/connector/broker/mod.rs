@@ -304,17 +304,17 @@ pub fn scan(
         };
         let errors = tx.clone();
         let table2 = table.clone();
+        // Counts this partition as reading from now (the scan's start, before its task first
+        // runs) until it hands its consumer over, also when it panics.
+        let mut guard = Reading {
+            run: run.clone(),
+            table: table.clone(),
+            consumer: None,
+        };
+        if let Some(r) = &run {
+            r.pending().reading.fetch_add(1, Ordering::SeqCst);
+        }
         let body = async move {
-            // Counts this partition as reading until it hands its consumer over, also when it
-            // panics.
-            let mut guard = Reading {
-                run: run.clone(),
-                table: table.clone(),
-                consumer: None,
-            };
-            if let Some(r) = &run {
-                r.pending().reading.fetch_add(1, Ordering::SeqCst);
-            }
             let opened = broker.open(p, run.as_ref()).await;
             let consumer = match opened {
                 Ok(c) => guard.consumer.insert(c),

@@ -244,13 +244,30 @@ impl Api {
         o.is_tuple() && self.trusted.contains(&o)
     }
 
-    /// Refuses a URL flumen must not request: not http(s), or plain http when the LOCATION is
-    /// https (the server's answer names it: a page link or a redirect).
-    fn allowed(&self, url: &Url, via: &str) -> Result<()> {
+    /// The URL to request for `url`, which the server's answer named (a page link or a
+    /// redirect): refused when not http(s), or plain http from an https LOCATION. Decision: an
+    /// `http://` URL on a trusted host (an API behind a TLS proxy that names its own pages
+    /// http) is requested as https instead.
+    fn secure(&self, url: &Url, via: &str) -> Result<Url> {
         let why = match url.scheme() {
-            "https" => return Ok(()),
-            "http" if !self.https_only => return Ok(()),
-            "http" => "plain http from an https LOCATION would send the request unencrypted",
+            "https" => return Ok(url.clone()),
+            "http" if !self.https_only => return Ok(url.clone()),
+            "http" => {
+                let mut up = url.clone();
+                if url.port().is_none_or(|p| p == 80)
+                    && up.set_scheme("https").is_ok()
+                    && up.set_port(None).is_ok()
+                    && self.trusts(&up)
+                {
+                    tracing::debug!(
+                        "table {}: {via} names {} over http: requested over https",
+                        self.table,
+                        self.shown(url)
+                    );
+                    return Ok(up);
+                }
+                "plain http from an https LOCATION would send the request unencrypted"
+            }
             _ => "only http and https URLs are requested",
         };
         Err(Error::Config(format!(
@@ -289,6 +306,18 @@ impl Api {
                 }
             }
         }
+    }
+
+    /// The first `max` bytes of a body (what arrives of them).
+    async fn read_head(&self, mut resp: reqwest::Response, max: usize) -> Bytes {
+        let mut body = bytes::BytesMut::new();
+        while body.len() < max {
+            match resp.chunk().await {
+                Ok(Some(c)) => body.extend_from_slice(&c[..c.len().min(max - body.len())]),
+                _ => break,
+            }
+        }
+        body.freeze()
     }
 
     fn too_large(&self, url: &Url) -> Error {
@@ -355,7 +384,7 @@ impl Api {
             Duration::from_secs(15 * 60),
             seed,
         );
-        self.allowed(url, "the page's URL")?;
+        let url = &self.secure(url, "the page's URL")?;
         let mut attempt = 0u32;
         loop {
             if let Some(l) = &self.limit {
@@ -368,6 +397,15 @@ impl Api {
             let mut hops = 0;
             let sent = loop {
                 let trusted = self.trusts(&at);
+                if !trusted {
+                    // Nothing of the credentials elsewhere: not the key a URL carries along
+                    // (an apex-to-www redirect copies the query), not a user and password.
+                    if let Some((p, _)) = &self.key_param {
+                        super::source::remove_param(&mut at, p);
+                    }
+                    let _ = at.set_username("");
+                    let _ = at.set_password(None);
+                }
                 let mut request = at.clone();
                 if trusted && let Some((p, v)) = &self.key_param {
                     super::source::set_param(&mut request, p, v);
@@ -397,8 +435,7 @@ impl Api {
                                 self.shown(url)
                             )));
                         }
-                        self.allowed(&next, &format!("a redirect from {}", self.shown(&at)))?;
-                        at = next;
+                        at = self.secure(&next, &format!("a redirect from {}", self.shown(&at)))?;
                     }
                     other => break other,
                 }
@@ -430,10 +467,8 @@ impl Api {
                         (format!("HTTP {status}"), retry_after(resp.headers()))
                     } else {
                         // The first lines are shown: 64 KiB of the body at most are read.
-                        let body = match self.read_body(&at, resp, 64 << 10).await {
-                            Ok(b) => String::from_utf8_lossy(&b).into_owned(),
-                            Err(_) => String::new(),
-                        };
+                        let body =
+                            String::from_utf8_lossy(&self.read_head(resp, 64 << 10).await).into_owned();
                         return Err(self.refused(&at, status, &body));
                     }
                 }
@@ -602,9 +637,19 @@ mod tests {
         assert!(!api.trusts(&Url::parse("https://cdn.h/z").unwrap()));
         assert!(!api.trusts(&Url::parse("http://h/x").unwrap()));
         assert!(!api.trusts(&Url::parse("https://evil.example/x").unwrap()));
-        assert!(api.allowed(&Url::parse("http://h/x").unwrap(), "a link").is_err());
+        // An http link on the LOCATION's host is requested over https; elsewhere it is refused.
+        assert_eq!(
+            api.secure(&Url::parse("http://h/x?page=2").unwrap(), "a link")
+                .unwrap()
+                .as_str(),
+            "https://h/x?page=2"
+        );
         assert!(
-            api.allowed(&Url::parse("file:///etc/passwd").unwrap(), "a link")
+            api.secure(&Url::parse("http://evil.example/x").unwrap(), "a link")
+                .is_err()
+        );
+        assert!(
+            api.secure(&Url::parse("file:///etc/passwd").unwrap(), "a link")
                 .is_err()
         );
         let u = Url::parse("https://u:pw@h/x?apikey=key-987&access_token=zzz&page=2").unwrap();

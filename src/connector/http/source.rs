@@ -89,6 +89,50 @@ struct Page {
     hash: u64,
 }
 
+/// Pages being fetched or decoded, in order; dropped (the scan ended or was aborted), they are
+/// aborted and requests still retrying give up.
+struct Tasks(
+    VecDeque<JoinHandle<Result<Page>>>,
+    Arc<std::sync::atomic::AtomicBool>,
+);
+
+impl std::ops::Deref for Tasks {
+    type Target = VecDeque<JoinHandle<Result<Page>>>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Tasks {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        self.1.store(true, Ordering::Relaxed);
+        self.0.iter().for_each(JoinHandle::abort);
+    }
+}
+
+/// Removes query parameter `name`.
+pub fn remove_param(url: &mut Url, name: &str) {
+    if !url.query_pairs().any(|(k, _)| k == name) {
+        return;
+    }
+    let kept: Vec<(String, String)> = url
+        .query_pairs()
+        .filter(|(k, _)| k != name)
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    if kept.is_empty() {
+        url.set_query(None);
+    } else {
+        url.query_pairs_mut().clear().extend_pairs(kept);
+    }
+}
+
 /// Sets query parameter `name` to `value`, replacing any earlier value.
 pub fn set_param(url: &mut Url, name: &str, value: &str) {
     let kept: Vec<(String, String)> = url
@@ -345,7 +389,8 @@ impl HttpSource {
             tokio::task::spawn_blocking(move || me.decode(&url, &body, &schema, batch_rows))
         };
         let join = |e: tokio::task::JoinError| Error::Config(format!("an HTTP page task failed: {e}"));
-        let mut inflight: VecDeque<JoinHandle<Result<Page>>> = VecDeque::new();
+        // Aborted with the scan (a LIMIT reached, the query dropped): no request outlives it.
+        let mut inflight = Tasks(VecDeque::new(), Arc::clone(&counters.stop));
         match &self.paging {
             Paging::Numbered { size, .. } => {
                 let size = *size;

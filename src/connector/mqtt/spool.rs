@@ -92,7 +92,7 @@ fn segment_name(n: u64) -> String {
 impl Spool {
     /// Opens (creating) the spool in `dir` and locks it; fails at once if another run holds it.
     pub fn open(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(io(format!("creating the MQTT spool {}", dir.display())))?;
+        crate::sink::private_dir(dir)?;
         let lock_path = dir.join("lock");
         let lock = OpenOptions::new()
             .create(true)

@@ -40,14 +40,32 @@ impl Dialect {
             .join(".")
     }
 
-    /// A string literal.
+    /// A string literal that means `s` whatever the session's settings: a backslash is read as
+    /// an escape by MySQL unless `NO_BACKSLASH_ESCAPES` is set, and by PostgreSQL when
+    /// `standard_conforming_strings` is off. So a string with one is written as MySQL's hex
+    /// literal (its UTF-8 bytes; compared as bytes, as DataFusion compares) or PostgreSQL's
+    /// escape string (`E'...'`, which reads backslashes the same way in every setting).
     pub fn string(self, s: &str) -> String {
-        let mut out = s.replace('\'', "''");
-        if self == Dialect::MySql {
-            // MySQL reads backslash escapes in literals unless NO_BACKSLASH_ESCAPES is set.
-            out = out.replace('\\', "\\\\");
+        let quoted = s.replace('\'', "''");
+        if !s.contains('\\') {
+            return format!("'{quoted}'");
         }
-        format!("'{out}'")
+        match self {
+            // A utf8mb4 string spelt in hex: compared in the column's collation, as a quoted
+            // string would be.
+            Dialect::MySql => {
+                use std::fmt::Write as _;
+                let mut hex = String::with_capacity(s.len() * 2 + 12);
+                hex.push_str("_utf8mb4 X'");
+                for b in s.bytes() {
+                    let _ = write!(hex, "{b:02X}");
+                }
+                hex.push('\'');
+                hex
+            }
+            Dialect::Postgres => format!("E'{}'", quoted.replace('\\', "\\\\")),
+            Dialect::Sqlite => format!("'{quoted}'"),
+        }
     }
 
     /// A literal compared with a column of type `column`, when the database compares them
@@ -132,8 +150,14 @@ mod tests {
     fn quoting_and_literals_follow_the_dialect() {
         assert_eq!(Dialect::MySql.ident("a`b"), "`a``b`");
         assert_eq!(Dialect::Postgres.table("s.t\"x"), "\"s\".\"t\"\"x\"");
-        assert_eq!(Dialect::MySql.string("it's a \\"), "'it''s a \\\\'");
-        assert_eq!(Dialect::Postgres.string("it's a \\"), "'it''s a \\'");
+        assert_eq!(Dialect::MySql.string("it's"), "'it''s'");
+        assert_eq!(
+            Dialect::MySql.string("a\\' OR 1=1 -- "),
+            "_utf8mb4 X'615C27204F5220313D31202D2D20'"
+        );
+        assert_eq!(Dialect::Postgres.string("it's a \\"), "E'it''s a \\\\'");
+        assert_eq!(Dialect::Postgres.string("it's"), "'it''s'");
+        assert_eq!(Dialect::Sqlite.string("it's a \\"), "'it''s a \\'");
         let s = ScalarValue::Utf8(Some("x".into()));
         assert_eq!(
             Dialect::MySql.literal(&DataType::Utf8, &s, true),
