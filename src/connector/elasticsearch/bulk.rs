@@ -400,13 +400,18 @@ fn format_date(a: &ArrayRef, row: usize, fmt: &str) -> Option<String> {
         return None;
     }
     let micros: i64 = match a.data_type() {
-        DataType::Date32 => i64::from(a.as_primitive::<Date32Type>().value(row)) * 86_400_000_000,
-        DataType::Timestamp(TimeUnit::Second, _) => {
-            a.as_primitive::<TimestampSecondType>().value(row) * 1_000_000
+        // Out of range (overflowing i64 microseconds): no name, the row's error says so.
+        DataType::Date32 => {
+            i64::from(a.as_primitive::<Date32Type>().value(row)).checked_mul(86_400_000_000)?
         }
-        DataType::Timestamp(TimeUnit::Millisecond, _) => {
-            a.as_primitive::<TimestampMillisecondType>().value(row) * 1000
-        }
+        DataType::Timestamp(TimeUnit::Second, _) => a
+            .as_primitive::<TimestampSecondType>()
+            .value(row)
+            .checked_mul(1_000_000)?,
+        DataType::Timestamp(TimeUnit::Millisecond, _) => a
+            .as_primitive::<TimestampMillisecondType>()
+            .value(row)
+            .checked_mul(1000)?,
         DataType::Timestamp(TimeUnit::Microsecond, _) => {
             a.as_primitive::<TimestampMicrosecondType>().value(row)
         }
@@ -502,6 +507,14 @@ mod tests {
     use super::*;
     use arrow::array::{Decimal128Array, Int64Array, ListArray, StringArray, TimestampMillisecondArray};
     use arrow::datatypes::Int32Type;
+
+    #[test]
+    fn an_index_date_past_i64_microseconds_is_none() {
+        let a: ArrayRef = Arc::new(arrow::array::TimestampSecondArray::from(vec![i64::MAX / 2]));
+        assert_eq!(format_date(&a, 0, "%Y"), None);
+        let a: ArrayRef = Arc::new(arrow::array::TimestampSecondArray::from(vec![1_700_000_000]));
+        assert_eq!(format_date(&a, 0, "%Y").as_deref(), Some("2023"));
+    }
 
     fn batch() -> RecordBatch {
         RecordBatch::try_from_iter([

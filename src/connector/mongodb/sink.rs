@@ -219,10 +219,19 @@ impl SinkBackend for MongoBackend {
                 let row = rows.and_then(|v| v.get(r).copied()).unwrap_or(r as u32);
                 d.insert("_id", derived_id(token, row));
             }
+            let mut refused = None;
             for (c, name) in batch.columns().iter().zip(&names) {
+                if let Some(why) = super::types::out_of_range(c, r) {
+                    refused = Some(format!("column {name}: {why}"));
+                    break;
+                }
                 if let Some(v) = to_bson(c, r, name.as_str() == "_id") {
                     d.insert(name.as_str(), v);
                 }
+            }
+            if let Some(why) = refused {
+                items.push(Err(why));
+                continue;
             }
             if let Some(k) = self.keys.iter().find(|k| !d.contains_key(k.as_str())) {
                 items.push(Err(format!("key column {k} is NULL")));

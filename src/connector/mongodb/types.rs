@@ -251,6 +251,20 @@ pub fn shape(b: &Bson, t: &DataType) -> Value {
 
 /// Row `r` of a column as BSON; None for NULL (written as a missing field). `object_id` turns
 /// 24-hex-digit strings into ObjectIds (for `_id`).
+/// Why value `r` of `a` cannot be a BSON value, if it cannot (a timestamp in seconds past
+/// the milliseconds a BSON date holds).
+pub fn out_of_range(a: &ArrayRef, r: usize) -> Option<String> {
+    match a.data_type() {
+        DataType::Timestamp(TimeUnit::Second, _) if !a.is_null(r) => {
+            let s = a.as_primitive::<TimestampSecondType>().value(r);
+            s.checked_mul(1000)
+                .is_none()
+                .then(|| format!("{s} seconds since 1970 is out of a BSON date's range"))
+        }
+        _ => None,
+    }
+}
+
 pub fn to_bson(a: &ArrayRef, r: usize, object_id: bool) -> Option<Bson> {
     if a.is_null(r) {
         return None;
@@ -291,7 +305,11 @@ pub fn to_bson(a: &ArrayRef, r: usize, object_id: bool) -> Option<Bson> {
         DataType::Date64 => Bson::DateTime(DateTime::from_millis(a.as_primitive::<Date64Type>().value(r))),
         DataType::Timestamp(unit, _) => {
             let ms = match unit {
-                TimeUnit::Second => a.as_primitive::<TimestampSecondType>().value(r) * 1000,
+                // Out of a BSON date's range: refused before ([`out_of_range`]).
+                TimeUnit::Second => a
+                    .as_primitive::<TimestampSecondType>()
+                    .value(r)
+                    .saturating_mul(1000),
                 TimeUnit::Millisecond => a.as_primitive::<TimestampMillisecondType>().value(r),
                 TimeUnit::Microsecond => a
                     .as_primitive::<TimestampMicrosecondType>()
@@ -360,6 +378,16 @@ fn dec(s: &str) -> Decimal128 {
 mod tests {
     use super::*;
     use mongodb::bson::doc;
+
+    #[test]
+    fn a_timestamp_past_a_bson_date_is_refused_not_wrapped() {
+        let a: ArrayRef = Arc::new(arrow::array::TimestampSecondArray::from(vec![
+            1_700_000_000,
+            i64::MAX / 10,
+        ]));
+        assert_eq!(out_of_range(&a, 0), None);
+        assert!(out_of_range(&a, 1).is_some_and(|w| w.contains("out of a BSON date's range")));
+    }
 
     #[test]
     fn decimals_lose_their_exponent() {

@@ -181,18 +181,26 @@ fn field(e: &Enc, row: usize, out: &mut Vec<u8>, json: &mut Vec<u8>) -> Result<(
         Enc::Bool(a) => put(out, &[u8::from(a.as_boolean().value(row))]),
         Enc::Text(a) => put(out, a.as_string::<i32>().value(row).as_bytes()),
         Enc::Bytes(a) => put(out, a.as_binary::<i32>().value(row)),
-        Enc::Date(a) => put(
-            out,
-            &(a.as_primitive::<Date32Type>().value(row) - PG_EPOCH_DAYS).to_be_bytes(),
-        ),
+        Enc::Date(a) => {
+            let d = a.as_primitive::<Date32Type>().value(row);
+            let v = d.checked_sub(PG_EPOCH_DAYS).ok_or_else(|| {
+                Error::Config(format!("date {d} (days since 1970) is out of PostgreSQL's range"))
+            })?;
+            put(out, &v.to_be_bytes())
+        }
         Enc::Time(a) => put(
             out,
             &a.as_primitive::<Time64MicrosecondType>().value(row).to_be_bytes(),
         ),
-        Enc::Ts(a) => put(
-            out,
-            &(a.as_primitive::<TimestampMicrosecondType>().value(row) - PG_EPOCH_US).to_be_bytes(),
-        ),
+        Enc::Ts(a) => {
+            let t = a.as_primitive::<TimestampMicrosecondType>().value(row);
+            let v = t.checked_sub(PG_EPOCH_US).ok_or_else(|| {
+                Error::Config(format!(
+                    "timestamp {t} (µs since 1970) is out of PostgreSQL's range"
+                ))
+            })?;
+            put(out, &v.to_be_bytes())
+        }
         Enc::Numeric(a) => {
             let s = a.as_string::<i32>().value(row);
             let n = numeric(s).ok_or_else(|| Error::Config(format!("'{s}' is not a number")))?;
@@ -354,6 +362,15 @@ fn uuid(s: &str) -> Option<[u8; 16]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timestamps_past_postgres_epoch_arithmetic_are_errors() {
+        let a: ArrayRef = Arc::new(arrow::array::TimestampMicrosecondArray::from(vec![i64::MIN + 5]));
+        let e = field(&Enc::Ts(a), 0, &mut Vec::new(), &mut Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("out of PostgreSQL's range"), "{e}");
+    }
 
     fn words(b: &[u8]) -> Vec<i16> {
         b.chunks(2).map(|c| i16::from_be_bytes([c[0], c[1]])).collect()
