@@ -48,18 +48,24 @@ impl BatchSender {
     }
 }
 
-/// Runs a producer's task; a panic becomes the scan's error (DataFusion would resume the panic
-/// in the consumer, taking the process down with it).
-pub async fn caught<F: Future<Output = ()>>(partition: usize, task: F) -> DfResult<()> {
+/// Runs a scan task; a panic becomes the scan's error (DataFusion would resume the panic in
+/// the consumer, taking the process down with it).
+pub async fn caught<F: Future<Output = DfResult<()>>>(partition: usize, task: F) -> DfResult<()> {
     use futures::FutureExt;
     std::panic::AssertUnwindSafe(task)
         .catch_unwind()
         .await
-        .map_err(|p| panicked(partition, p.as_ref()))
+        .map_err(|p| panicked(partition, p.as_ref()))?
+}
+
+/// [`caught`] for a blocking task.
+pub fn caught_blocking(partition: usize, task: impl FnOnce() -> DfResult<()>) -> DfResult<()> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(task))
+        .map_err(|p| panicked(partition, p.as_ref()))?
 }
 
 /// The error of a scan task that panicked, with the panic's message.
-pub fn panicked(partition: usize, p: &(dyn std::any::Any + Send)) -> DataFusionError {
+fn panicked(partition: usize, p: &(dyn std::any::Any + Send)) -> DataFusionError {
     let what = p
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
@@ -158,7 +164,10 @@ impl ExecutionPlan for StreamScanExec {
     fn execute(&self, partition: usize, _ctx: Arc<TaskContext>) -> DfResult<SendableRecordBatchStream> {
         let mut builder = RecordBatchReceiverStreamBuilder::new(Arc::clone(&self.schema), 2);
         let task = (self.producer)(partition, BatchSender(builder.tx()));
-        builder.spawn(async move { caught(partition, task).await });
+        builder.spawn(caught(partition, async move {
+            task.await;
+            Ok(())
+        }));
         let baseline = BaselineMetrics::new(&self.metrics, partition);
         let stream = builder.build().inspect(move |r| {
             if let Ok(b) = r {

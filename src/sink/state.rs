@@ -626,6 +626,7 @@ impl RunState {
             .map_err(|_| Error::Config("staging manifest lock poisoned".into()))?;
         // Every part is tried, whatever fails for one of them: the first error is returned.
         let mut first = None;
+        let mut touched = std::collections::BTreeSet::new();
         for (table, file, request) in parts {
             // The journal first: a replay then sends the rows again rather than skip them.
             if let Err(e) = self.journal.dropped(&request) {
@@ -637,9 +638,15 @@ impl RunState {
                     p.delivered = true;
                     p.dropped = Some(why.to_string());
                 }
-                if let Err(e) = write_json(&self.staging_dir(&table).join("manifest.json"), m) {
-                    first.get_or_insert(e);
-                }
+                touched.insert(table);
+            }
+        }
+        // Each manifest written once, with all of its parts marked.
+        for table in touched {
+            if let Some(m) = manifests.get(&table)
+                && let Err(e) = write_json(&self.staging_dir(&table).join("manifest.json"), m)
+            {
+                first.get_or_insert(e);
             }
         }
         first.map_or(Ok(()), Err)

@@ -338,9 +338,6 @@ impl<R: Read> ColumnReader<'_, R> {
                     values.extend_from_slice(&chunk[..end]);
                     offsets.push(self.offset(values.len())?);
                 }
-                if *n == 0 {
-                    offsets.resize(rows + 1, 0);
-                }
                 self.utf8(offsets, values)?
             }
             ChType::Uuid => {

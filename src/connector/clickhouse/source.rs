@@ -33,7 +33,7 @@ use super::client::{Client, quote_ident};
 use super::compress::{Decompress, Method};
 use super::decode::BlockReader;
 use super::types::ChType;
-use crate::connector::scan::panicked;
+use crate::connector::scan::{caught, caught_blocking};
 use crate::error::{Error, Result};
 use crate::sink::ScanSource;
 
@@ -447,13 +447,7 @@ impl ExecutionPlan for ClickHouseScanExec {
             }
             Ok::<(), DataFusionError>(())
         };
-        builder.spawn(async move {
-            use futures::FutureExt;
-            std::panic::AssertUnwindSafe(network)
-                .catch_unwind()
-                .await
-                .map_err(|p| panicked(partition, p.as_ref()))?
-        });
+        builder.spawn(caught(partition, network));
         // Decoding: on a blocking thread, block by block.
         let schema = Arc::clone(&self.schema);
         let compression = self.reader.compression;
@@ -487,10 +481,7 @@ impl ExecutionPlan for ClickHouseScanExec {
                 }
             }
         };
-        builder.spawn_blocking(move || {
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode))
-                .map_err(|p| panicked(partition, p.as_ref()))?
-        });
+        builder.spawn_blocking(move || caught_blocking(partition, decode));
         let baseline = BaselineMetrics::new(&self.metrics, partition);
         let stream = builder.build().inspect(move |r| {
             if let Ok(b) = r {

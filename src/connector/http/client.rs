@@ -277,25 +277,29 @@ impl Api {
         )))
     }
 
-    /// Reads a body of at most `max_body` bytes.
+    /// Reads a body of at most `max` bytes: a longer one is `TooLarge`, or with `head` cut to
+    /// its first `max` bytes.
     async fn read_body(
         &self,
         url: &Url,
         mut resp: reqwest::Response,
         max: usize,
+        head: bool,
     ) -> std::result::Result<Bytes, BodyError> {
-        if resp.content_length().is_some_and(|n| n > max as u64) {
+        if !head && resp.content_length().is_some_and(|n| n > max as u64) {
             return Err(BodyError::TooLarge);
         }
         let mut body = bytes::BytesMut::new();
         loop {
             match resp.chunk().await {
-                Ok(Some(c)) => {
-                    if body.len() + c.len() > max {
+                Ok(Some(c)) if body.len() + c.len() > max => {
+                    if !head {
                         return Err(BodyError::TooLarge);
                     }
-                    body.extend_from_slice(&c);
+                    body.extend_from_slice(&c[..max - body.len()]);
+                    return Ok(body.freeze());
                 }
+                Ok(Some(c)) => body.extend_from_slice(&c),
                 Ok(None) => return Ok(body.freeze()),
                 Err(e) => {
                     return Err(BodyError::Read(format!(
@@ -306,18 +310,6 @@ impl Api {
                 }
             }
         }
-    }
-
-    /// The first `max` bytes of a body (what arrives of them).
-    async fn read_head(&self, mut resp: reqwest::Response, max: usize) -> Bytes {
-        let mut body = bytes::BytesMut::new();
-        while body.len() < max {
-            match resp.chunk().await {
-                Ok(Some(c)) => body.extend_from_slice(&c[..c.len().min(max - body.len())]),
-                _ => break,
-            }
-        }
-        body.freeze()
     }
 
     fn too_large(&self, url: &Url) -> Error {
@@ -450,7 +442,7 @@ impl Api {
                             .iter()
                             .filter_map(|v| v.to_str().ok())
                             .find_map(next_link);
-                        match self.read_body(&at, resp, self.max_body).await {
+                        match self.read_body(&at, resp, self.max_body, false).await {
                             Ok(body) => {
                                 counters.pages.add(1);
                                 counters.bytes.add(body.len());
@@ -467,8 +459,8 @@ impl Api {
                         (format!("HTTP {status}"), retry_after(resp.headers()))
                     } else {
                         // The first lines are shown: 64 KiB of the body at most are read.
-                        let body =
-                            String::from_utf8_lossy(&self.read_head(resp, 64 << 10).await).into_owned();
+                        let head = self.read_body(&at, resp, 64 << 10, true).await;
+                        let body = String::from_utf8_lossy(&head.unwrap_or_default()).into_owned();
                         return Err(self.refused(&at, status, &body));
                     }
                 }

@@ -404,7 +404,6 @@ impl HttpSource {
                         && self.max_pages.is_none_or(|m| next < m)
                     {
                         if self.max_pages.is_none() && next >= DEFAULT_MAX_PAGES {
-                            inflight.iter().for_each(JoinHandle::abort);
                             return Err(self.endless(&self.numbered_url(next)));
                         }
                         let me = Arc::clone(&self);
@@ -429,19 +428,12 @@ impl HttpSource {
                     let Some(h) = inflight.pop_front() else {
                         break;
                     };
-                    let page = match h.await.map_err(join).and_then(|r| r) {
-                        Ok(p) => p,
-                        Err(e) => {
-                            inflight.iter().for_each(JoinHandle::abort);
-                            return Err(e);
-                        }
-                    };
+                    // (What is still in flight is aborted with `inflight` on every return.)
+                    let page = h.await.map_err(join)??;
                     // An API that answers every page past its end with its last one never
                     // gives a short page: the same records twice in a row end the scan.
                     // ('max_pages' bounds the read instead, for an API whose pages may repeat.)
                     if page.records > 0 && previous_hash == Some(page.hash) && self.max_pages.is_none() {
-                        inflight.iter().for_each(JoinHandle::abort);
-                        counters.stop.store(true, Ordering::Relaxed);
                         return Err(Error::Config(format!(
                             "table {}: page {} ({}) has the same body as the page before it: the API repeats a page \
                              instead of ending (give 'page_size', so that a short page ends the read, or 'max_pages' to read that many pages)",
@@ -460,8 +452,6 @@ impl HttpSource {
                         inflight.clear();
                     }
                     if !emit(page, &mut sent).await {
-                        counters.stop.store(true, Ordering::Relaxed);
-                        inflight.iter().for_each(JoinHandle::abort);
                         return Ok(());
                     }
                 }
@@ -473,14 +463,12 @@ impl HttpSource {
                 let mut seen: std::collections::HashSet<u64> = std::collections::HashSet::new();
                 while let Some(u) = url.take() {
                     if !seen.insert(xxhash_rust::xxh3::xxh3_64(u.as_str().as_bytes())) {
-                        inflight.iter().for_each(JoinHandle::abort);
                         return Err(self.at(
                             &u,
                             "the API gave a page already read as the next one (its pages form a cycle)",
                         ));
                     }
                     if self.max_pages.is_none() && pages >= DEFAULT_MAX_PAGES {
-                        inflight.iter().for_each(JoinHandle::abort);
                         return Err(self.endless(&u));
                     }
                     let f = self.api.get(&u, &counters).await?;
